@@ -1,0 +1,116 @@
+package nbd
+
+import (
+	"fmt"
+)
+
+// Backend is what an export serves. The connection code has already checked
+// every request against the export's size, block sizes and read-only flag
+// before it calls a Backend, so offsets and lengths are always in range.
+//
+// Methods are called concurrently from many goroutines. A write that returned
+// (without FUA) must be covered by a later Flush.
+type Backend interface {
+	// Size is the export size in bytes; it does not change while serving.
+	Size() uint64
+	// ReadAt fills p from off.
+	ReadAt(p []byte, off uint64) error
+	// WriteAt writes p at off; with fua it returns only once p is on
+	// stable storage.
+	WriteAt(p []byte, off uint64, fua bool) error
+	// Flush returns once every write that has returned is on stable storage.
+	Flush() error
+	// Trim discards the range; later reads may return anything until it is
+	// written again (Keel's backends return zeroes).
+	Trim(off, length uint64, fua bool) error
+	// Zero makes the range read as zeroes. With ZeroNoHole the range stays
+	// allocated; with ZeroFast the backend returns ErrNotFast unless it can
+	// do it faster than writing zeroes, and then changes nothing.
+	Zero(off, length uint64, flags ZeroFlags) error
+	// Extents describes the allocation of [off, off+length): consecutive
+	// extents starting at off whose lengths are nonzero. It may stop early
+	// (at least one extent) and the last may run past off+length. Flags
+	// use the base:allocation bits (StateHole, StateZero).
+	Extents(off, length uint64) ([]Extent, error)
+	// Cache is a hint that the range will be read soon.
+	Cache(off, length uint64) error
+}
+
+// ZeroFlags qualify Backend.Zero.
+type ZeroFlags uint8
+
+// Zero flags.
+const (
+	ZeroNoHole ZeroFlags = 1 << iota // keep the range allocated
+	ZeroFast                         // fail with ErrNotFast unless fast
+	ZeroFUA                          // stable on return
+)
+
+// Export is one named disk a Server offers.
+type Export struct {
+	// Name is the export's canonical name. Clients that ask for the empty
+	// name get the server's default export.
+	Name string
+	// Description is shown by clients such as nbdinfo; optional.
+	Description string
+	// Backend holds the data.
+	Backend Backend
+	// ReadOnly refuses writes, trims and zeroes with EPERM.
+	ReadOnly bool
+	// BlockSize are the constraints advertised in NBD_INFO_BLOCK_SIZE and
+	// enforced on clients that asked for them. Zero fields take defaults:
+	// minimum 512 when the size is a multiple of 512 (else 1), preferred
+	// 4096, maximum 32 MiB.
+	BlockSize BlockSize
+	// Rotational sets NBD_FLAG_ROTATIONAL.
+	Rotational bool
+}
+
+// withDefaults returns e with the block size defaults filled in.
+func (e Export) withDefaults() Export {
+	if e.BlockSize.Minimum == 0 {
+		e.BlockSize.Minimum = 1
+		if e.Backend != nil && e.Backend.Size()%512 == 0 {
+			e.BlockSize.Minimum = 512
+		}
+	}
+	if e.BlockSize.Preferred == 0 {
+		e.BlockSize.Preferred = max(4096, e.BlockSize.Minimum)
+	}
+	if e.BlockSize.Maximum == 0 {
+		e.BlockSize.Maximum = DefaultMaxPayload
+	}
+	return e
+}
+
+// Validate checks the export; errors name the bad field and the allowed range.
+func (e Export) Validate() error {
+	if e.Backend == nil {
+		return fmt.Errorf("nbd: export %q: Backend is nil", e.Name)
+	}
+	if err := checkString(e.Name); err != nil {
+		return fmt.Errorf("nbd: export Name: %w", err)
+	}
+	if err := checkString(e.Description); err != nil {
+		return fmt.Errorf("nbd: export Description: %w", err)
+	}
+	e = e.withDefaults()
+	bs := e.BlockSize
+	pow2 := func(v uint32) bool { return v != 0 && v&(v-1) == 0 }
+	if !pow2(bs.Minimum) || bs.Minimum > 1<<16 {
+		return fmt.Errorf("nbd: export BlockSize.Minimum %d: must be a power of 2 from 1 to 65536", bs.Minimum)
+	}
+	if !pow2(bs.Preferred) || bs.Preferred < max(bs.Minimum, 512) {
+		return fmt.Errorf("nbd: export BlockSize.Preferred %d: must be a power of 2, at least 512 and at least the minimum %d", bs.Preferred, bs.Minimum)
+	}
+	if bs.Maximum < bs.Preferred || bs.Maximum > DefaultMaxPayload {
+		return fmt.Errorf("nbd: export BlockSize.Maximum %d: must be from the preferred size %d to %d", bs.Maximum, bs.Preferred, DefaultMaxPayload)
+	}
+	if bs.Maximum%bs.Minimum != 0 {
+		return fmt.Errorf("nbd: export BlockSize.Maximum %d: must be a multiple of the minimum %d", bs.Maximum, bs.Minimum)
+	}
+	if e.Backend.Size()%uint64(bs.Minimum) != 0 {
+		return fmt.Errorf("nbd: export size %d: must be a multiple of BlockSize.Minimum %d", e.Backend.Size(), bs.Minimum)
+	}
+	return nil
+}

@@ -1,0 +1,686 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/semaphore"
+)
+
+// The transmission phase of one connection. One reader loop (serve) reads
+// requests and hands each to its own goroutine; one writer goroutine alone
+// writes replies to the socket, in whatever order they complete.
+
+// sparseReadMin is the smallest structured read for which holes are looked
+// up and sent as NBD_REPLY_TYPE_OFFSET_HOLE instead of zero bytes. Smaller
+// reads skip the lookup: it would cost more than the zeroes it saves.
+const sparseReadMin = 64 << 10
+
+// maxLoggedRejects is how many rejected requests one connection logs
+// before it goes quiet about them.
+const maxLoggedRejects = 10
+
+type conn struct {
+	s   *Server
+	nc  net.Conn
+	br  *bufio.Reader
+	st  *session
+	log hclog.Logger
+	be  Backend
+	exp *Export
+
+	replies  chan *reply
+	slots    chan struct{}       // one per request in flight
+	bytes    *semaphore.Weighted // payload bytes in flight
+	workers  sync.WaitGroup
+	stopping atomic.Bool
+	rejects  atomic.Int32
+
+	panicOnce sync.Once
+	panicVal  *ConnPanic
+}
+
+// ConnPanic is what ServeConn re-raises when a goroutine serving the
+// connection panicked: the original value and the stack where it happened.
+type ConnPanic struct {
+	Value any
+	Stack []byte
+}
+
+func (p *ConnPanic) String() string {
+	return fmt.Sprintf("nbd connection: panic: %v\n\noriginal stack:\n%s", p.Value, p.Stack)
+}
+
+func (p *ConnPanic) Error() string { return p.String() }
+
+// reply is everything the writer sends for one request: one or more chunks
+// with their payloads, as a vector for a single writev.
+type reply struct {
+	bufs    net.Buffers
+	release []*[]byte // pooled buffers to return after the write
+	after   func()    // runs once the reply is written or dropped
+}
+
+func newConn(s *Server, nc net.Conn, br *bufio.Reader, st *session, log hclog.Logger) *conn {
+	return &conn{
+		s: s, nc: nc, br: br, st: st, log: log,
+		be:      st.export.Backend,
+		exp:     st.export,
+		replies: make(chan *reply, s.cfg.MaxInFlight),
+		slots:   make(chan struct{}, s.cfg.MaxInFlight),
+		bytes:   semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
+	}
+}
+
+// recoverPanic, deferred at the top of every goroutine serving the
+// connection, records a panic for serve to re-raise and closes the socket.
+func (c *conn) recoverPanic() {
+	if r := recover(); r != nil {
+		c.panicOnce.Do(func() {
+			c.panicVal = &ConnPanic{Value: r, Stack: debug.Stack()}
+		})
+		c.nc.Close()
+	}
+}
+
+func (c *conn) serve(ctx context.Context) error {
+	var g errgroup.Group
+	g.Go(func() error {
+		defer c.recoverPanic()
+		return c.writeLoop()
+	})
+
+	// A graceful stop interrupts a blocked read; readLoop then finishes the
+	// request it was in the middle of, if any, and reads no more.
+	stopRead := context.AfterFunc(ctx, func() {
+		c.stopping.Store(true)
+		_ = c.nc.SetReadDeadline(time.Now())
+	})
+	readErr := func() (err error) {
+		defer c.recoverPanic()
+		return c.readLoop()
+	}()
+	stopRead()
+
+	// Every request read gets its answer before the connection closes,
+	// bounded by the drain timeout in case the client stops reading.
+	drained := make(chan struct{})
+	go func() { c.workers.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(c.s.cfg.DrainTimeout):
+		c.log.Warn("requests still in flight after the drain timeout; closing", "timeout", c.s.cfg.DrainTimeout)
+		c.nc.Close()
+		<-drained
+	}
+	close(c.replies)
+	writeErr := g.Wait()
+	c.nc.Close()
+
+	if c.panicVal != nil {
+		panic(c.panicVal)
+	}
+	if readErr != nil {
+		return readErr
+	}
+	if writeErr != nil && !isClosed(writeErr) {
+		return fmt.Errorf("nbd: writing replies: %w", writeErr)
+	}
+	return nil
+}
+
+// readFull reads len(p) bytes. When a graceful stop interrupts it before the
+// first byte it returns errStopped; in the middle of a message it carries on
+// (bounded by the drain timeout) so the request is not cut in half.
+func (c *conn) readFull(p []byte, atBoundary bool) error {
+	got := 0
+	for got < len(p) {
+		n, err := c.br.Read(p[got:])
+		got += n
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && c.stopping.Load() {
+			if atBoundary && got == 0 {
+				return errStopped
+			}
+			_ = c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.DrainTimeout))
+			continue
+		}
+		if err == io.EOF && got > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	return nil
+}
+
+var errStopped = errors.New("nbd: stopped")
+
+func (c *conn) readLoop() error {
+	hdrSize := RequestSize
+	if c.st.extended {
+		hdrSize = ExtRequestSize
+	}
+	hdr := make([]byte, hdrSize)
+	for {
+		if c.stopping.Load() {
+			return nil
+		}
+		err := c.readFull(hdr, true)
+		switch {
+		case err == nil:
+		case errors.Is(err, errStopped):
+			return nil
+		case err == io.EOF:
+			c.log.Debug("client disconnected")
+			return nil
+		case isClosed(err):
+			c.log.Info("client disconnected in the middle of a request", "error", err)
+			return nil
+		default:
+			return fmt.Errorf("nbd: reading request: %w", err)
+		}
+		req, err := ParseRequest(hdr, c.st.extended)
+		if err != nil {
+			c.log.Warn("bad request header, connection closed", "error", err)
+			return nil
+		}
+		if req.Type == CmdDisc {
+			c.log.Debug("client sent NBD_CMD_DISC")
+			return nil
+		}
+
+		// Payload: read it whole (into a pooled buffer) or, when the
+		// request is refused, consume it so the stream stays in step.
+		plen := req.PayloadLength(c.st.extended)
+		errno := c.check(req)
+		if plen > uint64(c.exp.BlockSize.Maximum) && c.st.extended {
+			c.log.Warn("request payload larger than the advertised maximum, connection closed", "length", plen)
+			return nil
+		}
+		var payload *[]byte
+		if plen > 0 {
+			if errno == 0 {
+				payload, err = c.readPayload(int(plen))
+			} else {
+				err = c.discard(plen)
+			}
+			if err != nil {
+				if isClosed(err) {
+					c.log.Info("client disconnected in the middle of a request", "error", err)
+					return nil
+				}
+				return fmt.Errorf("nbd: reading request payload: %w", err)
+			}
+		}
+		if errno != 0 {
+			c.reject(req, errno)
+			continue
+		}
+
+		c.slots <- struct{}{}
+		c.workers.Add(1)
+		go func() {
+			defer func() { <-c.slots; c.workers.Done() }()
+			defer c.recoverPanic()
+			c.handle(req, payload)
+		}()
+	}
+}
+
+func (c *conn) readPayload(n int) (*[]byte, error) {
+	if err := c.bytes.Acquire(context.Background(), int64(n)); err != nil {
+		return nil, err
+	}
+	p := getBuf(n)
+	if err := c.readFull(*p, false); err != nil {
+		putBuf(p)
+		c.bytes.Release(int64(n))
+		return nil, err
+	}
+	return p, nil
+}
+
+func (c *conn) discard(n uint64) error {
+	var buf [32 << 10]byte
+	for n > 0 {
+		k := min(n, uint64(len(buf)))
+		if err := c.readFull(buf[:k], false); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
+}
+
+// check validates a request against the session and the export. It is a
+// pure decision: the error to answer with, or 0 to go ahead.
+func (c *conn) check(r Request) Errno {
+	return checkRequest(r, c.st, c.exp.Backend.Size(), c.exp.BlockSize, c.exp.ReadOnly)
+}
+
+func checkRequest(r Request, st *session, size uint64, bs BlockSize, readOnly bool) Errno {
+	const known = CmdFlagFUA | CmdFlagNoHole | CmdFlagDF | CmdFlagReqOne | CmdFlagFastZero | CmdFlagPayloadLen
+	if r.Flags&^known != 0 {
+		return EINVAL
+	}
+	// Flags that belong to one command only.
+	allowed := CmdFlagFUA
+	switch r.Type {
+	case CmdRead:
+		if st.structured {
+			allowed |= CmdFlagDF
+		}
+	case CmdWrite:
+		allowed |= CmdFlagPayloadLen
+	case CmdWriteZeroes:
+		allowed |= CmdFlagNoHole | CmdFlagFastZero
+	case CmdBlockStatus:
+		allowed |= CmdFlagReqOne
+	case CmdFlush, CmdTrim, CmdCache:
+	default:
+		return EINVAL // unknown command
+	}
+	if r.Flags&^allowed != 0 {
+		return EINVAL
+	}
+	if st.extended && r.Type == CmdWrite && r.Flags&CmdFlagPayloadLen == 0 {
+		return EINVAL // extended writes must carry their payload flag
+	}
+	if r.Type == CmdFlush {
+		if r.Offset != 0 || r.Length != 0 {
+			return EINVAL
+		}
+		return 0
+	}
+	writes := r.Type == CmdWrite || r.Type == CmdTrim || r.Type == CmdWriteZeroes
+	if writes && readOnly {
+		return EPERM
+	}
+	if r.Offset > size || r.Length > size-r.Offset {
+		if r.Type == CmdWrite || r.Type == CmdWriteZeroes {
+			return ENOSPC
+		}
+		return EINVAL
+	}
+	if st.blockSizeAgreed && bs.Minimum > 1 {
+		m := uint64(bs.Minimum)
+		if r.Offset%m != 0 || r.Length%m != 0 {
+			return EINVAL
+		}
+	}
+	switch r.Type {
+	case CmdRead:
+		if r.Length > uint64(bs.Maximum) {
+			if st.structured {
+				return EOVERFLOW
+			}
+			return EINVAL
+		}
+	case CmdWrite:
+		if r.Length > uint64(bs.Maximum) {
+			return EINVAL
+		}
+	case CmdBlockStatus:
+		if st.metaContextID == 0 || r.Length == 0 {
+			return EINVAL
+		}
+	}
+	return 0
+}
+
+// reject answers a refused request and logs it (the first few per
+// connection; a client looping on bad requests must not flood the log).
+func (c *conn) reject(r Request, errno Errno) {
+	if n := c.rejects.Add(1); n <= maxLoggedRejects {
+		c.log.Warn("request refused", "command", cmdName(r.Type), "flags", fmt.Sprintf("%#x", r.Flags),
+			"offset", r.Offset, "length", r.Length, "error", errno.Error())
+		if n == maxLoggedRejects {
+			c.log.Warn("further refused requests on this connection are not logged")
+		}
+	}
+	c.sendError(r, errno, "")
+}
+
+// handle serves one valid request and queues its reply.
+func (c *conn) handle(r Request, payload *[]byte) {
+	var err error
+	switch r.Type {
+	case CmdRead:
+		c.handleRead(r)
+		return
+	case CmdWrite:
+		err = c.be.WriteAt(*payload, r.Offset, r.Flags&CmdFlagFUA != 0)
+		putBuf(payload)
+		c.bytes.Release(int64(r.Length))
+	case CmdFlush:
+		err = c.be.Flush()
+	case CmdTrim:
+		if r.Length > 0 {
+			err = c.be.Trim(r.Offset, r.Length, r.Flags&CmdFlagFUA != 0)
+		}
+	case CmdWriteZeroes:
+		if r.Length > 0 {
+			var zf ZeroFlags
+			if r.Flags&CmdFlagNoHole != 0 {
+				zf |= ZeroNoHole
+			}
+			if r.Flags&CmdFlagFastZero != 0 {
+				zf |= ZeroFast
+			}
+			if r.Flags&CmdFlagFUA != 0 {
+				zf |= ZeroFUA
+			}
+			err = c.be.Zero(r.Offset, r.Length, zf)
+		}
+	case CmdCache:
+		if r.Length > 0 {
+			err = c.be.Cache(r.Offset, r.Length)
+		}
+	case CmdBlockStatus:
+		c.handleBlockStatus(r)
+		return
+	}
+	if err != nil {
+		c.backendError(r, err)
+		return
+	}
+	c.sendOK(r)
+}
+
+func (c *conn) backendError(r Request, err error) {
+	errno := ErrnoOf(err)
+	if errno == ENOTSUP && r.Type == CmdWriteZeroes {
+		c.log.Debug("fast zero refused", "offset", r.Offset, "length", r.Length)
+	} else {
+		c.log.Error("backend failed", "command", cmdName(r.Type), "offset", r.Offset, "length", r.Length, "error", err)
+	}
+	c.sendError(r, errno, err.Error())
+}
+
+func (c *conn) handleRead(r Request) {
+	n := int(r.Length)
+	bufp := c.acquire(n)
+	buf := (*bufp)[:n]
+	rep := &reply{release: []*[]byte{bufp}}
+	done := func() { c.bytes.Release(int64(n)) }
+
+	if !c.st.structured {
+		if err := c.be.ReadAt(buf, r.Offset); err != nil {
+			putBuf(bufp)
+			done()
+			c.backendError(r, err)
+			return
+		}
+		rep.bufs = net.Buffers{AppendSimpleReply(nil, 0, r.Cookie), buf}
+		c.send(rep, done)
+		return
+	}
+
+	// Structured: data chunks, and hole chunks for sparse ranges of larger
+	// reads unless the client asked for one unfragmented chunk.
+	if n == 0 {
+		rep.bufs = net.Buffers{AppendChunkHeader(nil, c.st.extended, ReplyFlagDone, ReplyTypeNone, r.Cookie, r.Offset, 0)}
+		c.send(rep, done)
+		return
+	}
+	var extents []Extent
+	if n >= sparseReadMin && r.Flags&CmdFlagDF == 0 {
+		if ex, err := c.be.Extents(r.Offset, r.Length); err == nil {
+			extents = clipExtents(ex, r.Length)
+		}
+	}
+	if len(extents) == 0 {
+		extents = []Extent{{Length: r.Length}}
+	}
+	off := uint64(0)
+	for i, e := range extents {
+		last := i == len(extents)-1
+		flags := uint16(0)
+		if last {
+			flags = ReplyFlagDone
+		}
+		if e.Flags&StateZero != 0 {
+			h := AppendChunkHeader(nil, c.st.extended, flags, ReplyTypeOffsetHole, r.Cookie, r.Offset, 12)
+			rep.bufs = append(rep.bufs, AppendOffsetHole(h, r.Offset+off, uint32(e.Length)))
+		} else {
+			seg := buf[off : off+e.Length]
+			if err := c.be.ReadAt(seg, r.Offset+off); err != nil {
+				putBuf(bufp)
+				done()
+				c.backendError(r, err)
+				return
+			}
+			h := AppendChunkHeader(nil, c.st.extended, flags, ReplyTypeOffsetData, r.Cookie, r.Offset, 8+e.Length)
+			rep.bufs = append(rep.bufs, be.AppendUint64(h, r.Offset+off), seg)
+		}
+		off += e.Length
+	}
+	c.send(rep, done)
+}
+
+// acquire takes n bytes of the in-flight budget and a pooled buffer.
+func (c *conn) acquire(n int) *[]byte {
+	_ = c.bytes.Acquire(context.Background(), int64(n))
+	return getBuf(n)
+}
+
+// clipExtents trims a backend's extents to exactly cover [0, length) of the
+// request, merging neighbours with equal flags.
+func clipExtents(ex []Extent, length uint64) []Extent {
+	var out []Extent
+	var covered uint64
+	for _, e := range ex {
+		if covered >= length || e.Length == 0 {
+			break
+		}
+		l := min(e.Length, length-covered)
+		out = pushExtent(out, Extent{Length: l, Flags: e.Flags})
+		covered += l
+	}
+	if covered < length {
+		// The backend stopped early: the rest is reported as data.
+		out = pushExtent(out, Extent{Length: length - covered})
+	}
+	return out
+}
+
+// alignExtents makes every extent boundary a multiple of the minimum block
+// size bs, as the protocol requires of block status. ex starts at absolute
+// offset off. A block that straddles extents gets the flags they all share
+// (hole or zero only where every part is).
+func alignExtents(ex []Extent, off, bs uint64) []Extent {
+	if bs <= 1 {
+		return ex
+	}
+	var out []Extent
+	var partial Extent // a block under construction
+	havePartial := false
+	pos := off
+	for _, e := range ex {
+		start, end := pos, pos+e.Length
+		pos = end
+		for start < end {
+			if havePartial || start%bs != 0 {
+				blockEnd := (start/bs + 1) * bs
+				seg := min(blockEnd, end) - start
+				if !havePartial {
+					partial, havePartial = Extent{Flags: e.Flags}, true
+				}
+				partial.Flags &= e.Flags
+				partial.Length += seg
+				start += seg
+				if start == blockEnd {
+					out = pushExtent(out, partial)
+					havePartial = false
+				}
+				continue
+			}
+			if whole := (end - start) / bs * bs; whole > 0 {
+				out = pushExtent(out, Extent{Length: whole, Flags: e.Flags})
+				start += whole
+				continue
+			}
+			partial, havePartial = Extent{Length: end - start, Flags: e.Flags}, true
+			start = end
+		}
+	}
+	if havePartial {
+		out = pushExtent(out, partial)
+	}
+	return out
+}
+
+// pushExtent appends e, merging it into the last extent when flags match.
+func pushExtent(out []Extent, e Extent) []Extent {
+	if n := len(out); n > 0 && out[n-1].Flags == e.Flags {
+		out[n-1].Length += e.Length
+		return out
+	}
+	return append(out, e)
+}
+
+func (c *conn) handleBlockStatus(r Request) {
+	ex, err := c.be.Extents(r.Offset, r.Length)
+	if err != nil {
+		c.backendError(r, err)
+		return
+	}
+	length := r.Length
+	if !c.st.extended {
+		// 32-bit descriptors: never describe more than fits.
+		length = min(length, uint64(0xffffffff)/uint64(c.exp.BlockSize.Minimum)*uint64(c.exp.BlockSize.Minimum))
+	}
+	ex = alignExtents(clipExtents(ex, length), r.Offset, uint64(c.exp.BlockSize.Minimum))
+	if r.Flags&CmdFlagReqOne != 0 {
+		ex = ex[:1]
+	}
+	if len(ex) > MaxExtents {
+		ex = ex[:MaxExtents]
+	}
+	var payload []byte
+	typ := ReplyTypeBlockStatus
+	if c.st.extended {
+		typ = ReplyTypeBlockStatusExt
+		payload = AppendBlockStatusExt(make([]byte, 0, 8+16*len(ex)), c.st.metaContextID, ex)
+	} else {
+		payload = AppendBlockStatus(make([]byte, 0, 4+8*len(ex)), c.st.metaContextID, ex)
+	}
+	h := AppendChunkHeader(nil, c.st.extended, ReplyFlagDone, typ, r.Cookie, r.Offset, uint64(len(payload)))
+	c.send(&reply{bufs: net.Buffers{h, payload}}, nil)
+}
+
+func (c *conn) sendOK(r Request) {
+	var h []byte
+	if c.st.extended {
+		h = AppendChunkHeader(nil, true, ReplyFlagDone, ReplyTypeNone, r.Cookie, r.Offset, 0)
+	} else {
+		h = AppendSimpleReply(nil, 0, r.Cookie)
+	}
+	c.send(&reply{bufs: net.Buffers{h}}, nil)
+}
+
+// sendError answers r with errno: an error chunk with a message when
+// structured replies are in use, else a simple reply.
+func (c *conn) sendError(r Request, errno Errno, msg string) {
+	if !c.st.structured {
+		c.send(&reply{bufs: net.Buffers{AppendSimpleReply(nil, errno, r.Cookie)}}, nil)
+		return
+	}
+	if msg == "" {
+		msg = errno.Error()
+	}
+	p := AppendErrorChunk(nil, errno, msg)
+	h := AppendChunkHeader(nil, c.st.extended, ReplyFlagDone, ReplyTypeError, r.Cookie, r.Offset, uint64(len(p)))
+	c.send(&reply{bufs: net.Buffers{h, p}}, nil)
+}
+
+// send queues a reply for the writer. after runs once the reply is written
+// (or dropped because the connection is gone).
+func (c *conn) send(rep *reply, after func()) {
+	rep.after = after
+	c.replies <- rep
+}
+
+// writeLoop is the only writer of the socket. It gathers every reply that is
+// ready into one writev.
+func (c *conn) writeLoop() error {
+	var werr error
+	var batch []*reply
+	var vec net.Buffers
+	for rep := range c.replies {
+		batch = append(batch[:0], rep)
+	gather:
+		for len(batch) < 64 {
+			select {
+			case more, ok := <-c.replies:
+				if !ok {
+					break gather
+				}
+				batch = append(batch, more)
+			default:
+				break gather
+			}
+		}
+		if werr == nil {
+			vec = vec[:0]
+			for _, r := range batch {
+				vec = append(vec, r.bufs...)
+			}
+			v := vec
+			if _, err := v.WriteTo(c.nc); err != nil {
+				werr = err
+				c.nc.Close() // the reader sees it and stops
+			}
+		}
+		for _, r := range batch {
+			for _, b := range r.release {
+				putBuf(b)
+			}
+			if r.after != nil {
+				r.after()
+			}
+		}
+		clear(vec)
+	}
+	return werr
+}
+
+func isConnReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+func cmdName(t uint16) string {
+	switch t {
+	case CmdRead:
+		return "READ"
+	case CmdWrite:
+		return "WRITE"
+	case CmdDisc:
+		return "DISC"
+	case CmdFlush:
+		return "FLUSH"
+	case CmdTrim:
+		return "TRIM"
+	case CmdCache:
+		return "CACHE"
+	case CmdWriteZeroes:
+		return "WRITE_ZEROES"
+	case CmdBlockStatus:
+		return "BLOCK_STATUS"
+	}
+	return fmt.Sprintf("command %d", t)
+}

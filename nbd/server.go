@@ -1,0 +1,193 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// ServerConfig configures a Server. Zero fields take the documented defaults.
+type ServerConfig struct {
+	// Exports are the disks offered. The first is the default export,
+	// chosen by clients that ask for the empty name. At least one.
+	Exports []Export
+	// Logger receives one line per connection event worth an operator's
+	// attention. Default: hclog.NewNullLogger().
+	Logger hclog.Logger
+	// HandshakeTimeout bounds the whole option negotiation of one client.
+	// Default 30s; range 1s to 1h.
+	HandshakeTimeout time.Duration
+	// DrainTimeout bounds a graceful stop: how long in-flight requests may
+	// take to be answered (and a half-read request to arrive) before the
+	// connection is closed anyway. Default 60s; range 1s to 1h.
+	DrainTimeout time.Duration
+	// MaxInFlight is the number of requests of one connection served
+	// concurrently; the reader waits when it is reached. Default 64;
+	// range 1 to 4096.
+	MaxInFlight int
+	// MaxInFlightBytes bounds the payload buffers of one connection's
+	// in-flight requests. Default 128 MiB; range 32 MiB to 4 GiB.
+	MaxInFlightBytes int64
+}
+
+func (c ServerConfig) withDefaults() ServerConfig {
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = 30 * time.Second
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 60 * time.Second
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = 64
+	}
+	if c.MaxInFlightBytes == 0 {
+		c.MaxInFlightBytes = 128 << 20
+	}
+	return c
+}
+
+// Validate checks the configuration; errors name the bad field and the
+// allowed range.
+func (c ServerConfig) Validate() error {
+	c = c.withDefaults()
+	if len(c.Exports) == 0 {
+		return errors.New("nbd: ServerConfig.Exports: at least one export is required")
+	}
+	seen := map[string]bool{}
+	for _, e := range c.Exports {
+		if err := e.Validate(); err != nil {
+			return err
+		}
+		if seen[e.Name] {
+			return fmt.Errorf("nbd: ServerConfig.Exports: name %q used twice", e.Name)
+		}
+		seen[e.Name] = true
+	}
+	if c.HandshakeTimeout < time.Second || c.HandshakeTimeout > time.Hour {
+		return fmt.Errorf("nbd: ServerConfig.HandshakeTimeout %v: must be from 1s to 1h", c.HandshakeTimeout)
+	}
+	if c.DrainTimeout < time.Second || c.DrainTimeout > time.Hour {
+		return fmt.Errorf("nbd: ServerConfig.DrainTimeout %v: must be from 1s to 1h", c.DrainTimeout)
+	}
+	if c.MaxInFlight < 1 || c.MaxInFlight > 4096 {
+		return fmt.Errorf("nbd: ServerConfig.MaxInFlight %d: must be from 1 to 4096", c.MaxInFlight)
+	}
+	if c.MaxInFlightBytes < DefaultMaxPayload || c.MaxInFlightBytes > 4<<30 {
+		return fmt.Errorf("nbd: ServerConfig.MaxInFlightBytes %d: must be from %d to %d", c.MaxInFlightBytes, DefaultMaxPayload, int64(4<<30))
+	}
+	return nil
+}
+
+// Server serves NBD clients from a set of exports. It holds no per-connection
+// state, so one Server serves any number of connections concurrently.
+type Server struct {
+	cfg     ServerConfig
+	exports []*Export
+}
+
+// NewServer validates cfg and returns a Server.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	s := &Server{cfg: cfg}
+	for _, e := range cfg.Exports {
+		e := e.withDefaults()
+		s.exports = append(s.exports, &e)
+	}
+	return s, nil
+}
+
+// lookup finds an export by name; the empty name is the default export.
+func (s *Server) lookup(name string) *Export {
+	if name == "" {
+		return s.exports[0]
+	}
+	for _, e := range s.exports {
+		if e.Name == name {
+			return e
+		}
+	}
+	return nil
+}
+
+// ServeConn runs one client connection to its end and closes it: the
+// handshake, then the transmission phase. When ctx ends, the connection
+// stops gracefully: no new request is read, every request already read is
+// answered, then the connection is closed. It never answers a request with
+// an error merely because it is stopping; a client that reconnects resends
+// what was not answered.
+//
+// A panic in any goroutine serving the connection closes the connection and
+// is re-raised from ServeConn, so the caller's supervisor sees it.
+//
+// The returned error is nil for a clean end (the client disconnected or
+// sent NBD_CMD_DISC, or ctx ended), otherwise it says what went wrong.
+func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
+	defer nc.Close()
+	log := s.cfg.Logger.With("remote", remoteName(nc))
+
+	if ctx.Err() != nil {
+		return nil
+	}
+	stopHandshake := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Now()) })
+	_ = nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	br := bufio.NewReaderSize(nc, 64<<10)
+	bw := bufio.NewWriterSize(nc, 4<<10)
+	st, err := s.handshake(br, bw)
+	stopped := !stopHandshake()
+	if err != nil {
+		switch {
+		case errors.Is(err, errAbort):
+			log.Debug("client aborted the handshake")
+			return nil
+		case stopped:
+			return nil
+		case isClosed(err):
+			log.Info("client disconnected during the handshake", "error", err)
+			return nil
+		}
+		var pe *ProtocolError
+		if errors.As(err, &pe) || errors.Is(err, ErrMalformed) {
+			log.Warn("bad handshake, connection closed", "error", err)
+			return nil
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			log.Warn("handshake timed out, connection closed", "timeout", s.cfg.HandshakeTimeout)
+			return nil
+		}
+		return fmt.Errorf("nbd: handshake: %w", err)
+	}
+	_ = nc.SetDeadline(time.Time{})
+	log.Debug("transmission started", "export", st.export.Name, "structured", st.structured, "extended", st.extended)
+
+	c := newConn(s, nc, br, st, log)
+	return c.serve(ctx)
+}
+
+func remoteName(nc net.Conn) string {
+	if a := nc.RemoteAddr(); a != nil && a.String() != "" && a.String() != "@" {
+		return a.String()
+	}
+	if a := nc.LocalAddr(); a != nil {
+		return "unix:" + a.String()
+	}
+	return "?"
+}
+
+// isClosed reports errors that mean the peer went away.
+func isClosed(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, net.ErrClosed) || isConnReset(err)
+}
