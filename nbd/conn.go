@@ -357,6 +357,9 @@ func (c *conn) reject(r Request, errno Errno) {
 
 // handle serves one valid request and queues its reply.
 func (c *conn) handle(r Request, payload *[]byte) {
+	if h := c.s.cfg.Hooks.BeforeRequest; h != nil {
+		h(c.exp.Name, r)
+	}
 	var err error
 	switch r.Type {
 	case CmdRead:

@@ -35,6 +35,15 @@ type ServerConfig struct {
 	// MaxInFlightBytes bounds the payload buffers of one connection's
 	// in-flight requests. Default 128 MiB; range 32 MiB to 4 GiB.
 	MaxInFlightBytes int64
+	// Hooks let tests and the chaos monkey reach into request handling.
+	Hooks Hooks
+}
+
+// Hooks are called from the goroutine that serves a request, so a panic or a
+// delay injected there behaves like one in the backend.
+type Hooks struct {
+	// BeforeRequest runs before a valid request reaches the backend.
+	BeforeRequest func(export string, r Request)
 }
 
 func (c ServerConfig) withDefaults() ServerConfig {

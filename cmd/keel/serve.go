@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/replica/rawimage"
+	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/supervise"
+)
+
+type serveFlags struct {
+	file     string
+	size     string
+	listen   string
+	name     string
+	readOnly bool
+	drain    time.Duration
+}
+
+func newServeCmd(g *globalFlags) *cobra.Command {
+	f := &serveFlags{}
+	cmd := &cobra.Command{
+		Use:   "serve --file PATH [--size SIZE] [--listen ADDR] [--name NAME] [--read-only]",
+		Short: "Serve one raw image over NBD (standalone, no replication)",
+		Long: `Serve one raw image file over NBD.
+
+The image is created (sparse) at --size when it does not exist; an existing
+image keeps its size, and a --size that disagrees with it is refused.
+ADDR is HOST:PORT or unix:PATH. SIGTERM or SIGINT stops the server
+gracefully: no new request is read, every request already read is answered,
+then connections are closed (clients such as qemu reconnect and resend).`,
+		Example: `  keel serve --file disk.img --size 10G --listen 127.0.0.1:10809
+  keel serve --file disk.img --listen unix:/run/keel/disk.sock --read-only`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runServe(cmd.Context(), g, f) },
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.file, "file", "", "path of the raw image file (required)")
+	fl.StringVar(&f.size, "size", "", "size of the image, e.g. 10G; required to create it")
+	fl.StringVar(&f.listen, "listen", "127.0.0.1:10809", "address to serve NBD on: HOST:PORT or unix:PATH")
+	fl.StringVar(&f.name, "name", "keel", "export name (clients asking for the empty name get it too)")
+	fl.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes")
+	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
+	_ = cmd.MarkFlagRequired("file")
+	return cmd
+}
+
+func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
+	log, err := g.logger("keel")
+	if err != nil {
+		return err
+	}
+	var size uint64
+	if f.size != "" {
+		if size, err = parseSize(f.size); err != nil {
+			return fmt.Errorf("--size: %w", err)
+		}
+		if size == 0 || size%512 != 0 {
+			return fmt.Errorf("--size %s: must be a positive multiple of 512 bytes", f.size)
+		}
+	}
+	img, err := rawimage.Open(f.file, rawimage.Options{Size: size, ReadOnly: f.readOnly})
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+
+	srv, err := nbd.NewServer(nbd.ServerConfig{
+		Exports: []nbd.Export{{
+			Name:        f.name,
+			Description: "keel image " + f.file,
+			Backend:     services.LocalImage{Image: img},
+			ReadOnly:    f.readOnly,
+		}},
+		Logger:       log.Named("nbd"),
+		DrainTimeout: f.drain,
+	})
+	if err != nil {
+		return err
+	}
+	l, uri, err := services.Listen(f.listen)
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: f.drain + 10*time.Second})
+	root.Add(services.NewNBD(services.NBDConfig{Listener: l, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
+
+	log.Info("serving", "image", img.Path(), "size", img.Size(), "read_only", f.readOnly, "uri", uri)
+	err = root.Serve(ctx)
+	if ctx.Err() != nil {
+		log.Info("stopping: connections drained")
+		err = nil
+	}
+	if !f.readOnly {
+		if serr := img.Sync(); serr != nil && err == nil {
+			err = serr
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "keel serve:", err)
+	}
+	return err
+}

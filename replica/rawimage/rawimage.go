@@ -1,0 +1,312 @@
+// Package rawimage owns the volume's image: a plain raw sparse file, byte for
+// byte the disk, that qemu, qemu-img, cp and losetup understand. It offers
+// positioned reads and writes, hole punching and zeroing through fallocate,
+// allocation maps through SEEK_DATA/SEEK_HOLE, and durability through
+// fdatasync. It imports no other Keel package.
+package rawimage
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// Sentinel errors, wrapped with the path and context.
+var (
+	// ErrSizeMismatch: an existing image is not the size asked for.
+	ErrSizeMismatch = errors.New("rawimage: image size differs from the size asked for")
+	// ErrNoSize: the image does not exist and no size was given to create it.
+	ErrNoSize = errors.New("rawimage: image does not exist and no size was given")
+	// ErrLocked: another process holds the image.
+	ErrLocked = errors.New("rawimage: image is in use by another process")
+	// ErrNotFast: a fast zero was asked for and only writing zeroes would do.
+	ErrNotFast = errors.New("rawimage: zeroing this range would not be fast")
+	// ErrBadSize: the size is zero or not a multiple of 512.
+	ErrBadSize = errors.New("rawimage: size must be a positive multiple of 512 bytes")
+)
+
+// Options for Open.
+type Options struct {
+	// Size creates a missing image at this many bytes and, when nonzero,
+	// must equal the size of an existing one. Zero means "use the
+	// existing image's size". New images must be a multiple of 512.
+	Size uint64
+	// ReadOnly opens the image for reading only (shared lock).
+	ReadOnly bool
+}
+
+// File is an open image. Its methods are safe for concurrent use.
+type File struct {
+	f        *os.File
+	path     string
+	size     uint64
+	readOnly bool
+}
+
+// Open opens the image at path, creating it (sparse, at opts.Size) when it
+// is missing. The file is locked (flock) for the life of the File so two
+// processes never serve the same image.
+func Open(path string, opts Options) (*File, error) {
+	flags := os.O_RDWR
+	if opts.ReadOnly {
+		flags = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flags, 0)
+	created := false
+	if errors.Is(err, os.ErrNotExist) && !opts.ReadOnly {
+		if opts.Size == 0 {
+			return nil, fmt.Errorf("%w: %s (give a size to create it)", ErrNoSize, path)
+		}
+		if opts.Size%512 != 0 {
+			return nil, fmt.Errorf("%w: %d", ErrBadSize, opts.Size)
+		}
+		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		created = err == nil
+	} else if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s (a read-only image must exist)", ErrNoSize, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("rawimage: opening %s: %w", path, err)
+	}
+	img := &File{f: f, path: path, readOnly: opts.ReadOnly}
+	if err := img.lock(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if created {
+		if err := img.create(opts.Size); err != nil {
+			f.Close()
+			os.Remove(path)
+			return nil, err
+		}
+		return img, nil
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("rawimage: %s: %w", path, err)
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("rawimage: %s is not a regular file", path)
+	}
+	img.size = uint64(st.Size())
+	if opts.Size != 0 && opts.Size != img.size {
+		f.Close()
+		return nil, fmt.Errorf("%w: %s is %d bytes, asked for %d", ErrSizeMismatch, path, img.size, opts.Size)
+	}
+	if img.size == 0 {
+		f.Close()
+		return nil, fmt.Errorf("rawimage: %s is empty (0 bytes); remove it or give a size", path)
+	}
+	return img, nil
+}
+
+func (img *File) lock() error {
+	how := unix.LOCK_EX
+	if img.readOnly {
+		how = unix.LOCK_SH
+	}
+	if err := unix.Flock(int(img.f.Fd()), how|unix.LOCK_NB); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("%w: %s", ErrLocked, img.path)
+		}
+		return fmt.Errorf("rawimage: locking %s: %w", img.path, err)
+	}
+	return nil
+}
+
+// create sizes a new, empty image and makes its existence durable.
+func (img *File) create(size uint64) error {
+	if err := img.f.Truncate(int64(size)); err != nil {
+		return fmt.Errorf("rawimage: sizing %s to %d bytes: %w", img.path, size, err)
+	}
+	if err := img.f.Sync(); err != nil {
+		return fmt.Errorf("rawimage: syncing %s: %w", img.path, err)
+	}
+	if d, err := os.Open(filepath.Dir(img.path)); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+	img.size = size
+	return nil
+}
+
+// Path is the image's file name.
+func (img *File) Path() string { return img.path }
+
+// Size is the image size in bytes.
+func (img *File) Size() uint64 { return img.size }
+
+// ReadOnly reports whether the image was opened read-only.
+func (img *File) ReadOnly() bool { return img.readOnly }
+
+// Close releases the lock and the file.
+func (img *File) Close() error { return img.f.Close() }
+
+// ReadAt fills p from off.
+func (img *File) ReadAt(p []byte, off uint64) error {
+	n, err := img.f.ReadAt(p, int64(off))
+	if err == io.EOF && n == len(p) {
+		err = nil
+	}
+	if err != nil {
+		return fmt.Errorf("rawimage: reading %d bytes at %d: %w", len(p), off, err)
+	}
+	return nil
+}
+
+// WriteAt writes p at off; with fua the data is on stable storage on return.
+func (img *File) WriteAt(p []byte, off uint64, fua bool) error {
+	if _, err := img.f.WriteAt(p, int64(off)); err != nil {
+		return fmt.Errorf("rawimage: writing %d bytes at %d: %w", len(p), off, err)
+	}
+	if fua {
+		return img.Sync()
+	}
+	return nil
+}
+
+// Sync puts every completed write on stable storage (fdatasync).
+func (img *File) Sync() error {
+	for {
+		err := unix.Fdatasync(int(img.f.Fd()))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("rawimage: fdatasync %s: %w", img.path, err)
+		}
+		return nil
+	}
+}
+
+func (img *File) fallocate(mode uint32, off, length uint64) error {
+	for {
+		err := unix.Fallocate(int(img.f.Fd()), mode, int64(off), int64(length))
+		if err == unix.EINTR {
+			continue
+		}
+		return err
+	}
+}
+
+func unsupported(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS)
+}
+
+// Trim discards the range by punching a hole; it reads back as zeroes. On a
+// filesystem that cannot punch holes it does nothing (a trim is a hint).
+func (img *File) Trim(off, length uint64, fua bool) error {
+	err := img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err != nil && !unsupported(err) {
+		return fmt.Errorf("rawimage: punching hole of %d bytes at %d: %w", length, off, err)
+	}
+	if fua {
+		return img.Sync()
+	}
+	return nil
+}
+
+// Zero makes the range read as zeroes. noHole keeps it allocated
+// (FALLOC_FL_ZERO_RANGE); otherwise a hole is punched. When the filesystem
+// supports neither, zeroes are written, unless fast is set: then ErrNotFast
+// is returned and nothing changes.
+func (img *File) Zero(off, length uint64, noHole, fast, fua bool) error {
+	var err error
+	if !noHole {
+		err = img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	}
+	if noHole || unsupported(err) {
+		err = img.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	}
+	if unsupported(err) {
+		if fast {
+			return ErrNotFast
+		}
+		err = img.writeZeroes(off, length)
+	}
+	if err != nil {
+		return fmt.Errorf("rawimage: zeroing %d bytes at %d: %w", length, off, err)
+	}
+	if fua {
+		return img.Sync()
+	}
+	return nil
+}
+
+var zeroBlock = make([]byte, 1<<20)
+
+func (img *File) writeZeroes(off, length uint64) error {
+	for length > 0 {
+		n := min(length, uint64(len(zeroBlock)))
+		if _, err := img.f.WriteAt(zeroBlock[:n], int64(off)); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// Extent is a run of the image that is all data or all hole.
+type Extent struct {
+	Length uint64
+	Hole   bool // unallocated; reads as zeroes
+}
+
+// maxExtents bounds one Extents call.
+const maxExtents = 1 << 16
+
+// Extents maps [off, off+length) from off, using SEEK_DATA and SEEK_HOLE.
+// It may return fewer extents than needed to cover the range (at least
+// one); on a filesystem without hole support the range is one data extent.
+func (img *File) Extents(off, length uint64) ([]Extent, error) {
+	end := min(off+length, img.size)
+	fd := int(img.f.Fd())
+	var out []Extent
+	pos := off
+	for pos < end && len(out) < maxExtents {
+		data, err := unix.Seek(fd, int64(pos), unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			// No data at or after pos: a hole to the end of the file.
+			out = append(out, Extent{Length: end - pos, Hole: true})
+			break
+		}
+		if err != nil {
+			if errors.Is(err, unix.EINVAL) || unsupported(err) {
+				return []Extent{{Length: end - pos}}, nil
+			}
+			return nil, fmt.Errorf("rawimage: SEEK_DATA at %d: %w", pos, err)
+		}
+		if uint64(data) > pos {
+			stop := min(uint64(data), end)
+			out = append(out, Extent{Length: stop - pos, Hole: true})
+			pos = stop
+			continue
+		}
+		hole, err := unix.Seek(fd, int64(pos), unix.SEEK_HOLE)
+		if err != nil {
+			return nil, fmt.Errorf("rawimage: SEEK_HOLE at %d: %w", pos, err)
+		}
+		stop := min(uint64(hole), end)
+		if stop <= pos { // cannot happen on a sane filesystem; never loop
+			stop = end
+		}
+		out = append(out, Extent{Length: stop - pos})
+		pos = stop
+	}
+	return out, nil
+}
+
+// Cache asks the kernel to read the range ahead.
+func (img *File) Cache(off, length uint64) error {
+	if err := unix.Fadvise(int(img.f.Fd()), int64(off), int64(length), unix.FADV_WILLNEED); err != nil {
+		return fmt.Errorf("rawimage: readahead of %d bytes at %d: %w", length, off, err)
+	}
+	return nil
+}
