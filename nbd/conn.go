@@ -366,9 +366,11 @@ func (c *conn) handle(r Request, payload *[]byte) {
 		c.handleRead(r)
 		return
 	case CmdWrite:
-		err = c.be.WriteAt(*payload, r.Offset, r.Flags&CmdFlagFUA != 0)
-		putBuf(payload)
-		c.bytes.Release(int64(r.Length))
+		if payload != nil { // a zero-length write has none and does nothing
+			err = c.be.WriteAt(*payload, r.Offset, r.Flags&CmdFlagFUA != 0)
+			putBuf(payload)
+			c.bytes.Release(int64(r.Length))
+		}
 	case CmdFlush:
 		err = c.be.Flush()
 	case CmdTrim:

@@ -98,17 +98,17 @@ const (
 	RepInfo        uint32 = 3
 	RepMetaContext uint32 = 4
 
-	repErrBit              uint32 = 1 << 31
-	RepErrUnsup            uint32 = repErrBit + 1
-	RepErrPolicy           uint32 = repErrBit + 2
-	RepErrInvalid          uint32 = repErrBit + 3
-	RepErrPlatform         uint32 = repErrBit + 4
-	RepErrTLSReqd          uint32 = repErrBit + 5
-	RepErrUnknown          uint32 = repErrBit + 6
-	RepErrShutdown         uint32 = repErrBit + 7
-	RepErrBlockSizeReqd    uint32 = repErrBit + 8
-	RepErrTooBig           uint32 = repErrBit + 9
-	RepErrExtHeaderReqd    uint32 = repErrBit + 10
+	repErrBit           uint32 = 1 << 31
+	RepErrUnsup         uint32 = repErrBit + 1
+	RepErrPolicy        uint32 = repErrBit + 2
+	RepErrInvalid       uint32 = repErrBit + 3
+	RepErrPlatform      uint32 = repErrBit + 4
+	RepErrTLSReqd       uint32 = repErrBit + 5
+	RepErrUnknown       uint32 = repErrBit + 6
+	RepErrShutdown      uint32 = repErrBit + 7
+	RepErrBlockSizeReqd uint32 = repErrBit + 8
+	RepErrTooBig        uint32 = repErrBit + 9
+	RepErrExtHeaderReqd uint32 = repErrBit + 10
 )
 
 // Info types carried in NBD_REP_INFO.
