@@ -107,6 +107,9 @@ func (c *conn) serve(ctx context.Context) error {
 	stopRead := context.AfterFunc(ctx, func() {
 		c.stopping.Store(true)
 		_ = c.nc.SetReadDeadline(time.Now())
+		if h := c.s.cfg.Hooks.Stopping; h != nil {
+			h()
+		}
 	})
 	readErr := func() (err error) {
 		defer c.recoverPanic()
@@ -197,6 +200,9 @@ func (c *conn) readLoop() error {
 		if err != nil {
 			c.log.Warn("bad request header, connection closed", "error", err)
 			return nil
+		}
+		if h := c.s.cfg.Hooks.HeaderRead; h != nil {
+			h(req)
 		}
 		if req.Type == CmdDisc {
 			c.log.Debug("client sent NBD_CMD_DISC")

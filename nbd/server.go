@@ -42,8 +42,14 @@ type ServerConfig struct {
 // Hooks are called from the goroutine that serves a request, so a panic or a
 // delay injected there behaves like one in the backend.
 type Hooks struct {
+	// HeaderRead runs when a request header has been read, before its
+	// payload.
+	HeaderRead func(r Request)
 	// BeforeRequest runs before a valid request reaches the backend.
 	BeforeRequest func(export string, r Request)
+	// Stopping runs when a connection in the transmission phase starts
+	// its graceful stop.
+	Stopping func()
 }
 
 func (c ServerConfig) withDefaults() ServerConfig {
