@@ -68,8 +68,9 @@ func removeStaleSocket(path string) error {
 	return nil
 }
 
-// socketQuery escapes a socket path for an NBD URI's query, leaving slashes
-// readable.
+// socketQuery escapes a socket path for an NBD URI's query. Clients decode
+// percent-escapes only (a '+' stays a '+'), so spaces become %20; slashes
+// stay readable.
 func socketQuery(path string) string {
-	return strings.ReplaceAll(url.QueryEscape(path), "%2F", "/")
+	return strings.NewReplacer("+", "%20", "%2F", "/").Replace(url.QueryEscape(path))
 }

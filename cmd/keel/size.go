@@ -2,14 +2,14 @@ package main
 
 import (
 	"fmt"
-	"math"
-	"strconv"
+	"math/big"
 	"strings"
 )
 
 // parseSize reads a size the way qemu-img does: a number of bytes, or a
 // number with a binary suffix k, M, G, T, P or E (also written K, KiB, MB,
-// GiB...). "1.5G" is allowed; the result must be a whole number of bytes.
+// GiB...). "1.5G" is allowed; the result must be a whole number of bytes
+// that fits 64 bits. The arithmetic is exact.
 func parseSize(s string) (uint64, error) {
 	t := strings.TrimSpace(s)
 	if t == "" {
@@ -23,16 +23,19 @@ func parseSize(s string) (uint64, error) {
 	suffix = strings.TrimSuffix(strings.TrimSuffix(suffix, "ib"), "b")
 	shift := map[string]uint{"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 	sh, ok := shift[suffix]
-	if !ok || num == "" {
+	if !ok || num == "" || strings.Count(num, ".") > 1 || num == "." {
 		return 0, fmt.Errorf("size %q: want a number of bytes, optionally with a suffix K, M, G, T, P or E", s)
 	}
-	f, err := strconv.ParseFloat(num, 64)
-	if err != nil {
-		return 0, fmt.Errorf("size %q: %w", s, err)
+	v, ok := new(big.Rat).SetString(num)
+	if !ok {
+		return 0, fmt.Errorf("size %q: %q is not a number", s, num)
 	}
-	v := f * math.Pow(2, float64(sh))
-	if v >= math.MaxUint64 || v != math.Trunc(v) {
-		return 0, fmt.Errorf("size %q is not a whole number of bytes that fits 64 bits", s)
+	v.Mul(v, new(big.Rat).SetInt(new(big.Int).Lsh(big.NewInt(1), sh)))
+	if !v.IsInt() {
+		return 0, fmt.Errorf("size %q is not a whole number of bytes", s)
 	}
-	return uint64(v), nil
+	if !v.Num().IsUint64() {
+		return 0, fmt.Errorf("size %q does not fit 64 bits", s)
+	}
+	return v.Num().Uint64(), nil
 }

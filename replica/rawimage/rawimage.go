@@ -55,6 +55,11 @@ func Open(path string, opts Options) (*File, error) {
 	if opts.ReadOnly {
 		flags = os.O_RDONLY
 	}
+	// Refuse FIFOs, devices and directories before opening: opening a FIFO
+	// would wait for a writer forever.
+	if st, err := os.Stat(path); err == nil && !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("rawimage: %s is not a regular file (%s)", path, st.Mode().Type())
+	}
 	f, err := os.OpenFile(path, flags, 0)
 	created := false
 	if errors.Is(err, os.ErrNotExist) && !opts.ReadOnly {
@@ -95,6 +100,19 @@ func Open(path string, opts Options) (*File, error) {
 		return nil, fmt.Errorf("rawimage: %s is not a regular file", path)
 	}
 	img.size = uint64(st.Size())
+	if img.size == 0 && opts.Size != 0 && !opts.ReadOnly {
+		// An empty file (left by a crash between create and size, or by
+		// touch) is sized like a new image.
+		if opts.Size%512 != 0 {
+			f.Close()
+			return nil, fmt.Errorf("%w: %d", ErrBadSize, opts.Size)
+		}
+		if err := img.create(opts.Size); err != nil {
+			f.Close()
+			return nil, err
+		}
+		return img, nil
+	}
 	if opts.Size != 0 && opts.Size != img.size {
 		f.Close()
 		return nil, fmt.Errorf("%w: %s is %d bytes, asked for %d", ErrSizeMismatch, path, img.size, opts.Size)
