@@ -15,13 +15,12 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 )
 
 // The transmission phase of one connection. One reader loop (serve) reads
-// requests and hands each to its own goroutine; one writer goroutine alone
-// writes replies to the socket, in whatever order they complete.
+// requests and hands each to its own goroutine; replies go out in whatever
+// order they complete, written by one goroutine at a time (see send).
 
 // sparseReadMin is the smallest structured read for which holes are looked
 // up and sent as NBD_REPLY_TYPE_OFFSET_HOLE instead of zero bytes. Smaller
@@ -41,8 +40,13 @@ type conn struct {
 	be  Backend
 	exp *Export
 
-	replies  chan *reply
-	slots    chan struct{}       // one per request in flight
+	wmu      sync.Mutex          // guards the following
+	queue    []*reply            // replies waiting for the writer
+	spare    []*reply            // the previous batch's slice, reused
+	writing  bool                // a goroutine is writing to the socket
+	werr     error               // first write error; later replies are dropped
+	jobs     chan job            // to idle workers; closed when reading ends
+	nworkers int                 // workers started (reader goroutine only)
 	bytes    *semaphore.Weighted // payload bytes in flight
 	workers  sync.WaitGroup
 	stopping atomic.Bool
@@ -76,11 +80,10 @@ type reply struct {
 func newConn(s *Server, nc net.Conn, br *bufio.Reader, st *session, log hclog.Logger) *conn {
 	return &conn{
 		s: s, nc: nc, br: br, st: st, log: log,
-		be:      st.export.Backend,
-		exp:     st.export,
-		replies: make(chan *reply, s.cfg.MaxInFlight),
-		slots:   make(chan struct{}, s.cfg.MaxInFlight),
-		bytes:   semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
+		be:    st.export.Backend,
+		exp:   st.export,
+		jobs:  make(chan job),
+		bytes: semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
 	}
 }
 
@@ -96,12 +99,6 @@ func (c *conn) recoverPanic() {
 }
 
 func (c *conn) serve(ctx context.Context) error {
-	var g errgroup.Group
-	g.Go(func() error {
-		defer c.recoverPanic()
-		return c.writeLoop()
-	})
-
 	// A graceful stop interrupts a blocked read; readLoop then finishes the
 	// request it was in the middle of, if any, and reads no more.
 	stopRead := context.AfterFunc(ctx, func() {
@@ -116,9 +113,11 @@ func (c *conn) serve(ctx context.Context) error {
 		return c.readLoop()
 	}()
 	stopRead()
+	close(c.jobs)
 
 	// Every request read gets its answer before the connection closes,
-	// bounded by the drain timeout in case the client stops reading.
+	// bounded by the drain timeout in case the client stops reading. The
+	// last reply is written by the worker that queued it (see send).
 	drained := make(chan struct{})
 	go func() { c.workers.Wait(); close(drained) }()
 	select {
@@ -128,8 +127,6 @@ func (c *conn) serve(ctx context.Context) error {
 		c.nc.Close()
 		<-drained
 	}
-	close(c.replies)
-	writeErr := g.Wait()
 	c.nc.Close()
 
 	if c.panicVal != nil {
@@ -138,8 +135,11 @@ func (c *conn) serve(ctx context.Context) error {
 	if readErr != nil {
 		return readErr
 	}
-	if writeErr != nil && !isClosed(writeErr) {
-		return fmt.Errorf("nbd: writing replies: %w", writeErr)
+	c.wmu.Lock()
+	werr := c.werr
+	c.wmu.Unlock()
+	if werr != nil && !isClosed(werr) {
+		return fmt.Errorf("nbd: writing replies: %w", werr)
 	}
 	return nil
 }
@@ -190,6 +190,8 @@ func (c *conn) readLoop() error {
 		case err == io.EOF:
 			c.log.Debug("client disconnected")
 			return nil
+		case errors.Is(err, net.ErrClosed):
+			return nil // closed on our side: a failed write or a panic, logged there
 		case isClosed(err):
 			c.log.Info("client disconnected in the middle of a request", "error", err)
 			return nil
@@ -237,13 +239,42 @@ func (c *conn) readLoop() error {
 			continue
 		}
 
-		c.slots <- struct{}{}
+		c.dispatch(job{req, payload})
+	}
+}
+
+// job is a valid request on its way to a worker.
+type job struct {
+	req     Request
+	payload *[]byte
+}
+
+// dispatch hands j to an idle worker, starts a new one while fewer than
+// MaxInFlight exist, or else waits for one to be free. Workers live as long
+// as the connection: a goroutine per request would pay for growing a fresh
+// stack every time.
+func (c *conn) dispatch(j job) {
+	select {
+	case c.jobs <- j:
+		return
+	default:
+	}
+	if c.nworkers < c.s.cfg.MaxInFlight {
+		c.nworkers++
 		c.workers.Add(1)
-		go func() {
-			defer func() { <-c.slots; c.workers.Done() }()
-			defer c.recoverPanic()
-			c.handle(req, payload)
-		}()
+		go c.work(j)
+		return
+	}
+	c.jobs <- j
+}
+
+// work serves first, then whatever dispatch hands it, until the reader is done.
+func (c *conn) work(first job) {
+	defer c.workers.Done()
+	defer c.recoverPanic()
+	c.handle(first.req, first.payload)
+	for j := range c.jobs {
+		c.handle(j.req, j.payload)
 	}
 }
 
@@ -619,33 +650,28 @@ func (c *conn) sendError(r Request, errno Errno, msg string) {
 	c.send(&reply{bufs: net.Buffers{h, p}}, nil)
 }
 
-// send queues a reply for the writer. after runs once the reply is written
-// (or dropped because the connection is gone).
+// send queues a reply and, unless another goroutine is already writing,
+// becomes the connection's writer until the queue is empty. So one
+// goroutine at a time writes to the socket, replies that pile up meanwhile
+// go out together in one writev, and no reply waits for a goroutine to be
+// woken. after runs once the reply is written (or dropped because the
+// connection failed).
 func (c *conn) send(rep *reply, after func()) {
 	rep.after = after
-	c.replies <- rep
-}
-
-// writeLoop is the only writer of the socket. It gathers every reply that is
-// ready into one writev.
-func (c *conn) writeLoop() error {
-	var werr error
-	var batch []*reply
+	c.wmu.Lock()
+	c.queue = append(c.queue, rep)
+	if c.writing {
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
 	var vec net.Buffers
-	for rep := range c.replies {
-		batch = append(batch[:0], rep)
-	gather:
-		for len(batch) < 64 {
-			select {
-			case more, ok := <-c.replies:
-				if !ok {
-					break gather
-				}
-				batch = append(batch, more)
-			default:
-				break gather
-			}
-		}
+	for len(c.queue) > 0 {
+		batch := c.queue
+		c.queue = c.spare[:0]
+		werr := c.werr
+		c.wmu.Unlock()
+
 		if werr == nil {
 			vec = vec[:0]
 			for _, r := range batch {
@@ -656,6 +682,7 @@ func (c *conn) writeLoop() error {
 				werr = err
 				c.nc.Close() // the reader sees it and stops
 			}
+			clear(vec)
 		}
 		for _, r := range batch {
 			for _, b := range r.release {
@@ -665,9 +692,16 @@ func (c *conn) writeLoop() error {
 				r.after()
 			}
 		}
-		clear(vec)
+		clear(batch)
+
+		c.wmu.Lock()
+		c.spare = batch[:0]
+		if werr != nil && c.werr == nil {
+			c.werr = werr
+		}
 	}
-	return werr
+	c.writing = false
+	c.wmu.Unlock()
 }
 
 func isConnReset(err error) bool {

@@ -8,6 +8,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime/pprof"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
@@ -21,8 +22,33 @@ func main() {
 }
 
 type globalFlags struct {
-	logLevel string
-	logJSON  bool
+	logLevel   string
+	logJSON    bool
+	cpuProfile string
+	profFile   *os.File
+}
+
+func (g *globalFlags) startProfile() error {
+	if g.cpuProfile == "" {
+		return nil
+	}
+	f, err := os.Create(g.cpuProfile)
+	if err != nil {
+		return fmt.Errorf("--cpu-profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return fmt.Errorf("--cpu-profile: %w", err)
+	}
+	g.profFile = f
+	return nil
+}
+
+func (g *globalFlags) stopProfile() {
+	if g.profFile != nil {
+		pprof.StopCPUProfile()
+		g.profFile.Close()
+	}
 }
 
 func newRoot() *cobra.Command {
@@ -36,6 +62,9 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "log JSON lines instead of text")
+	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
+	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
+	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
 	root.AddCommand(newServeCmd(g))
 	return root
 }

@@ -274,7 +274,10 @@ func (img *File) writeZeroes(off, length uint64) error {
 // Extent is a run of the image that is all data or all hole.
 type Extent struct {
 	Length uint64
-	Hole   bool // unallocated; reads as zeroes
+	// Hole: SEEK_DATA skips it, so it reads as zeroes. Usually that means
+	// unallocated, but filesystems such as ext4 also skip ranges that are
+	// allocated and unwritten (FALLOC_FL_ZERO_RANGE).
+	Hole bool
 }
 
 // maxExtents bounds one Extents call.
