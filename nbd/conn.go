@@ -698,6 +698,11 @@ func (c *conn) send(rep *reply, after func()) {
 		c.spare = batch[:0]
 		if werr != nil && c.werr == nil {
 			c.werr = werr
+			if isClosed(werr) {
+				c.log.Info("client disconnected before its replies were sent", "unsent", len(batch), "error", werr)
+			} else {
+				c.log.Warn("writing replies failed; connection closed", "error", werr)
+			}
 		}
 	}
 	c.writing = false
