@@ -44,12 +44,12 @@ func TestParseSize(t *testing.T) {
 		{"", nil},
 		{"   ", nil},
 		{"abc", nil},
-		{"G", nil},    // a suffix with no number
-		{"1X", nil},   // unknown suffix
-		{"1KB2", nil}, // trailing garbage
-		{"1.3", nil},  // not a whole number of bytes
-		{"0.3k", nil}, // 307.2 bytes
-		{"-1", nil},   // negative
+		{"G", nil},     // a suffix with no number
+		{"1X", nil},    // unknown suffix
+		{"1KB2", nil},  // trailing garbage
+		{"1.3", nil},   // not a whole number of bytes
+		{"0.3k", nil},  // 307.2 bytes
+		{"-1", nil},    // negative
 		{"1..5G", nil}, // two decimal points
 		{"1e3", nil},   // no exponents (e is the exa suffix)
 		{"16E", nil},   // 2^64: does not fit
