@@ -1,0 +1,484 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	"golang.org/x/sys/unix"
+
+	"github.com/keelstore/keel/replica/rawimage"
+)
+
+// A node's data directory:
+//
+//	DIR/disk.img        the volume: a plain raw image, qemu can boot it
+//	DIR/raft/           the Raft log and stable store
+//	DIR/snapshots/      metadata-only snapshots (a few hundred bytes each)
+//	DIR/LOCK            flock held while a process runs this node
+//	DIR/resync-needed   present while the image is being pulled from peers
+const (
+	ImageFile    = "disk.img"
+	raftDir      = "raft"
+	lockFile     = "LOCK"
+	resyncMarker = "resync-needed"
+)
+
+// Errors of a Node.
+var (
+	// ErrDirLocked: another process runs a node on the same directory.
+	ErrDirLocked = errors.New("replica: data directory is in use by another process")
+	// ErrNotLeader: the call needs the leader; Leader says where it is.
+	ErrNotLeader = errors.New("replica: not the leader")
+	// ErrNoLeader: there is no leader (no quorum) within the wait.
+	ErrNoLeader = errors.New("replica: no leader (quorum lost?)")
+)
+
+// NodeConfig configures a Node. Zero fields take the documented defaults.
+type NodeConfig struct {
+	// ID names the node in the cluster. Required; letters, digits, '-',
+	// '_' and '.'.
+	ID string
+	// Dir is the node's data directory (see the layout above). Required.
+	Dir string
+	// RaftAddr is the address the Raft transport listens on and that peers
+	// dial (HOST:PORT). Required unless Transport is set.
+	RaftAddr string
+	// Self is what this node registers for others: its HTTP and NBD
+	// addresses. Its ID and Raft fields are filled in from ID and the
+	// transport.
+	Self NodeInfo
+	// Bootstrap starts a new one-node cluster when the directory holds no
+	// Raft state yet; ignored when it does.
+	Bootstrap bool
+	// Size creates the image at this many bytes when it does not exist
+	// (bootstrap, or a joining node told the size by the cluster). Zero:
+	// the image must exist.
+	Size uint64
+	// LogStore chooses the log store. Default LogStoreWAL (see the closing
+	// notes of the replicated volume issue for the measurement).
+	LogStore LogStoreKind
+	// Transport overrides the TCP transport (tests use raft's in-memory
+	// transport).
+	Transport raft.Transport
+	// HeartbeatTimeout, ElectionTimeout and LeaderLeaseTimeout are Raft's.
+	// Defaults 1s, 1s and 500ms.
+	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
+	// SnapshotThreshold (entries since the last snapshot) and
+	// SnapshotInterval trigger a snapshot; TrailingLogs is how many entries
+	// stay in the log behind it, so a briefly absent follower catches up
+	// from the log rather than by a resync. Defaults 1024, 10s, 2048.
+	SnapshotThreshold, TrailingLogs uint64
+	SnapshotInterval                time.Duration
+	// Restore pulls the image from up-to-date peers so that it holds every
+	// write up to st.Index (see FSMConfig.Restore). Required for a node
+	// that may ever fall behind a snapshot.
+	Restore func(st State) error
+	// OnFatal is called when the image cannot be written (see FSMConfig).
+	OnFatal func(error)
+	// Log is the node's logger.
+	Log hclog.Logger
+}
+
+func (c *NodeConfig) defaults() {
+	if c.LogStore == "" {
+		c.LogStore = LogStoreWAL
+	}
+	if c.HeartbeatTimeout == 0 {
+		c.HeartbeatTimeout = time.Second
+	}
+	if c.ElectionTimeout == 0 {
+		c.ElectionTimeout = time.Second
+	}
+	if c.LeaderLeaseTimeout == 0 {
+		c.LeaderLeaseTimeout = 500 * time.Millisecond
+	}
+	if c.SnapshotThreshold == 0 {
+		c.SnapshotThreshold = 1024
+	}
+	if c.SnapshotInterval == 0 {
+		c.SnapshotInterval = 10 * time.Second
+	}
+	if c.TrailingLogs == 0 {
+		c.TrailingLogs = 2048
+	}
+	if c.Log == nil {
+		c.Log = hclog.NewNullLogger()
+	}
+}
+
+// Validate checks the configuration; errors name the field.
+func (c NodeConfig) Validate() error {
+	if c.ID == "" || strings.IndexFunc(c.ID, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.')
+	}) >= 0 || len(c.ID) > 64 {
+		return fmt.Errorf("replica: ID %q: want 1 to 64 letters, digits, '-', '_' or '.'", c.ID)
+	}
+	if c.Dir == "" {
+		return errors.New("replica: Dir is required")
+	}
+	if c.Transport == nil {
+		if _, _, err := net.SplitHostPort(c.RaftAddr); err != nil {
+			return fmt.Errorf("replica: RaftAddr %q: want HOST:PORT: %w", c.RaftAddr, err)
+		}
+	}
+	if c.Size%512 != 0 {
+		return fmt.Errorf("replica: Size %d: must be a multiple of 512", c.Size)
+	}
+	return nil
+}
+
+// Node is one member of a volume's cluster: the image, the FSM, the stores
+// and Raft.
+type Node struct {
+	cfg    NodeConfig
+	log    hclog.Logger
+	lock   *os.File
+	img    *rawimage.File
+	stores *Stores
+	snaps  *raft.FileSnapshotStore
+	trans  raft.Transport
+	fsm    *FSM
+	raft   *raft.Raft
+}
+
+// OpenNode opens or creates the node's directory and starts Raft.
+func OpenNode(cfg NodeConfig) (n *Node, err error) {
+	cfg.defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	n = &Node{cfg: cfg, log: cfg.Log}
+	defer func() {
+		if err != nil {
+			n.closeResources()
+		}
+	}()
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("replica: creating %s: %w", cfg.Dir, err)
+	}
+	if n.lock, err = lockDir(cfg.Dir); err != nil {
+		return nil, err
+	}
+	n.img, err = rawimage.Open(filepath.Join(cfg.Dir, ImageFile), rawimage.Options{Size: cfg.Size})
+	if err != nil {
+		return nil, err
+	}
+	if n.stores, err = OpenStores(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log); err != nil {
+		return nil, err
+	}
+	if n.snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 3, cfg.Log.Named("snapshots")); err != nil {
+		return nil, fmt.Errorf("replica: snapshot store: %w", err)
+	}
+
+	// The FSM starts from the newest local snapshot's state; raft replays
+	// the log after it (NoSnapshotRestoreOnStart: the image already holds
+	// at least everything up to the snapshot).
+	st, err := n.latestState()
+	if err != nil {
+		return nil, err
+	}
+	n.fsm = NewFSM(FSMConfig{
+		Image:   n.img,
+		Log:     cfg.Log.Named("fsm"),
+		OnFatal: cfg.OnFatal,
+		Restore: n.restore,
+	}, st)
+	if _, err := os.Stat(filepath.Join(cfg.Dir, resyncMarker)); err == nil {
+		// A resync was interrupted: the image is not yet what the snapshot
+		// promises. Finish it before raft counts on it.
+		n.log.Warn("an interrupted image resync must finish before this node starts", "index", st.Index)
+		if err := n.restore(st); err != nil {
+			return nil, err
+		}
+	}
+
+	n.trans = cfg.Transport
+	if n.trans == nil {
+		addr, err := net.ResolveTCPAddr("tcp", cfg.RaftAddr)
+		if err != nil {
+			return nil, fmt.Errorf("replica: RaftAddr %q: %w", cfg.RaftAddr, err)
+		}
+		n.trans, err = raft.NewTCPTransportWithLogger(cfg.RaftAddr, addr, 4, 10*time.Second, cfg.Log.Named("transport"))
+		if err != nil {
+			return nil, fmt.Errorf("replica: raft transport on %s: %w", cfg.RaftAddr, err)
+		}
+	}
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	rc.Logger = cfg.Log.Named("raft")
+	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	rc.ElectionTimeout = cfg.ElectionTimeout
+	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.SnapshotInterval = cfg.SnapshotInterval
+	rc.TrailingLogs = cfg.TrailingLogs
+	rc.NoSnapshotRestoreOnStart = true
+	rc.CommitTimeout = 5 * time.Millisecond
+	if err := raft.ValidateConfig(rc); err != nil {
+		return nil, fmt.Errorf("replica: raft config: %w", err)
+	}
+
+	if cfg.Bootstrap {
+		has, err := raft.HasExistingState(n.stores.Log, n.stores.Stable, n.snaps)
+		if err != nil {
+			return nil, fmt.Errorf("replica: checking for raft state: %w", err)
+		}
+		if !has {
+			conf := raft.Configuration{Servers: []raft.Server{{
+				Suffrage: raft.Voter, ID: rc.LocalID, Address: n.trans.LocalAddr(),
+			}}}
+			if err := raft.BootstrapCluster(rc, n.stores.Log, n.stores.Stable, n.snaps, n.trans, conf); err != nil {
+				return nil, fmt.Errorf("replica: bootstrapping: %w", err)
+			}
+			n.log.Info("bootstrapped a new cluster", "id", cfg.ID, "size", n.img.Size())
+		}
+	}
+	n.raft, err = raft.NewRaft(rc, n.fsm, n.stores.Log, n.stores.Stable, n.snaps, n.trans)
+	if err != nil {
+		return nil, fmt.Errorf("replica: starting raft: %w", err)
+	}
+	return n, nil
+}
+
+// lockDir takes DIR/LOCK so two processes never run the same node.
+func lockDir(dir string) (*os.File, error) {
+	path := filepath.Join(dir, lockFile)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("replica: opening %s: %w", path, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		holder, _ := os.ReadFile(path)
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s (held by pid %s)", ErrDirLocked, dir, strings.TrimSpace(string(holder)))
+		}
+		return nil, fmt.Errorf("replica: locking %s: %w", path, err)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return f, nil
+}
+
+// latestState reads the newest local snapshot's state, or a fresh state.
+func (n *Node) latestState() (State, error) {
+	metas, err := n.snaps.List()
+	if err != nil {
+		return State{}, fmt.Errorf("replica: listing snapshots: %w", err)
+	}
+	if len(metas) == 0 {
+		return State{}, nil
+	}
+	_, rc, err := n.snaps.Open(metas[0].ID)
+	if err != nil {
+		return State{}, fmt.Errorf("replica: opening snapshot %s: %w", metas[0].ID, err)
+	}
+	defer rc.Close()
+	st, err := ReadState(rc)
+	if err != nil {
+		return State{}, err
+	}
+	if st.Size != 0 && st.Size != n.img.Size() {
+		return State{}, fmt.Errorf("replica: snapshot %s is of a %d-byte volume but %s is %d bytes", metas[0].ID, st.Size, n.img.Path(), n.img.Size())
+	}
+	n.log.Info("starting from snapshot", "id", metas[0].ID, "index", st.Index)
+	return st, nil
+}
+
+// restore runs the configured image restore under the resync marker, so
+// a crash in the middle is finished at the next start.
+func (n *Node) restore(st State) error {
+	if n.cfg.Restore == nil {
+		return errors.New("replica: no image source configured for a resync")
+	}
+	marker := filepath.Join(n.cfg.Dir, resyncMarker)
+	if err := writeDurable(marker, []byte(strconv.FormatUint(st.Index, 10)+"\n")); err != nil {
+		return err
+	}
+	if err := n.cfg.Restore(st); err != nil {
+		return err
+	}
+	if err := n.img.Sync(); err != nil {
+		return err
+	}
+	if err := os.Remove(marker); err != nil {
+		return fmt.Errorf("replica: removing %s: %w", marker, err)
+	}
+	syncDir(n.cfg.Dir)
+	return nil
+}
+
+func writeDurable(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return fmt.Errorf("replica: writing %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("replica: writing %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("replica: syncing %s: %w", path, err)
+	}
+	f.Close()
+	syncDir(filepath.Dir(path))
+	return nil
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+}
+
+// ID is the node's id.
+func (n *Node) ID() string { return n.cfg.ID }
+
+// Raft is the node's raft instance.
+func (n *Node) Raft() *raft.Raft { return n.raft }
+
+// FSM is the node's state machine.
+func (n *Node) FSM() *FSM { return n.fsm }
+
+// Image is the node's raw image.
+func (n *Node) Image() *rawimage.File { return n.img }
+
+// Dir is the node's data directory.
+func (n *Node) Dir() string { return n.cfg.Dir }
+
+// Self is this node's registry entry.
+func (n *Node) Self() NodeInfo {
+	s := n.cfg.Self
+	s.ID = n.cfg.ID
+	s.Raft = string(n.trans.LocalAddr())
+	return s
+}
+
+// IsLeader reports whether this node is the leader now.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the leader's registry entry, if there is a leader.
+func (n *Node) Leader() (NodeInfo, bool) {
+	addr, id := n.raft.LeaderWithID()
+	if id == "" {
+		return NodeInfo{}, false
+	}
+	info, ok := n.fsm.State().Nodes[string(id)]
+	if !ok {
+		info = NodeInfo{ID: string(id), Raft: string(addr)}
+	}
+	return info, true
+}
+
+// Apply commits a command through Raft and returns its result. Only the
+// leader can; others get ErrNotLeader. It returns once the command is
+// committed on a quorum and applied here, or fails: ErrNotLeader when
+// leadership was lost (the command may or may not have been committed).
+func (n *Node) Apply(ctx context.Context, c *Command) (Result, error) {
+	if !n.IsLeader() {
+		return Result{}, ErrNotLeader
+	}
+	timeout := 10 * time.Second
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	return n.ApplyRaw(c.Encode(nil), timeout)
+}
+
+// ApplyRaw is Apply for an encoded command (forwarded from a follower).
+func (n *Node) ApplyRaw(data []byte, timeout time.Duration) (Result, error) {
+	if _, err := Decode(data); err != nil {
+		return Result{}, err
+	}
+	f := n.raft.Apply(data, timeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
+			errors.Is(err, raft.ErrLeadershipTransferInProgress) || errors.Is(err, raft.ErrRaftShutdown) {
+			return Result{}, fmt.Errorf("%w: %v", ErrNotLeader, err)
+		}
+		if errors.Is(err, raft.ErrEnqueueTimeout) {
+			return Result{}, fmt.Errorf("%w: %v", ErrNoLeader, err)
+		}
+		return Result{}, fmt.Errorf("replica: apply: %w", err)
+	}
+	res, ok := f.Response().(Result)
+	if !ok {
+		return Result{}, fmt.Errorf("replica: apply: unexpected response %T", f.Response())
+	}
+	return res, nil
+}
+
+// WaitLeader waits until some node is leader, or ctx ends (ErrNoLeader).
+func (n *Node) WaitLeader(ctx context.Context) (NodeInfo, error) {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if l, ok := n.Leader(); ok {
+			return l, nil
+		}
+		select {
+		case <-ctx.Done():
+			return NodeInfo{}, fmt.Errorf("%w: %v", ErrNoLeader, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// Close stops the node: leadership is handed over first when this node
+// leads a cluster of more than one, then Raft stops and the stores close.
+func (n *Node) Close() error {
+	if n.raft != nil {
+		if n.IsLeader() && n.voters() > 1 {
+			if err := n.raft.LeadershipTransfer().Error(); err != nil {
+				n.log.Warn("leadership transfer before stopping failed", "error", err)
+			}
+		}
+		if err := n.raft.Shutdown().Error(); err != nil {
+			n.log.Warn("raft shutdown", "error", err)
+		}
+	}
+	return n.closeResources()
+}
+
+func (n *Node) voters() int {
+	f := n.raft.GetConfiguration()
+	if f.Error() != nil {
+		return 0
+	}
+	c := 0
+	for _, s := range f.Configuration().Servers {
+		if s.Suffrage == raft.Voter {
+			c++
+		}
+	}
+	return c
+}
+
+func (n *Node) closeResources() error {
+	var errs []error
+	if tc, ok := n.trans.(raft.WithClose); ok && n.cfg.Transport == nil {
+		errs = append(errs, tc.Close())
+	}
+	if n.stores != nil {
+		errs = append(errs, n.stores.Close())
+	}
+	if n.img != nil {
+		errs = append(errs, n.img.Sync(), n.img.Close())
+	}
+	if n.lock != nil {
+		errs = append(errs, n.lock.Close())
+	}
+	return errors.Join(errs...)
+}
