@@ -95,6 +95,7 @@ type FSM struct {
 	st         State // guarded by mu (Applied is kept in applied)
 	applied    map[uint64]struct{}
 	appliedIdx atomic.Uint64
+	applies    atomic.Uint64 // commands applied since start (tests, metrics)
 
 	notifyMu sync.Mutex
 	notify   chan struct{} // closed and replaced on every apply
@@ -134,6 +135,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 		f.advance(l.Index)
 		return Result{Index: l.Index, Err: err}
 	}
+	f.applies.Add(1)
 	f.mu.Lock()
 	res := f.applyLocked(l.Index, &c)
 	f.st.Index = l.Index
@@ -266,6 +268,9 @@ func (f *FSM) advance(index uint64) {
 	f.notify = make(chan struct{})
 	f.notifyMu.Unlock()
 }
+
+// Applies counts the commands applied since the FSM was created.
+func (f *FSM) Applies() uint64 { return f.applies.Load() }
 
 // AppliedIndex is the last log index applied to the image.
 func (f *FSM) AppliedIndex() uint64 { return f.appliedIdx.Load() }

@@ -40,7 +40,11 @@ func OpenStores(kind LogStoreKind, dir string, log hclog.Logger) (*Stores, error
 	}
 	switch kind {
 	case LogStoreWAL:
-		w, err := wal.Open(filepath.Join(dir, "wal"), wal.WithLogger(log.Named("wal")))
+		wdir := filepath.Join(dir, "wal")
+		if err := os.MkdirAll(wdir, 0o755); err != nil {
+			return nil, fmt.Errorf("replica: creating %s: %w", wdir, err)
+		}
+		w, err := wal.Open(wdir, wal.WithLogger(log.Named("wal")))
 		if err != nil {
 			return nil, fmt.Errorf("replica: opening raft-wal in %s: %w", dir, err)
 		}

@@ -151,12 +151,12 @@ type Node struct {
 }
 
 // OpenNode opens or creates the node's directory and starts Raft.
-func OpenNode(cfg NodeConfig) (n *Node, err error) {
+func OpenNode(cfg NodeConfig) (_ *Node, err error) {
 	cfg.defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n = &Node{cfg: cfg, log: cfg.Log}
+	n := &Node{cfg: cfg, log: cfg.Log}
 	defer func() {
 		if err != nil {
 			n.closeResources()

@@ -1,0 +1,280 @@
+package replica_test
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+
+	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/replica/rawimage"
+	"github.com/keelstore/keel/replica/replicatest"
+)
+
+func write(epoch, req, acked, off uint64, data []byte) *replica.Command {
+	return &replica.Command{Kind: replica.KindWrite, Epoch: epoch, ReqID: req, AckedBelow: acked, Offset: off, Data: data}
+}
+
+func mustApply(t *testing.T, c *replicatest.Cluster, cmd *replica.Command) replica.Result {
+	t.Helper()
+	res, err := c.Apply(cmd)
+	if err != nil {
+		t.Fatalf("apply %v: %v", cmd.Kind, err)
+	}
+	return res
+}
+
+func readImage(t *testing.T, n *replica.Node, off, length uint64) []byte {
+	t.Helper()
+	b := make([]byte, length)
+	if err := n.Image().ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestReplicatedWritesConverge(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	data := bytes.Repeat([]byte("keel"), 1024)
+	for i := uint64(0); i < 20; i++ {
+		if res := mustApply(t, c, write(0, 0, 0, i*8192, data)); res.Err != nil {
+			t.Fatalf("write %d: %v", i, res.Err)
+		}
+	}
+	mustApply(t, c, &replica.Command{Kind: replica.KindTrim, Offset: 0, Length: 8192})
+	mustApply(t, c, &replica.Command{Kind: replica.KindZero, Offset: 8192, Length: 8192, ZeroFlags: replica.ZeroNoHole})
+	res := mustApply(t, c, &replica.Command{Kind: replica.KindWrite, Offset: c.Size - 512, Data: make([]byte, 1024)})
+	if !errors.Is(res.Err, replica.ErrOutOfRange) {
+		t.Errorf("write past the end: %v, want ErrOutOfRange", res.Err)
+	}
+	c.WaitConverged()
+	for _, id := range []string{"n1", "n2", "n3"} {
+		n := c.Node(id)
+		if got := readImage(t, n, 16384, 4096); !bytes.Equal(got, data) {
+			t.Errorf("%s: data at 16384 wrong", id)
+		}
+		if got := readImage(t, n, 0, 16384); !bytes.Equal(got, make([]byte, 16384)) {
+			t.Errorf("%s: trimmed/zeroed range not zero", id)
+		}
+	}
+}
+
+func TestFencingAndTakeover(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	d := []byte("abcd")
+	a := mustApply(t, c, &replica.Command{Kind: replica.KindClaim, Writer: "proxy-a"})
+	if a.Err != nil || a.Epoch == 0 {
+		t.Fatalf("claim a: %+v", a)
+	}
+	if r := mustApply(t, c, write(a.Epoch, 1, 0, 0, d)); r.Err != nil {
+		t.Fatalf("write by the writer: %v", r.Err)
+	}
+	if r := mustApply(t, c, write(0, 0, 0, 512, d)); !errors.Is(r.Err, replica.ErrStaleEpoch) {
+		t.Errorf("direct write while held: %v, want ErrStaleEpoch", r.Err)
+	}
+	if r := mustApply(t, c, &replica.Command{Kind: replica.KindClaim, Writer: "proxy-b"}); !errors.Is(r.Err, replica.ErrWriterHeld) {
+		t.Errorf("claim without takeover: %v, want ErrWriterHeld", r.Err)
+	}
+	b := mustApply(t, c, &replica.Command{Kind: replica.KindClaim, Writer: "proxy-b", Takeover: true})
+	if b.Err != nil || b.Epoch <= a.Epoch {
+		t.Fatalf("takeover: %+v", b)
+	}
+	if r := mustApply(t, c, write(a.Epoch, 2, 0, 1024, []byte("old!"))); !errors.Is(r.Err, replica.ErrStaleEpoch) {
+		t.Errorf("fenced writer's write: %v, want ErrStaleEpoch", r.Err)
+	}
+	if r := mustApply(t, c, write(b.Epoch, 1, 0, 2048, d)); r.Err != nil || r.Duplicate {
+		t.Errorf("new writer's first write (req 1 again, new table): %+v", r)
+	}
+	mustApply(t, c, &replica.Command{Kind: replica.KindRelease, Epoch: a.Epoch}) // stale release: ignored
+	if r := mustApply(t, c, write(0, 0, 0, 512, d)); !errors.Is(r.Err, replica.ErrStaleEpoch) {
+		t.Errorf("direct write after a stale release: %v", r.Err)
+	}
+	mustApply(t, c, &replica.Command{Kind: replica.KindRelease, Epoch: b.Epoch})
+	if r := mustApply(t, c, write(0, 0, 0, 512, d)); r.Err != nil {
+		t.Errorf("direct write after release: %v", r.Err)
+	}
+	c.WaitConverged()
+	if got := readImage(t, c.Node("n2"), 1024, 4); bytes.Equal(got, []byte("old!")) {
+		t.Error("a fenced write landed")
+	}
+	st := c.Node("n3").FSM().State()
+	if st.Writer != "" || st.Epoch != b.Epoch {
+		t.Errorf("state after release: writer %q epoch %d", st.Writer, st.Epoch)
+	}
+}
+
+func TestExactlyOnce(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	a := mustApply(t, c, &replica.Command{Kind: replica.KindClaim, Writer: "w"})
+	mustApply(t, c, write(a.Epoch, 5, 1, 0, []byte("first")))
+	mustApply(t, c, write(a.Epoch, 6, 1, 4096, []byte("later")))
+	// A retry of request 5 (after a failover) must not apply again.
+	if r := mustApply(t, c, write(a.Epoch, 5, 1, 0, []byte("again"))); !r.Duplicate || r.Err != nil {
+		t.Errorf("retried request: %+v, want Duplicate", r)
+	}
+	// Ids below AckedBelow are forgotten but still refused.
+	mustApply(t, c, write(a.Epoch, 7, 7, 8192, []byte("x")))
+	if r := mustApply(t, c, write(a.Epoch, 6, 7, 4096, []byte("stale"))); !r.Duplicate {
+		t.Errorf("request below acked: %+v, want Duplicate", r)
+	}
+	// The same writer claiming again (restart) keeps its table.
+	a2 := mustApply(t, c, &replica.Command{Kind: replica.KindClaim, Writer: "w"})
+	if r := mustApply(t, c, write(a2.Epoch, 7, 7, 8192, []byte("y"))); !r.Duplicate {
+		t.Errorf("request 7 after the writer re-claimed: %+v, want Duplicate", r)
+	}
+	c.WaitConverged()
+	if got := readImage(t, c.Node("n1"), 0, 5); string(got) != "first" {
+		t.Errorf("image holds %q, want the first write only", got)
+	}
+	if st := c.Node("n2").FSM().State(); st.AckedBelow != 7 || len(st.Applied) != 1 {
+		t.Errorf("exactly-once table: acked below %d, applied %v", st.AckedBelow, st.Applied)
+	}
+}
+
+func TestLeaderLossAndReturn(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	old := c.WaitLeader()
+	mustApply(t, c, write(0, 0, 0, 0, []byte("before")))
+	oldID := old.ID()
+	c.Stop(oldID)
+	n := c.WaitLeader()
+	if n.ID() == oldID {
+		t.Fatal("stopped node still leader")
+	}
+	mustApply(t, c, write(0, 0, 0, 4096, []byte("during")))
+	c.Start(oldID, false)
+	mustApply(t, c, write(0, 0, 0, 8192, []byte("after")))
+	c.WaitConverged()
+	if got := readImage(t, c.Node(oldID), 4096, 6); string(got) != "during" {
+		t.Errorf("returned node missed the write made while it was down: %q", got)
+	}
+}
+
+func TestQuorumLossRefusesWrites(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	l := c.WaitLeader()
+	mustApply(t, c, write(0, 0, 0, 0, []byte("committed")))
+	var others []string
+	for _, id := range []string{"n1", "n2", "n3"} {
+		if id != l.ID() {
+			others = append(others, id)
+		}
+	}
+	c.Partition([]string{l.ID()}, others)
+	c.Partition([]string{others[0]}, []string{others[1]})
+	start := time.Now()
+	_, err := l.ApplyRaw(write(0, 0, 0, 4096, []byte("lost")).Encode(nil), 2*time.Second)
+	if err == nil {
+		t.Fatal("a write was acknowledged without a quorum")
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Errorf("refusal took %v", time.Since(start))
+	}
+	// Reads still work from the local image.
+	if got := readImage(t, l, 0, 9); string(got) != "committed" {
+		t.Errorf("read during quorum loss: %q", got)
+	}
+	c.Heal()
+	mustApply(t, c, write(0, 0, 0, 8192, []byte("healed")))
+	c.WaitConverged()
+}
+
+func TestRestartReplaysOnlyAfterSnapshot(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	for i := uint64(0); i < 10; i++ {
+		mustApply(t, c, write(0, 0, 0, i*4096, []byte{byte(i + 1)}))
+	}
+	c.WaitConverged()
+	n := c.Node("n2")
+	if err := n.Raft().Snapshot().Error(); err != nil {
+		t.Fatal(err)
+	}
+	for i := uint64(10); i < 13; i++ {
+		mustApply(t, c, write(0, 0, 0, i*4096, []byte{byte(i + 1)}))
+	}
+	c.WaitConverged()
+	c.Stop("n2")
+	n = c.Start("n2", false)
+	c.WaitConverged()
+	if got := n.FSM().Applies(); got != 3 {
+		t.Errorf("after restart %d commands were applied again, want the 3 after the snapshot", got)
+	}
+	if got := readImage(t, n, 12*4096, 1); got[0] != 13 {
+		t.Errorf("last write missing after restart")
+	}
+}
+
+func TestFarBehindNodeResyncs(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{Size: 16 << 20, Config: func(cfg *replica.NodeConfig) {
+		// raft-wal keeps serving compacted entries until their segment is
+		// dropped, so a short absence never needs a snapshot with it; bolt
+		// forgets them at once, which forces the snapshot path here.
+		cfg.LogStore = replica.LogStoreBolt
+		cfg.TrailingLogs = 8
+		cfg.SnapshotThreshold = 16
+		cfg.SnapshotInterval = 50 * time.Millisecond
+	}})
+	mustApply(t, c, write(0, 0, 0, 0, bytes.Repeat([]byte{1}, 4096)))
+	c.WaitConverged()
+	c.Stop("n3")
+	for i := uint64(0); i < 100; i++ {
+		mustApply(t, c, write(0, 0, 0, (i%20)*65536, bytes.Repeat([]byte{byte(i)}, 4096)))
+	}
+	c.WaitConverged()
+	for _, id := range []string{"n1", "n2"} { // no log left to catch up from
+		if err := c.Node(id).Raft().Snapshot().Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Start("n3", false)
+	mustApply(t, c, write(0, 0, 0, 1<<20, []byte("after")))
+	c.WaitConverged()
+	if moved := c.Moved["n3"]; moved == 0 || moved > 40*65536 {
+		t.Errorf("resync moved %d bytes; want only the ~20 changed 64 KiB chunks of a 16 MiB image", moved)
+	}
+}
+
+func TestDirLockedAndFatalImage(t *testing.T) {
+	c := replicatest.New(t, 1, replicatest.Options{})
+	n := c.Node("n1")
+	_, tr := raft.NewInmemTransport("x")
+	_, err := replica.OpenNode(replica.NodeConfig{ID: "n1", Dir: n.Dir(), Transport: tr})
+	if !errors.Is(err, replica.ErrDirLocked) {
+		t.Errorf("second node on the same dir: %v, want ErrDirLocked", err)
+	}
+
+	// An image that cannot be written stops the FSM on that entry.
+	dir := t.TempDir()
+	img, err := rawimage.Open(dir+"/img", rawimage.Options{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fatal := make(chan error, 1)
+	f := replica.NewFSM(replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { fatal <- e }}, replica.State{})
+	img.Close()
+	returned := make(chan struct{})
+	go func() {
+		f.Apply(&raft.Log{Index: 1, Data: write(0, 0, 0, 0, []byte("x")).Encode(nil)})
+		close(returned)
+	}()
+	select {
+	case err := <-fatal:
+		if !errors.Is(err, os.ErrClosed) {
+			t.Errorf("fatal error %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("OnFatal not called for a failed image write")
+	}
+	select {
+	case <-returned:
+		t.Error("Apply returned after a failed write: the entry would count as applied")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if f.AppliedIndex() != 0 {
+		t.Error("failed entry counted as applied")
+	}
+}
