@@ -81,7 +81,7 @@ type NodeConfig struct {
 	// Restore pulls the image from up-to-date peers so that it holds every
 	// write up to st.Index (see FSMConfig.Restore). Required for a node
 	// that may ever fall behind a snapshot.
-	Restore func(st State) error
+	Restore func(img *rawimage.File, st State) error
 	// OnFatal is called when the image cannot be written (see FSMConfig).
 	OnFatal func(error)
 	// Log is the node's logger.
@@ -305,7 +305,7 @@ func (n *Node) restore(st State) error {
 	if err := writeDurable(marker, []byte(strconv.FormatUint(st.Index, 10)+"\n")); err != nil {
 		return err
 	}
-	if err := n.cfg.Restore(st); err != nil {
+	if err := n.cfg.Restore(n.img, st); err != nil {
 		return err
 	}
 	if err := n.img.Sync(); err != nil {

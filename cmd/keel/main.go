@@ -1,6 +1,10 @@
 // Command keel is Keel's one binary: a replicated network block device.
 //
-//	keel serve   one raw image over NBD, standalone
+//	keel dev       a three-node cluster on loopback, for a first look
+//	keel server    one replica of a volume (Raft over a raw image)
+//	keel cluster   status, add, remove, transfer-leadership
+//	keel verify    check every voter's image is byte-identical
+//	keel serve     one raw image over NBD, standalone (no replication)
 //
 // Run `keel help` or `keel CMD --help` for the flags of each.
 package main
@@ -65,7 +69,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
-	root.AddCommand(newServeCmd(g))
+	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g))
 	return root
 }
 

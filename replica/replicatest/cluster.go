@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/replica/rawimage"
 )
 
 // Cluster is a set of nodes on one in-memory network.
@@ -94,7 +95,7 @@ func (c *Cluster) Start(id string, bootstrap bool) *replica.Node {
 		ID: id, Dir: dir, Transport: tr, Bootstrap: bootstrap, Size: c.Size,
 		Self:    replica.NodeInfo{HTTP: "mem:" + id, NBD: "mem:" + id},
 		Log:     hclog.New(&hclog.LoggerOptions{Name: id, Output: tLog{c.t}, Level: hclog.Info}),
-		Restore: func(st replica.State) error { return c.restoreFromPeer(id, st) },
+		Restore: func(img *rawimage.File, st replica.State) error { return c.restoreFromPeer(id, img, st) },
 		OnFatal: func(err error) { c.t.Errorf("node %s: fatal: %v", id, err) },
 	}
 	fastConfig(&cfg)
@@ -121,7 +122,7 @@ func pair(a, b string) [2]string {
 // restoreFromPeer is the in-process stand-in for the HTTP image sync: it
 // copies differing 64 KiB chunks from a running peer that has applied at
 // least st.Index.
-func (c *Cluster) restoreFromPeer(id string, st replica.State) error {
+func (c *Cluster) restoreFromPeer(id string, dstImg *rawimage.File, st replica.State) error {
 	c.mu.Lock()
 	var src *replica.Node
 	for pid, n := range c.nodes {
@@ -130,21 +131,9 @@ func (c *Cluster) restoreFromPeer(id string, st replica.State) error {
 			break
 		}
 	}
-	dst := c.nodes[id]
 	c.mu.Unlock()
 	if src == nil {
 		return fmt.Errorf("no up-to-date peer to restore %s from", id)
-	}
-	// dst may not be registered yet (called from OpenNode); open its image
-	// by path then.
-	var dstImg interface {
-		ReadAt([]byte, uint64) error
-		WriteAt([]byte, uint64, bool) error
-	}
-	if dst != nil {
-		dstImg = dst.Image()
-	} else {
-		return fmt.Errorf("restore of %s during start is not supported in-process", id)
 	}
 	const chunk = 64 << 10
 	a, b := make([]byte, chunk), make([]byte, chunk)

@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/cobra"
+
+	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/supervise"
+)
+
+type serverFlags struct {
+	dir          string
+	id           string
+	raftAddr     string
+	nbdAddr      string
+	httpAddr     string
+	bootstrap    bool
+	size         string
+	join         string
+	logStore     string
+	writeTimeout time.Duration
+	drain        time.Duration
+}
+
+func newServerCmd(g *globalFlags) *cobra.Command {
+	f := &serverFlags{}
+	cmd := &cobra.Command{
+		Use:   "server --dir DIR --id ID --raft HOST:PORT --nbd ADDR --http HOST:PORT (--bootstrap --size SIZE | --join HTTP-ADDR)",
+		Short: "Run one replica of a volume (Raft over a plain raw image)",
+		Long: `Run one member of a replicated volume. One process per volume per machine.
+
+DIR holds the volume as a plain raw image, DIR/disk.img (qemu can boot it),
+and the Raft state. --bootstrap starts a new one-node cluster of --size;
+--join asks any member (its --http address) to add this node, which joins as
+a non-voter, pulls the image from its peers and becomes a voter once caught
+up. A node restarted on an existing DIR needs neither.
+
+Every node serves NBD on --nbd. Reads come from the local image; writes are
+committed through Raft on a quorum before they are acknowledged (a follower
+forwards them to the leader). Without a quorum, reads keep working and
+writes fail with EIO after --write-timeout.`,
+		Example: `  keel server --dir /var/lib/keel/vm1 --id n1 --raft 10.0.0.1:7001 --nbd 10.0.0.1:10809 --http 10.0.0.1:7002 --bootstrap --size 64G
+  keel server --dir /var/lib/keel/vm1 --id n2 --raft 10.0.0.2:7001 --nbd 10.0.0.2:10809 --http 10.0.0.2:7002 --join 10.0.0.1:7002`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g, f) },
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.dir, "dir", "", "data directory: DIR/disk.img and the Raft state (required)")
+	fl.StringVar(&f.id, "id", "", "this node's id in the cluster, e.g. n1 (required)")
+	fl.StringVar(&f.raftAddr, "raft", "", "HOST:PORT for Raft traffic between servers (required)")
+	fl.StringVar(&f.nbdAddr, "nbd", "", "NBD address: HOST:PORT or unix:PATH (required)")
+	fl.StringVar(&f.httpAddr, "http", "", "HOST:PORT for status, metrics and admin calls (required)")
+	fl.BoolVar(&f.bootstrap, "bootstrap", false, "start a new one-node cluster (needs --size)")
+	fl.StringVar(&f.size, "size", "", "volume size for --bootstrap, e.g. 64G")
+	fl.StringVar(&f.join, "join", "", "HTTP address of any member to join")
+	fl.StringVar(&f.logStore, "log-store", string(replica.LogStoreWAL), "Raft log store: wal or bolt")
+	fl.DurationVar(&f.writeTimeout, "write-timeout", 10*time.Second, "how long a write waits for a quorum before failing with EIO")
+	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight NBD requests may take")
+	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
+		_ = cmd.MarkFlagRequired(name)
+	}
+	return cmd
+}
+
+func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
+	log, err := g.logger("keel")
+	if err != nil {
+		return err
+	}
+	log = log.With("node", f.id)
+	if f.writeTimeout < 100*time.Millisecond || f.writeTimeout > time.Hour {
+		return fmt.Errorf("--write-timeout %v: must be from 100ms to 1h", f.writeTimeout)
+	}
+	fresh := !hasRaftState(f.dir)
+	switch {
+	case f.bootstrap && f.join != "":
+		return errors.New("--bootstrap and --join exclude each other")
+	case fresh && !f.bootstrap && f.join == "":
+		return fmt.Errorf("%s holds no node yet: give --bootstrap --size SIZE to start a cluster, or --join HTTP-ADDR to join one", f.dir)
+	case f.bootstrap && f.size == "" && fresh:
+		return errors.New("--bootstrap needs --size")
+	case !fresh && (f.bootstrap || f.join != ""):
+		log.Info("existing node directory: --bootstrap/--join ignored", "dir", f.dir)
+	}
+	var size uint64
+	if f.size != "" {
+		if size, err = parseSize(f.size); err != nil {
+			return fmt.Errorf("--size: %w", err)
+		}
+		if size == 0 || size%512 != 0 {
+			return fmt.Errorf("--size %s: must be a positive multiple of 512 bytes", f.size)
+		}
+	}
+
+	httpL, err := net.Listen("tcp", f.httpAddr)
+	if err != nil {
+		return fmt.Errorf("--http %s: %w", f.httpAddr, err)
+	}
+	nbdL, uri, err := services.Listen(f.nbdAddr)
+	if err != nil {
+		httpL.Close()
+		return fmt.Errorf("--nbd: %w", err)
+	}
+	client := services.NewClient(10 * time.Second)
+	self := replica.NodeInfo{ID: f.id, Raft: f.raftAddr, HTTP: httpL.Addr().String(), NBD: f.nbdAddr}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	if fresh && f.join != "" {
+		size, err = join(ctx, client, f.join, self, log)
+		if err != nil {
+			httpL.Close()
+			nbdL.Close()
+			return err
+		}
+	}
+	if !fresh {
+		size = 0 // the image exists; its size is what it is
+	}
+
+	holder := services.NewNodeHolder()
+	resync := &services.Resyncer{Self: f.id, Client: client, Log: log.Named("resync")}
+	nodeCfg := replica.NodeConfig{
+		ID: f.id, Dir: f.dir, RaftAddr: f.raftAddr, Self: self,
+		Bootstrap: f.bootstrap, Size: size,
+		LogStore: replica.LogStoreKind(f.logStore),
+		Restore:  resync.Restore,
+		OnFatal: func(err error) {
+			log.Error("stopping: the image cannot be written; fix the disk, then restart this node", "error", err)
+			fmt.Fprintln(os.Stderr, "keel server: FATAL:", err)
+			os.Exit(70)
+		},
+		Log: log.Named("replica"),
+	}
+	if err := nodeCfg.Validate(); err != nil {
+		return err
+	}
+	if nodeCfg.LogStore != replica.LogStoreWAL && nodeCfg.LogStore != replica.LogStoreBolt {
+		return fmt.Errorf("--log-store %q: want wal or bolt", f.logStore)
+	}
+	volSize := size
+	if volSize == 0 {
+		st, err := os.Stat(filepath.Join(f.dir, replica.ImageFile))
+		if err != nil {
+			return fmt.Errorf("%s: %w", f.dir, err)
+		}
+		volSize = uint64(st.Size())
+	}
+
+	srv, err := nbd.NewServer(nbd.ServerConfig{
+		Exports: []nbd.Export{{
+			Name:        "keel",
+			Description: "keel replicated volume (node " + f.id + ")",
+			Backend:     &services.Volume{Holder: holder, Client: client, SizeBytes: volSize, WriteTimeout: f.writeTimeout, Log: log.Named("volume")},
+		}},
+		Logger:       log.Named("nbd"),
+		DrainTimeout: f.drain,
+	})
+	if err != nil {
+		return err
+	}
+
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: f.drain + 15*time.Second})
+	raftSup := supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second})
+	raftSup.Add(&services.RaftService{Config: nodeCfg, Holder: holder, Log: log.Named("raft-service")})
+	root.Add(raftSup)
+	root.Add(&services.API{Listener: httpL, Holder: holder, Client: client, Resync: resync,
+		Metrics: services.NewMetrics(holder, resync), Log: log.Named("http")})
+	root.Add(&services.Membership{Holder: holder, Client: client, Log: log.Named("membership")})
+	root.Add(services.NewNBD(services.NBDConfig{Listener: nbdL, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
+
+	log.Info("server starting", "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
+	err = root.Serve(ctx)
+	if ctx.Err() != nil {
+		log.Info("stopped")
+		return nil
+	}
+	return err
+}
+
+// hasRaftState reports whether dir already holds a node.
+func hasRaftState(dir string) bool {
+	_, err := os.Stat(filepath.Join(dir, "raft"))
+	return err == nil
+}
+
+// join asks a member to add this node, retrying while the cluster has no
+// leader, and returns the volume size.
+func join(ctx context.Context, c *services.Client, addr string, self replica.NodeInfo, log hclog.Logger) (uint64, error) {
+	deadline := time.Now().Add(2 * time.Minute)
+	for attempt := 1; ; attempt++ {
+		var resp services.JoinResponse
+		err := c.Do(ctx, "POST", addr, "/v1/cluster/join", services.JoinRequest{Node: self}, &resp)
+		if err == nil {
+			log.Info("joined the cluster as a non-voter", "via", addr, "leader", resp.Leader, "size", resp.Size)
+			return resp.Size, nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return 0, fmt.Errorf("joining via %s: %w", addr, err)
+		}
+		log.Warn("join failed; retrying", "via", addr, "attempt", attempt, "error", err)
+		select {
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+		}
+	}
+}

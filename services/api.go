@@ -1,0 +1,198 @@
+package services
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/keelstore/keel/replica"
+)
+
+// The HTTP API of a keel server (--http). JSON unless noted.
+//
+//	GET  /v1/status                       NodeStatus of this node
+//	GET  /v1/cluster                      ClusterStatus: every member and its status
+//	POST /v1/cluster/join                 JoinRequest -> JoinResponse (any member; forwarded to the leader)
+//	POST /v1/cluster/remove               {"id": ...}
+//	POST /v1/cluster/transfer-leadership  {"id": ...} (empty id: any voter)
+//	POST /v1/apply                        internal: an encoded command -> ApplyResponse (leader only)
+//	POST /v1/verify/digest?min_index=N    replica.Digest at a stable applied index
+//	GET  /v1/sync/hashes, /v1/sync/range  image sync source (replica/imagesync)
+//	GET  /metrics                         Prometheus metrics
+
+// NodeStatus is one node's view of itself.
+type NodeStatus struct {
+	Self         replica.NodeInfo `json:"self"`
+	State        string           `json:"state"` // Leader, Follower, Candidate, Shutdown, Starting
+	Leader       string           `json:"leader,omitempty"`
+	Term         uint64           `json:"term"`
+	LastLogIndex uint64           `json:"last_log_index"`
+	CommitIndex  uint64           `json:"commit_index"`
+	AppliedIndex uint64           `json:"applied_index"`
+	Writer       string           `json:"writer,omitempty"`
+	Epoch        uint64           `json:"epoch"`
+	ImagePath    string           `json:"image_path"`
+	ImageSize    uint64           `json:"image_size"`
+	Sync         *SyncStatus      `json:"sync,omitempty"`
+}
+
+// SyncStatus is the progress of an image resync on this node.
+type SyncStatus struct {
+	Active          bool      `json:"active"`
+	Index           uint64    `json:"index"` // the snapshot index being synced to
+	BytesTotal      uint64    `json:"bytes_total"`
+	BytesCompared   uint64    `json:"bytes_compared"`
+	BytesMoved      uint64    `json:"bytes_moved"`
+	BytesZeroed     uint64    `json:"bytes_zeroed"`
+	RateBytesPerSec float64   `json:"rate_bytes_per_sec"`
+	Peers           int       `json:"peers"`
+	Started         time.Time `json:"started"`
+	Finished        time.Time `json:"finished,omitempty"`
+	Error           string    `json:"error,omitempty"`
+}
+
+// Member is one server of the Raft configuration.
+type Member struct {
+	replica.NodeInfo
+	Suffrage string      `json:"suffrage"` // Voter, Nonvoter
+	Status   *NodeStatus `json:"status,omitempty"`
+	Error    string      `json:"error,omitempty"` // why Status is missing
+}
+
+// ClusterStatus is a node's view of the whole cluster.
+type ClusterStatus struct {
+	Leader  string   `json:"leader,omitempty"`
+	Members []Member `json:"members"`
+}
+
+// JoinRequest asks the cluster to add a node as a non-voter.
+type JoinRequest struct {
+	Node replica.NodeInfo `json:"node"`
+}
+
+// JoinResponse tells a joining node what it needs to start.
+type JoinResponse struct {
+	Size   uint64 `json:"size"`
+	Leader string `json:"leader"`
+}
+
+// IDRequest names a member for remove and transfer-leadership.
+type IDRequest struct {
+	ID string `json:"id"`
+}
+
+// ApplyResponse is the result of a forwarded command.
+type ApplyResponse struct {
+	Index     uint64 `json:"index"`
+	Epoch     uint64 `json:"epoch"`
+	Duplicate bool   `json:"duplicate,omitempty"`
+	// Refused: the FSM refused the command ("stale_epoch", "writer_held",
+	// "out_of_range"); Error says why.
+	Refused string `json:"refused,omitempty"`
+	Error   string `json:"error,omitempty"`
+}
+
+// apiError is the body of every non-2xx answer.
+type apiError struct {
+	Error string `json:"error"`
+	// NotLeader is set when the call needs the leader; Leader is its HTTP
+	// address when known.
+	NotLeader bool   `json:"not_leader,omitempty"`
+	Leader    string `json:"leader,omitempty"`
+}
+
+// Client calls a keel server's HTTP API.
+type Client struct {
+	HTTP *http.Client
+}
+
+// NewClient returns a client with the given per-request timeout.
+func NewClient(timeout time.Duration) *Client {
+	return &Client{HTTP: &http.Client{Timeout: timeout}}
+}
+
+// ErrRemoteNotLeader is returned when the called node is not the leader.
+var ErrRemoteNotLeader = errors.New("keel: the node called is not the leader")
+
+func baseURL(addr string) string {
+	if strings.HasPrefix(addr, "http://") || strings.HasPrefix(addr, "https://") {
+		return strings.TrimSuffix(addr, "/")
+	}
+	return "http://" + addr
+}
+
+// Do sends a request and decodes a JSON answer into out (when not nil).
+func (c *Client) Do(ctx context.Context, method, addr, path string, in, out any) error {
+	var body io.Reader
+	ctype := "application/json"
+	switch v := in.(type) {
+	case nil:
+	case []byte:
+		body, ctype = bytes.NewReader(v), "application/octet-stream"
+	default:
+		b, err := json.Marshal(v)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, baseURL(addr)+path, body)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", ctype)
+	}
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return fmt.Errorf("%s %s: reading answer: %w", method, path, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		var ae apiError
+		if json.Unmarshal(data, &ae) == nil && ae.Error != "" {
+			if ae.NotLeader {
+				return fmt.Errorf("%w (leader: %q): %s", ErrRemoteNotLeader, ae.Leader, ae.Error)
+			}
+			return fmt.Errorf("%s %s: %s", method, addr+path, ae.Error)
+		}
+		return fmt.Errorf("%s %s: %s: %s", method, addr+path, resp.Status, strings.TrimSpace(string(data)))
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("%s %s: decoding answer: %w", method, path, err)
+		}
+	}
+	return nil
+}
+
+// Status fetches a node's status.
+func (c *Client) Status(ctx context.Context, addr string) (NodeStatus, error) {
+	var s NodeStatus
+	err := c.Do(ctx, http.MethodGet, addr, "/v1/status", nil, &s)
+	return s, err
+}
+
+// Cluster fetches a node's view of the cluster.
+func (c *Client) Cluster(ctx context.Context, addr string) (ClusterStatus, error) {
+	var s ClusterStatus
+	err := c.Do(ctx, http.MethodGet, addr, "/v1/cluster", nil, &s)
+	return s, err
+}
+
+// Apply forwards an encoded command to the leader at addr.
+func (c *Client) Apply(ctx context.Context, addr string, cmd []byte) (ApplyResponse, error) {
+	var r ApplyResponse
+	err := c.Do(ctx, http.MethodPost, addr, "/v1/apply", cmd, &r)
+	return r, err
+}

@@ -1,0 +1,98 @@
+package services
+
+import (
+	"context"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+
+	"github.com/keelstore/keel/replica"
+)
+
+// Membership runs on every server and acts while it leads: it keeps the
+// leader's own registry entry current, and promotes a non-voter to voter
+// once it has caught up (applied within PromoteLag entries of the leader
+// and no resync running), so a new node never weakens the quorum while it
+// is still copying.
+type Membership struct {
+	Holder *NodeHolder
+	Client *Client
+	Log    hclog.Logger
+	// PromoteLag is how far behind the leader's applied index a non-voter
+	// may be to be promoted. Default 64.
+	PromoteLag uint64
+	// Every is the check interval. Default 500ms.
+	Every time.Duration
+}
+
+func (m *Membership) String() string { return "membership" }
+
+func (m *Membership) Serve(ctx context.Context) error {
+	every := m.Every
+	if every == 0 {
+		every = 500 * time.Millisecond
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		n := m.Holder.Peek()
+		if n == nil || !n.IsLeader() {
+			continue
+		}
+		m.registerSelf(ctx, n)
+		m.promote(ctx, n)
+	}
+}
+
+func (m *Membership) registerSelf(ctx context.Context, n *replica.Node) {
+	self := n.Self()
+	if cur, ok := n.FSM().State().Nodes[self.ID]; ok && cur == self {
+		return
+	}
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := n.Apply(actx, &replica.Command{Kind: replica.KindRegister, Node: self}); err != nil {
+		m.Log.Warn("registering the leader's addresses", "error", err)
+	}
+}
+
+func (m *Membership) promote(ctx context.Context, n *replica.Node) {
+	f := n.Raft().GetConfiguration()
+	if f.Error() != nil {
+		return
+	}
+	reg := n.FSM().State().Nodes
+	lag := m.PromoteLag
+	if lag == 0 {
+		lag = 64
+	}
+	for _, s := range f.Configuration().Servers {
+		if s.Suffrage != raft.Nonvoter {
+			continue
+		}
+		info, ok := reg[string(s.ID)]
+		if !ok || info.HTTP == "" {
+			continue
+		}
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := m.Client.Status(sctx, info.HTTP)
+		cancel()
+		if err != nil || (st.Sync != nil && st.Sync.Active) {
+			continue
+		}
+		if st.AppliedIndex+lag < n.FSM().AppliedIndex() {
+			continue
+		}
+		if err := n.Raft().AddVoter(s.ID, s.Address, 0, 10*time.Second).Error(); err != nil {
+			m.Log.Warn("promoting a caught-up non-voter failed", "id", s.ID, "error", err)
+			continue
+		}
+		m.Log.Info("non-voter caught up; promoted to voter", "id", s.ID, "applied", st.AppliedIndex)
+	}
+}

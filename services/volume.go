@@ -1,0 +1,201 @@
+package services
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/replica"
+)
+
+// Volume serves the replicated volume over NBD on any node.
+//
+// Reads come from this node's image. Writes, trims and zeroes become Raft
+// commands: on the leader they are applied directly; on a follower they are
+// forwarded to the leader's HTTP API, and the follower answers only once it
+// has applied the command itself, so a client connected to a follower reads
+// its own writes. Either way a write is acknowledged only after it is
+// committed on a quorum (and so durable in the quorum's logs, which is why
+// FLUSH and FUA need no further work). Without a leader, writes wait up to
+// WriteTimeout and then fail with EIO; reads keep working.
+//
+// Clients connected straight to a server write with epoch 0: accepted only
+// while no writer (keel proxy) holds the volume, refused with EPERM once one
+// does. They get no exactly-once guarantee across failovers; writes are
+// absolute overwrites, so a resent write is harmless unless the client
+// itself overlapped writes in flight.
+type Volume struct {
+	Holder       *NodeHolder
+	Client       *Client
+	SizeBytes    uint64
+	WriteTimeout time.Duration
+	Log          hclog.Logger
+}
+
+var _ nbd.Backend = (*Volume)(nil)
+
+func (v *Volume) Size() uint64 { return v.SizeBytes }
+
+func (v *Volume) node() (*replica.Node, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
+	defer cancel()
+	n, err := v.Holder.Get(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", nbd.EIO, err)
+	}
+	return n, nil
+}
+
+func (v *Volume) ReadAt(p []byte, off uint64) error {
+	n, err := v.node()
+	if err != nil {
+		return err
+	}
+	return n.Image().ReadAt(p, off)
+}
+
+func (v *Volume) WriteAt(p []byte, off uint64, fua bool) error {
+	return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
+}
+
+func (v *Volume) Flush() error { return nil }
+
+func (v *Volume) Trim(off, length uint64, fua bool) error {
+	return v.apply(&replica.Command{Kind: replica.KindTrim, Offset: off, Length: length})
+}
+
+func (v *Volume) Zero(off, length uint64, f nbd.ZeroFlags) error {
+	c := &replica.Command{Kind: replica.KindZero, Offset: off, Length: length}
+	if f&nbd.ZeroNoHole != 0 {
+		c.ZeroFlags = replica.ZeroNoHole
+	}
+	return v.apply(c)
+}
+
+func (v *Volume) Extents(off, length uint64) ([]nbd.Extent, error) {
+	n, err := v.node()
+	if err != nil {
+		return nil, err
+	}
+	return LocalImage{Image: n.Image()}.Extents(off, length)
+}
+
+func (v *Volume) Cache(off, length uint64) error { return nil }
+
+// apply commits c through the leader, wherever it is, within WriteTimeout.
+func (v *Volume) apply(c *replica.Command) error {
+	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
+	defer cancel()
+	data := c.Encode(nil)
+	var last error
+	for attempt := 0; ; attempt++ {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				v.Log.Warn("write not committed within the write timeout", "timeout", v.WriteTimeout, "last_error", last)
+				return fmt.Errorf("%w: write not committed within %v: %v", nbd.EIO, v.WriteTimeout, last)
+			case <-time.After(min(time.Duration(attempt)*20*time.Millisecond, 200*time.Millisecond)):
+			}
+		}
+		n, err := v.Holder.Get(ctx)
+		if err != nil {
+			last = err
+			continue
+		}
+		res, err := v.applyVia(ctx, n, data)
+		if err != nil {
+			last = err
+			continue
+		}
+		return refusal(res)
+	}
+}
+
+// applyVia applies data on the leader (this node or, forwarded, another)
+// and waits until this node has applied it too.
+func (v *Volume) applyVia(ctx context.Context, n *replica.Node, data []byte) (replica.Result, error) {
+	if n.IsLeader() {
+		d := 10 * time.Second
+		if dl, ok := ctx.Deadline(); ok {
+			d = time.Until(dl)
+		}
+		return n.ApplyRaw(data, d)
+	}
+	leader, ok := n.Leader()
+	if !ok || leader.HTTP == "" {
+		return replica.Result{}, replica.ErrNoLeader
+	}
+	r, err := v.Client.Apply(ctx, leader.HTTP, data)
+	if err != nil {
+		return replica.Result{}, err
+	}
+	if r.Refused == "" && r.Error != "" {
+		return replica.Result{}, errors.New(r.Error)
+	}
+	res := replica.Result{Index: r.Index, Epoch: r.Epoch, Duplicate: r.Duplicate}
+	if r.Refused != "" {
+		res.Err = refusedError(r.Refused, r.Error)
+	}
+	if err := n.FSM().WaitApplied(ctx, r.Index); err != nil {
+		return replica.Result{}, fmt.Errorf("committed at index %d but not yet applied here: %w", r.Index, err)
+	}
+	return res, nil
+}
+
+// refusal maps the FSM's deliberate refusals to NBD errors.
+func refusal(res replica.Result) error {
+	switch {
+	case res.Err == nil:
+		return nil
+	case errors.Is(res.Err, replica.ErrStaleEpoch), errors.Is(res.Err, replica.ErrWriterHeld):
+		return fmt.Errorf("%w: %v", nbd.EPERM, res.Err)
+	case errors.Is(res.Err, replica.ErrOutOfRange):
+		return fmt.Errorf("%w: %v", nbd.ENOSPC, res.Err)
+	}
+	return fmt.Errorf("%w: %v", nbd.EIO, res.Err)
+}
+
+// Refusal names as carried in ApplyResponse.Refused.
+const (
+	refusedStaleEpoch  = "stale_epoch"
+	refusedWriterHeld  = "writer_held"
+	refusedOutOfRange  = "out_of_range"
+	refusedBadCommand  = "bad_command"
+	refusedOtherReason = "other"
+)
+
+func refusedName(err error) string {
+	switch {
+	case errors.Is(err, replica.ErrStaleEpoch):
+		return refusedStaleEpoch
+	case errors.Is(err, replica.ErrWriterHeld):
+		return refusedWriterHeld
+	case errors.Is(err, replica.ErrOutOfRange):
+		return refusedOutOfRange
+	case errors.Is(err, replica.ErrBadCommand):
+		return refusedBadCommand
+	}
+	return refusedOtherReason
+}
+
+func refusedError(name, msg string) error {
+	var base error
+	switch name {
+	case refusedStaleEpoch:
+		base = replica.ErrStaleEpoch
+	case refusedWriterHeld:
+		base = replica.ErrWriterHeld
+	case refusedOutOfRange:
+		base = replica.ErrOutOfRange
+	case refusedBadCommand:
+		base = replica.ErrBadCommand
+	default:
+		return errors.New(msg)
+	}
+	return fmt.Errorf("%w (%s)", base, strings.TrimPrefix(msg, base.Error()+": "))
+}
