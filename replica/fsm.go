@@ -205,7 +205,9 @@ func (f *FSM) applyLocked(index uint64, c *Command) Result {
 	case KindWrite:
 		err = f.img.WriteAt(c.Data, c.Offset, false)
 	case KindTrim:
-		err = f.img.Trim(c.Offset, c.Length, false)
+		// Zero, not Trim: rawimage's Trim does nothing where holes cannot
+		// be punched, and every replica must end byte-identical.
+		err = f.img.Zero(c.Offset, c.Length, false, false, false)
 	case KindZero:
 		err = f.img.Zero(c.Offset, c.Length, c.ZeroFlags&ZeroNoHole != 0, false, false)
 	}

@@ -212,8 +212,8 @@ func newChunkSummer(img SourceImage, buf []byte) *chunkSummer {
 }
 
 // sums appends to out one record per chunk of [off, off+length), the last
-// chunk possibly shorter, and reports for each chunk whether any of it is
-// allocated (a data extent) in allocated, when that is not nil.
+// chunk possibly shorter, and appends to allocated whether any of each chunk
+// is allocated (a data extent).
 func (c *chunkSummer) sums(off, length, chunk uint64, out []sum, allocated []bool) ([]sum, []bool, error) {
 	end := off + length
 	var err error
@@ -261,9 +261,7 @@ func (c *chunkSummer) sums(off, length, chunk uint64, out []sum, allocated []boo
 		} else {
 			out = append(out, sum{hash: c.d.Sum64()})
 		}
-		if allocated != nil {
-			allocated = append(allocated, alloc)
-		}
+		allocated = append(allocated, alloc)
 	}
 	return out, allocated, nil
 }

@@ -13,9 +13,11 @@ type segment struct {
 	failures []int
 }
 
-// queue hands segments to peer workers. A segment that fails on a peer goes
-// back to the front for any peer on which it has failed fewer than maxFail
-// times. It is safe for concurrent use.
+// queue hands segments to peer workers, in image order. A segment that
+// fails on a peer goes back to the front: other peers take it next, while
+// the peer it failed on takes fresh work first and tries it again only when
+// nothing else is left, and never after maxFail failures there. It is safe
+// for concurrent use.
 type queue struct {
 	maxFail int
 
@@ -54,13 +56,23 @@ func (q *queue) take(ctx context.Context, peer int, gone func() bool) (*segment,
 			q.mu.Unlock()
 			return nil, false
 		}
+		// The first segment that failed least on this peer: fresh work
+		// before what failed here, which other peers get first.
+		best := -1
 		for i, s := range q.pending {
-			if s.failures[peer] < q.maxFail {
-				q.pending = append(q.pending[:i], q.pending[i+1:]...)
-				q.inflight++
-				q.mu.Unlock()
-				return s, true
+			if s.failures[peer] < q.maxFail && (best < 0 || s.failures[peer] < q.pending[best].failures[peer]) {
+				best = i
+				if s.failures[peer] == 0 {
+					break
+				}
 			}
+		}
+		if best >= 0 {
+			s := q.pending[best]
+			q.pending = append(q.pending[:best], q.pending[best+1:]...)
+			q.inflight++
+			q.mu.Unlock()
+			return s, true
 		}
 		if q.inflight == 0 {
 			// Nothing can come back: what is pending stays out of reach.

@@ -307,6 +307,9 @@ func (s *syncer) worker(ctx context.Context, p *peer) error {
 			s.q.wake()
 			return nil
 		}
+		if p.isDropped() { // by another of its workers
+			return nil
+		}
 		s.log.Warn("sync peer failed; its segment goes back to the queue", "peer", p.base,
 			"offset", seg.off, "length", seg.length, "error", pe.err)
 		t := time.NewTimer(s.cfg.RetryBackoff)

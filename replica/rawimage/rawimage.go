@@ -180,6 +180,9 @@ func (img *File) ReadAt(p []byte, off uint64) error {
 
 // WriteAt writes p at off; with fua the data is on stable storage on return.
 func (img *File) WriteAt(p []byte, off uint64, fua bool) error {
+	if off > img.size || uint64(len(p)) > img.size-off {
+		return fmt.Errorf("rawimage: writing %d bytes at %d: past the end of the %d-byte image", len(p), off, img.size)
+	}
 	if _, err := img.f.WriteAt(p, int64(off)); err != nil {
 		return fmt.Errorf("rawimage: writing %d bytes at %d: %w", len(p), off, err)
 	}
@@ -285,9 +288,16 @@ const maxExtents = 1 << 16
 
 // Extents maps [off, off+length) from off, using SEEK_DATA and SEEK_HOLE.
 // It may return fewer extents than needed to cover the range (at least
-// one); on a filesystem without hole support the range is one data extent.
+// one; off must be inside the image); on a filesystem without hole support
+// the range is one data extent.
 func (img *File) Extents(off, length uint64) ([]Extent, error) {
-	end := min(off+length, img.size)
+	if off >= img.size {
+		return nil, fmt.Errorf("rawimage: extents at %d: at or past the end of the %d-byte image", off, img.size)
+	}
+	end := img.size
+	if length < img.size-off {
+		end = off + length
+	}
 	fd := int(img.f.Fd())
 	var out []Extent
 	pos := off
