@@ -96,6 +96,7 @@ type FSM struct {
 	applied    map[uint64]struct{}
 	appliedIdx atomic.Uint64
 	applies    atomic.Uint64 // commands applied since start (tests, metrics)
+	bytes      atomic.Uint64 // bytes written, trimmed or zeroed since start
 
 	notifyMu sync.Mutex
 	notify   chan struct{} // closed and replaced on every apply
@@ -217,6 +218,7 @@ func (f *FSM) applyLocked(index uint64, c *Command) Result {
 	if c.Epoch != 0 && c.ReqID != 0 {
 		f.recordLocked(c.ReqID, c.AckedBelow)
 	}
+	f.bytes.Add(c.Length)
 	return res
 }
 
@@ -273,6 +275,9 @@ func (f *FSM) advance(index uint64) {
 
 // Applies counts the commands applied since the FSM was created.
 func (f *FSM) Applies() uint64 { return f.applies.Load() }
+
+// AppliedBytes counts the bytes written, trimmed or zeroed since start.
+func (f *FSM) AppliedBytes() uint64 { return f.bytes.Load() }
 
 // AppliedIndex is the last log index applied to the image.
 func (f *FSM) AppliedIndex() uint64 { return f.appliedIdx.Load() }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -32,6 +33,11 @@ type serverFlags struct {
 	logStore     string
 	writeTimeout time.Duration
 	drain        time.Duration
+	snapEntries  uint64
+	snapBytes    uint64
+	snapInterval time.Duration
+	trailingLogs uint64
+	memLimit     string
 }
 
 func newServerCmd(g *globalFlags) *cobra.Command {
@@ -68,6 +74,11 @@ writes fail with EIO after --write-timeout.`,
 	fl.StringVar(&f.logStore, "log-store", string(replica.LogStoreWAL), "Raft log store: wal or bolt")
 	fl.DurationVar(&f.writeTimeout, "write-timeout", 10*time.Second, "how long a write waits for a quorum before failing with EIO")
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight NBD requests may take")
+	fl.Uint64Var(&f.snapBytes, "snapshot-bytes", 0, "take a snapshot after this many bytes written (default 512 MiB)")
+	fl.Uint64Var(&f.snapEntries, "snapshot-threshold", 0, "take a snapshot after this many log entries (default 16384)")
+	fl.DurationVar(&f.snapInterval, "snapshot-interval", 0, "check for a snapshot this often (default 10s)")
+	fl.Uint64Var(&f.trailingLogs, "trailing-logs", 0, "log entries kept behind a snapshot for lagging followers (default 4096)")
+	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
 		_ = cmd.MarkFlagRequired(name)
 	}
@@ -94,6 +105,11 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	case !fresh && (f.bootstrap || f.join != ""):
 		log.Info("existing node directory: --bootstrap/--join ignored", "dir", f.dir)
 	}
+	memLimit, err := parseSize(f.memLimit)
+	if err != nil || memLimit < 32<<20 {
+		return fmt.Errorf("--memory-limit %q: want a size of at least 32M", f.memLimit)
+	}
+	debug.SetMemoryLimit(int64(memLimit))
 	var size uint64
 	if f.size != "" {
 		if size, err = parseSize(f.size); err != nil {
@@ -136,8 +152,9 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	nodeCfg := replica.NodeConfig{
 		ID: f.id, Dir: f.dir, RaftAddr: f.raftAddr, Self: self,
 		Bootstrap: f.bootstrap, Size: size,
-		LogStore: replica.LogStoreKind(f.logStore),
-		Restore:  resync.Restore,
+		LogStore:      replica.LogStoreKind(f.logStore),
+		SnapshotBytes: f.snapBytes, SnapshotThreshold: f.snapEntries, SnapshotInterval: f.snapInterval, TrailingLogs: f.trailingLogs,
+		Restore: resync.Restore,
 		OnFatal: func(err error) {
 			log.Error("stopping: the image cannot be written; fix the disk, then restart this node", "error", err)
 			fmt.Fprintln(os.Stderr, "keel server: FATAL:", err)
@@ -166,8 +183,9 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 			Description: "keel replicated volume (node " + f.id + ")",
 			Backend:     &services.Volume{Holder: holder, Client: client, SizeBytes: volSize, WriteTimeout: f.writeTimeout, Log: log.Named("volume")},
 		}},
-		Logger:       log.Named("nbd"),
-		DrainTimeout: f.drain,
+		Logger:           log.Named("nbd"),
+		DrainTimeout:     f.drain,
+		MaxInFlightBytes: 64 << 20,
 	})
 	if err != nil {
 		return err
