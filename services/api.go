@@ -112,9 +112,13 @@ type Client struct {
 	HTTP *http.Client
 }
 
-// NewClient returns a client with the given per-request timeout.
+// NewClient returns a client with the given per-request timeout. It keeps
+// enough idle connections per peer for a follower forwarding many writes
+// at once (net/http's default keeps 2).
 func NewClient(timeout time.Duration) *Client {
-	return &Client{HTTP: &http.Client{Timeout: timeout}}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConnsPerHost = 128
+	return &Client{HTTP: &http.Client{Timeout: timeout, Transport: t}}
 }
 
 // ErrRemoteNotLeader is returned when the called node is not the leader.
