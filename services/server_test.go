@@ -1,0 +1,220 @@
+package services_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/nbd/nbdtest"
+	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/supervise"
+)
+
+// oneNode runs a single-node keel server in-process over real TCP: the Raft
+// service, the HTTP API and NBD with the replicated Volume.
+type oneNode struct {
+	http, nbd, raft string
+	holder          *services.NodeHolder
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func startOneNode(t *testing.T) *oneNode {
+	t.Helper()
+	log := hclog.New(&hclog.LoggerOptions{Output: tWriter{t}, Level: hclog.Info})
+	httpL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nbdL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := &oneNode{http: httpL.Addr().String(), nbd: nbdL.Addr().String(), raft: freeAddr(t), holder: services.NewNodeHolder()}
+	client := services.NewClient(5 * time.Second)
+	const size = 16 << 20
+	cfg := replica.NodeConfig{
+		ID: "n1", Dir: filepath.Join(t.TempDir(), "n1"), RaftAddr: o.raft, Bootstrap: true, Size: size,
+		Self: replica.NodeInfo{HTTP: o.http, NBD: o.nbd},
+		Log:  log.Named("replica"),
+	}
+	srv, err := nbd.NewServer(nbd.ServerConfig{
+		Exports: []nbd.Export{{Name: "keel", Backend: &services.Volume{Holder: o.holder, Client: client, SizeBytes: size, WriteTimeout: 5 * time.Second, Log: log}}},
+		Logger:  log.Named("nbd"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := supervise.New("test", log, supervise.Policy{StopTimeout: 20 * time.Second})
+	root.Add(&services.RaftService{Config: cfg, Holder: o.holder, Log: log})
+	root.Add(&services.API{Listener: httpL, Holder: o.holder, Client: client, Log: log})
+	root.Add(&services.Membership{Holder: o.holder, Client: client, Log: log, Every: 50 * time.Millisecond})
+	root.Add(services.NewNBD(services.NBDConfig{Listener: nbdL, Server: srv, Log: log}))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = root.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Error("server did not stop within 30s")
+		}
+	})
+	// Ready: leader, and registered (so followers could forward to it).
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		n := o.holder.Peek()
+		if n != nil && n.IsLeader() {
+			if _, ok := n.FSM().State().Nodes["n1"]; ok {
+				return o
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("single node did not become a registered leader within 15s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (o *oneNode) nbdClient(t *testing.T) *nbdtest.Client {
+	t.Helper()
+	c, err := net.Dial("tcp", o.nbd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	cl := nbdtest.NewClient(c)
+	if err := cl.Connect(nbdtest.Handshake{Export: "keel", Structured: true, BlockSize: true}); err != nil {
+		t.Fatal(err)
+	}
+	return cl
+}
+
+func post(t *testing.T, url, ctype string, body []byte) (int, string) {
+	t.Helper()
+	resp, err := http.Post(url, ctype, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestVolumeWritesAndFencing(t *testing.T) {
+	o := startOneNode(t)
+	c := o.nbdClient(t)
+	data := bytes.Repeat([]byte{0x5a}, 8192)
+	res, err := c.Do(nbd.Request{Type: nbd.CmdWrite, Cookie: 1, Offset: 4096, Length: 8192}, data)
+	if err != nil || res.Err != 0 {
+		t.Fatalf("direct write with no writer holding the volume: %+v %v", res, err)
+	}
+	res, err = c.Do(nbd.Request{Type: nbd.CmdRead, Cookie: 2, Offset: 4096, Length: 8192}, nil)
+	if err != nil || res.Err != 0 || !bytes.Equal(res.Data, data) {
+		t.Fatalf("read back: %+v %v", res.Err, err)
+	}
+	// A writer claims the volume: direct writes are now refused with EPERM
+	// and do not land; reads still work.
+	n := o.holder.Peek()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if r, err := n.Apply(ctx, &replica.Command{Kind: replica.KindClaim, Writer: "proxy"}); err != nil || r.Err != nil {
+		t.Fatalf("claim: %+v %v", r, err)
+	}
+	res, err = c.Do(nbd.Request{Type: nbd.CmdWrite, Cookie: 3, Offset: 4096, Length: 4096}, make([]byte, 4096))
+	if err != nil || res.Err != nbd.EPERM {
+		t.Fatalf("direct write while a writer holds the volume: %v %v, want EPERM", res.Err, err)
+	}
+	res, err = c.Do(nbd.Request{Type: nbd.CmdRead, Cookie: 4, Offset: 4096, Length: 8192}, nil)
+	if err != nil || res.Err != 0 || !bytes.Equal(res.Data, data) {
+		t.Fatalf("the refused write changed the data, or reads failed: %v %v", res.Err, err)
+	}
+}
+
+func TestAPIBadInput(t *testing.T) {
+	o := startOneNode(t)
+	base := "http://" + o.http
+	for _, tc := range []struct {
+		name, path, ctype string
+		body              []byte
+		code              int
+		want              string
+	}{
+		{"garbage command", "/v1/apply", "application/octet-stream", []byte{0xff, 1, 2}, 400, "malformed command"},
+		{"empty command", "/v1/apply", "application/octet-stream", nil, 400, "malformed command"},
+		{"truncated write", "/v1/apply", "application/octet-stream", []byte{1, 0, 0}, 400, "malformed command"},
+		{"join with bad JSON", "/v1/cluster/join", "application/json", []byte("{not json"), 400, "bad request body"},
+		{"join without addresses", "/v1/cluster/join", "application/json", []byte(`{"node":{"id":"n9"}}`), 400, "needs the node's id, raft and http"},
+		{"join with unknown field", "/v1/cluster/join", "application/json", []byte(`{"nodes":1}`), 400, "unknown field"},
+		{"remove without id", "/v1/cluster/remove", "application/json", []byte(`{}`), 400, "remove needs an id"},
+		{"transfer to nobody", "/v1/cluster/transfer-leadership", "application/json", []byte(`{"id":"ghost"}`), 400, "no member"},
+		{"digest with bad index", "/v1/verify/digest?min_index=abc", "", nil, 400, "min_index"},
+	} {
+		code, body := post(t, base+tc.path, tc.ctype, tc.body)
+		if code != tc.code || !strings.Contains(body, tc.want) {
+			t.Errorf("%s: %d %s; want %d containing %q", tc.name, code, body, tc.code, tc.want)
+		}
+	}
+	// Still serving.
+	var st services.NodeStatus
+	if err := services.NewClient(5*time.Second).Do(context.Background(), "GET", o.http, "/v1/status", nil, &st); err != nil || st.State != "Leader" {
+		t.Fatalf("status after bad input: %+v %v", st, err)
+	}
+}
+
+// TestRaftPortGarbage: a hostile peer writing junk to the Raft port costs
+// that connection only.
+func TestRaftPortGarbage(t *testing.T) {
+	o := startOneNode(t)
+	for i := 0; i < 5; i++ {
+		c, err := net.Dial("tcp", o.raft)
+		if err != nil {
+			t.Fatal(err)
+		}
+		junk := make([]byte, 4096)
+		rand.Read(junk)
+		junk[0] = byte(i) // every RPC type byte, and then some
+		c.Write(junk)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		io.Copy(io.Discard, c) // the node hangs up
+		c.Close()
+	}
+	cl := o.nbdClient(t)
+	for i := uint64(0); i < 3; i++ {
+		res, err := cl.Do(nbd.Request{Type: nbd.CmdWrite, Cookie: i, Offset: i * 4096, Length: 4096}, make([]byte, 4096))
+		if err != nil || res.Err != 0 {
+			t.Fatalf("write after raft-port garbage: %v %v", res.Err, err)
+		}
+	}
+	if n := o.holder.Peek(); n == nil || !n.IsLeader() {
+		t.Fatal("node lost leadership after raft-port garbage")
+	}
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(string(bytes.TrimRight(p, "\n")))
+	return len(p), nil
+}
