@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -158,6 +159,8 @@ type Node struct {
 	raft   *raft.Raft
 	stop   chan struct{} // closed by Close: ends the snapshot trigger
 	done   chan struct{}
+
+	resyncing atomic.Bool // the image is being pulled from peers: not readable
 }
 
 // OpenNode opens or creates the node's directory and starts Raft.
@@ -341,6 +344,8 @@ func (n *Node) restore(st State) error {
 	if n.cfg.Restore == nil {
 		return errors.New("replica: no image source configured for a resync")
 	}
+	n.resyncing.Store(true)
+	defer n.resyncing.Store(false)
 	marker := filepath.Join(n.cfg.Dir, resyncMarker)
 	if err := writeDurable(marker, []byte(strconv.FormatUint(st.Index, 10)+"\n")); err != nil {
 		return err
@@ -382,6 +387,10 @@ func syncDir(dir string) {
 		d.Close()
 	}
 }
+
+// Resyncing reports whether the image is being pulled from peers; while it
+// is, the image holds a mix of old and new ranges and must not be read.
+func (n *Node) Resyncing() bool { return n.resyncing.Load() }
 
 // ID is the node's id.
 func (n *Node) ID() string { return n.cfg.ID }

@@ -41,18 +41,30 @@ var _ nbd.Backend = (*Volume)(nil)
 
 func (v *Volume) Size() uint64 { return v.SizeBytes }
 
-func (v *Volume) node() (*replica.Node, error) {
+// readable returns the node once its image can be read: running, and not
+// in the middle of a resync (which leaves the image a mix of old and new
+// ranges). It waits up to WriteTimeout, then fails with EIO.
+func (v *Volume) readable() (*replica.Node, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
 	defer cancel()
-	n, err := v.Holder.Get(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", nbd.EIO, err)
+	for {
+		n, err := v.Holder.Get(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", nbd.EIO, err)
+		}
+		if !n.Resyncing() {
+			return n, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: the image is being resynced from peers", nbd.EIO)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
-	return n, nil
 }
 
 func (v *Volume) ReadAt(p []byte, off uint64) error {
-	n, err := v.node()
+	n, err := v.readable()
 	if err != nil {
 		return err
 	}
@@ -78,7 +90,7 @@ func (v *Volume) Zero(off, length uint64, f nbd.ZeroFlags) error {
 }
 
 func (v *Volume) Extents(off, length uint64) ([]nbd.Extent, error) {
-	n, err := v.node()
+	n, err := v.readable()
 	if err != nil {
 		return nil, err
 	}
