@@ -8,16 +8,20 @@ package replica
 // returns. Every store lives in b.TempDir(), so the numbers are those of the
 // real filesystem under it.
 //
-// The time-based benchmarks (StoreLogs, StoreLogsCompacting, GetLog) suit
-// -benchtime=2s. BenchmarkDeleteRange builds a full log, untimed, before
-// every timed compaction, so give it a fixed count (-benchtime=3x): with a
-// duration the testing package would plan thousands of fills.
+// The time-based benchmarks (StoreLogs, StoreLogsCompacting,
+// StoreLogsAfterCompaction, GetLog) suit -benchtime=2s. BenchmarkDeleteRange
+// builds a full log, untimed, before every timed compaction, so give it a
+// fixed count: with a duration the testing package would plan thousands of
+// fills. The comparison was run as
+//
+//	go test -run '^$' -bench 'StoreLogs|GetLog' -benchtime=2s -count=3 ./replica/ >time.txt
+//	go test -run '^$' -bench 'DeleteRange' -benchtime=3x -count=3 ./replica/ >compact.txt
+//	go run golang.org/x/perf/cmd/benchstat@latest time.txt compact.txt
 
 import (
 	"fmt"
 	"io/fs"
 	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -60,13 +64,6 @@ func sizeName(n int) string {
 func openBenchStores(b *testing.B, kind LogStoreKind) (*Stores, string) {
 	b.Helper()
 	dir := b.TempDir()
-	// OpenStores does not create raft-wal's own directory (dir/wal) and
-	// wal.Open does not either, so on a fresh dir it fails ("failed
-	// initializing meta DB: open .../wal/wal-meta.db.tmp: no such file or
-	// directory"). Create it here until logstore.go does; harmless after.
-	if err := os.MkdirAll(filepath.Join(dir, "wal"), 0o755); err != nil {
-		b.Fatal(err)
-	}
 	s, err := OpenStores(kind, dir, hclog.NewNullLogger())
 	if err != nil {
 		b.Fatal(err)
@@ -222,6 +219,35 @@ func BenchmarkStoreLogsCompacting(b *testing.B) {
 				b.ReportMetric(float64(diskBytes(b, dir))/mib, "MiB-disk")
 			})
 		}
+	}
+}
+
+// BenchmarkStoreLogsAfterCompaction appends 4 KiB entries in batches of 64
+// to a log that has just dropped freedMiB of 1 MiB entries (keeping the
+// newest 128), as after a burst of sequential writes, or after a follower
+// that was away comes back and the leader may compact again. Compare with
+// BenchmarkStoreLogs/.../entry=4KiB/batch=64, which appends to a fresh log:
+// bolt keeps the freed pages in a freelist that it rewrites on every commit.
+func BenchmarkStoreLogsAfterCompaction(b *testing.B) {
+	const freedMiB, kept, batch = 2048, 128, 64
+	for _, kind := range benchStoreKinds {
+		name := fmt.Sprintf("store=%s/freed=%dMiB/entry=4KiB/batch=%d", kind, freedMiB, batch)
+		b.Run(name, func(b *testing.B) {
+			s, dir := openBenchStores(b, kind)
+			next := fill(b, s.Log, 1, freedMiB+kept, mib, 8)
+			if err := s.Log.DeleteRange(1, next-kept-1); err != nil {
+				b.Fatal(err)
+			}
+			logs := newBatch(batch, 4*kib)
+			b.SetBytes(batch * 4 * kib)
+			calls := 0
+			for b.Loop() {
+				next = storeBatch(b, s.Log, logs, next)
+				calls++
+			}
+			reportEntriesPerSec(b, calls*batch)
+			b.ReportMetric(float64(diskBytes(b, dir))/mib, "MiB-disk")
+		})
 	}
 }
 
