@@ -48,8 +48,8 @@ Ports, from --base-port P: NBD P, P+1, P+2; Raft P+100..; HTTP P+200..`,
 }
 
 func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) error {
-	if _, err := parseSize(size); err != nil {
-		return fmt.Errorf("--size: %w", err)
+	if _, err := parseVolumeSize(size); err != nil {
+		return err
 	}
 	if base < 1024 || base > 65535-300 {
 		return fmt.Errorf("--base-port %d: must be from 1024 to %d", base, 65535-300)

@@ -58,14 +58,9 @@ func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
 	if err != nil {
 		return err
 	}
-	var size uint64
-	if f.size != "" {
-		if size, err = parseSize(f.size); err != nil {
-			return fmt.Errorf("--size: %w", err)
-		}
-		if size == 0 || size%512 != 0 {
-			return fmt.Errorf("--size %s: must be a positive multiple of 512 bytes", f.size)
-		}
+	size, err := parseVolumeSize(f.size)
+	if err != nil {
+		return err
 	}
 	img, err := rawimage.Open(f.file, rawimage.Options{Size: size, ReadOnly: f.readOnly})
 	if err != nil {

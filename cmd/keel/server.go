@@ -110,14 +110,9 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return fmt.Errorf("--memory-limit %q: want a size of at least 32M", f.memLimit)
 	}
 	debug.SetMemoryLimit(int64(memLimit))
-	var size uint64
-	if f.size != "" {
-		if size, err = parseSize(f.size); err != nil {
-			return fmt.Errorf("--size: %w", err)
-		}
-		if size == 0 || size%512 != 0 {
-			return fmt.Errorf("--size %s: must be a positive multiple of 512 bytes", f.size)
-		}
+	size, err := parseVolumeSize(f.size)
+	if err != nil {
+		return err
 	}
 
 	httpL, err := net.Listen("tcp", f.httpAddr)

@@ -39,3 +39,19 @@ func parseSize(s string) (uint64, error) {
 	}
 	return v.Num().Uint64(), nil
 }
+
+// parseVolumeSize reads --size: empty means 0 (use the existing image),
+// anything else must be a positive multiple of 512 bytes.
+func parseVolumeSize(s string) (uint64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	size, err := parseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("--size: %w", err)
+	}
+	if size == 0 || size%512 != 0 {
+		return 0, fmt.Errorf("--size %s: must be a positive multiple of 512 bytes", s)
+	}
+	return size, nil
+}
