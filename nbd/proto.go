@@ -1,7 +1,8 @@
 // Package nbd owns the Network Block Device protocol: the wire format as a
-// codec over bytes (codec.go, no I/O), and the server side of a connection on
-// top of it (handshake.go, conn.go) with a Backend interface so the same
-// server can serve a local image, a replicated volume or a remote one.
+// codec over bytes (codec.go, no I/O); the server side of a connection on top
+// of it (handshake.go, conn.go) with a Backend interface so the same server
+// can serve a local image, a replicated volume or a remote one; and a
+// concurrent client (client.go) for keel proxy to reach the servers.
 //
 // nbd imports no other Keel package.
 //
