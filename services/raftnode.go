@@ -75,7 +75,7 @@ func (s *RaftService) Serve(ctx context.Context) error {
 		if errors.Is(err, replica.ErrDirLocked) {
 			// Not something a restart fixes: stop the process.
 			s.Log.Error("cannot start", "error", err)
-			return fmt.Errorf("%w: %w", suture.ErrTerminateSupervisorTree, err)
+			return terminate{err}
 		}
 		return err
 	}
@@ -100,3 +100,11 @@ func (s *RaftService) Serve(ctx context.Context) error {
 		}
 	}
 }
+
+// terminate stops the whole supervision tree (suture's
+// ErrTerminateSupervisorTree) while reading as just its cause.
+type terminate struct{ err error }
+
+func (t terminate) Error() string        { return t.err.Error() }
+func (t terminate) Unwrap() error        { return t.err }
+func (t terminate) Is(target error) bool { return target == suture.ErrTerminateSupervisorTree }

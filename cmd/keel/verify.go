@@ -58,13 +58,16 @@ func verify(ctx context.Context, c *services.Client, addr string) error {
 			return err
 		}
 		var voters []services.Member
-		var commit uint64
+		var target uint64
 		for _, m := range cs.Members {
 			if m.Suffrage == "Voter" {
 				voters = append(voters, m)
 			}
 			if m.ID == cs.Leader && m.Status != nil {
-				commit = m.Status.CommitIndex
+				// The leader's applied index, not its commit index: raft's
+				// own entries (a new leader's no-op, configuration
+				// changes) are committed but never reach the image.
+				target = m.Status.AppliedIndex
 			}
 		}
 		if cs.Leader == "" {
@@ -77,7 +80,7 @@ func verify(ctx context.Context, c *services.Client, addr string) error {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				errs[i] = c.Do(ctx, "POST", m.HTTP, fmt.Sprintf("/v1/verify/digest?min_index=%d", commit), nil, &digests[i])
+				errs[i] = c.Do(ctx, "POST", m.HTTP, fmt.Sprintf("/v1/verify/digest?min_index=%d", target), nil, &digests[i])
 			}()
 		}
 		wg.Wait()
