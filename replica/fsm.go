@@ -9,6 +9,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
@@ -77,9 +78,11 @@ type FSMConfig struct {
 	// and no later entry is applied either: the node must stop.
 	OnFatal func(error)
 	// Restore makes the local image match the cluster's for a snapshot
-	// received from the leader (metadata only). It returns once the image
-	// holds every write up to st.Index, or fails (and raft retries).
-	Restore func(st State) error
+	// received from the leader (metadata only): it returns once the image
+	// holds every write up to st.Index, or with an error. The FSM runs it in
+	// the background, retrying until it succeeds or ctx ends (the node
+	// stops), and applies nothing meanwhile; see FSM.Restore.
+	Restore func(ctx context.Context, st State) error
 }
 
 // FSM is the volume's raft.FSM.
@@ -100,7 +103,18 @@ type FSM struct {
 
 	notifyMu sync.Mutex
 	notify   chan struct{} // closed and replaced on every apply
+
+	pullMu     sync.Mutex    // guards the following
+	pull       chan struct{} // non-nil while an image pull runs; closed when it ends
+	pullFailed bool          // the pull ended without a complete image (node stopping)
+	stopCtx    context.Context
+	stopPull   context.CancelFunc
 }
+
+// ErrStopping is returned for commands that arrive while an image pull is
+// abandoned because the node stops: they are not applied (the node replays
+// them after its next start, once the pull has finished).
+var ErrStopping = errors.New("replica: node stopping before its image was complete")
 
 var _ raft.FSM = (*FSM)(nil)
 
@@ -108,6 +122,7 @@ var _ raft.FSM = (*FSM)(nil)
 // state, or a fresh one).
 func NewFSM(cfg FSMConfig, st State) *FSM {
 	f := &FSM{cfg: cfg, img: cfg.Image, log: cfg.Log, notify: make(chan struct{})}
+	f.stopCtx, f.stopPull = context.WithCancel(context.Background())
 	f.setState(st)
 	return f
 }
@@ -135,6 +150,9 @@ func (f *FSM) Apply(l *raft.Log) any {
 		f.log.Error("refusing malformed log entry", "index", l.Index, "error", err)
 		f.advance(l.Index)
 		return Result{Index: l.Index, Err: err}
+	}
+	if !f.awaitPull() {
+		return Result{Index: l.Index, Err: ErrStopping}
 	}
 	f.applies.Add(1)
 	f.mu.Lock()
@@ -327,8 +345,40 @@ func (f *FSM) Paused(fn func(st State) error) error {
 // Snapshot captures the metadata; the image itself is made durable by
 // Persist. It implements raft.FSM.
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
+	if !f.awaitPull() {
+		return nil, ErrStopping
+	}
 	return &fsmSnapshot{st: f.State(), img: f.img}, nil
 }
+
+// awaitPull waits for a running image pull; false if it was abandoned.
+func (f *FSM) awaitPull() bool {
+	f.pullMu.Lock()
+	ch := f.pull
+	f.pullMu.Unlock()
+	if ch == nil {
+		return true
+	}
+	<-ch
+	f.pullMu.Lock()
+	defer f.pullMu.Unlock()
+	if f.pullFailed {
+		return false
+	}
+	f.pull = nil
+	return true
+}
+
+// Pulling reports whether an image pull is running.
+func (f *FSM) Pulling() bool {
+	f.pullMu.Lock()
+	defer f.pullMu.Unlock()
+	return f.pull != nil
+}
+
+// Stop abandons a running image pull so raft can shut down; commands that
+// were waiting for it are not applied.
+func (f *FSM) Stop() { f.stopPull() }
 
 type fsmSnapshot struct {
 	st  State
@@ -352,9 +402,15 @@ func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
 
 func (s *fsmSnapshot) Release() {}
 
-// Restore installs a snapshot sent by the leader: the metadata from the
-// stream, and the image pulled from peers by FSMConfig.Restore. It
-// implements raft.FSM.
+// Restore installs a snapshot sent by the leader. It implements raft.FSM.
+//
+// The stream carries only the metadata; the image must be pulled from the
+// peers, which can take far longer than raft waits for an install to be
+// acknowledged. So Restore records the state, starts the pull in the
+// background and returns; every later Apply (and Snapshot) waits for the
+// pull to finish, so nothing is applied to an incomplete image and no
+// snapshot claims one. A failed pull is retried until it succeeds or the
+// node stops; the node's resync marker covers a crash in the middle.
 func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	st, err := ReadState(rc)
@@ -367,14 +423,41 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if f.cfg.Restore == nil {
 		return errors.New("replica: snapshot restore needs an image source, none configured")
 	}
-	if err := f.cfg.Restore(st); err != nil {
-		return fmt.Errorf("replica: restoring image for snapshot at index %d: %w", st.Index, err)
+	if !f.awaitPull() { // a previous pull, if any, ends first
+		return ErrStopping
 	}
 	f.mu.Lock()
 	f.setState(st)
 	f.mu.Unlock()
 	f.advance(st.Index)
-	f.log.Info("restored from snapshot", "index", st.Index, "writer", st.Writer, "epoch", st.Epoch)
+
+	done := make(chan struct{})
+	f.pullMu.Lock()
+	f.pull, f.pullFailed = done, false
+	f.pullMu.Unlock()
+	go func() {
+		defer close(done)
+		backoff := time.Second
+		for attempt := 1; ; attempt++ {
+			err := f.cfg.Restore(f.stopCtx, st)
+			if err == nil {
+				f.log.Info("restored from snapshot", "index", st.Index, "writer", st.Writer, "epoch", st.Epoch, "attempts", attempt)
+				return
+			}
+			if f.stopCtx.Err() != nil {
+				f.pullMu.Lock()
+				f.pullFailed = true
+				f.pullMu.Unlock()
+				return
+			}
+			f.log.Error("pulling the image for a snapshot failed; retrying", "index", st.Index, "attempt", attempt, "error", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-f.stopCtx.Done():
+			}
+			backoff = min(2*backoff, 30*time.Second)
+		}
+	}()
 	return nil
 }
 

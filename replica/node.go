@@ -87,7 +87,7 @@ type NodeConfig struct {
 	// Restore pulls the image from up-to-date peers so that it holds every
 	// write up to st.Index (see FSMConfig.Restore). Required for a node
 	// that may ever fall behind a snapshot.
-	Restore func(img *rawimage.File, st State) error
+	Restore func(ctx context.Context, img *rawimage.File, st State) error
 	// OnFatal is called when the image cannot be written (see FSMConfig).
 	OnFatal func(error)
 	// Log is the node's logger.
@@ -209,7 +209,7 @@ func OpenNode(cfg NodeConfig) (_ *Node, err error) {
 		// A resync was interrupted: the image is not yet what the snapshot
 		// promises. Finish it before raft counts on it.
 		n.log.Warn("an interrupted image resync must finish before this node starts", "index", st.Index)
-		if err := n.restore(st); err != nil {
+		if err := n.restore(context.Background(), st); err != nil {
 			return nil, err
 		}
 	}
@@ -340,7 +340,7 @@ func (n *Node) latestState() (State, error) {
 
 // restore runs the configured image restore under the resync marker, so
 // a crash in the middle is finished at the next start.
-func (n *Node) restore(st State) error {
+func (n *Node) restore(ctx context.Context, st State) error {
 	if n.cfg.Restore == nil {
 		return errors.New("replica: no image source configured for a resync")
 	}
@@ -350,7 +350,7 @@ func (n *Node) restore(st State) error {
 	if err := writeDurable(marker, []byte(strconv.FormatUint(st.Index, 10)+"\n")); err != nil {
 		return err
 	}
-	if err := n.cfg.Restore(n.img, st); err != nil {
+	if err := n.cfg.Restore(ctx, n.img, st); err != nil {
 		return err
 	}
 	if err := n.img.Sync(); err != nil {
@@ -491,6 +491,9 @@ func (n *Node) Close() error {
 	if n.stop != nil {
 		close(n.stop)
 		<-n.done
+	}
+	if n.fsm != nil {
+		n.fsm.Stop() // an image pull in progress must not hold raft's shutdown
 	}
 	if n.raft != nil {
 		if n.IsLeader() && n.voters() > 1 {

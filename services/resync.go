@@ -57,12 +57,12 @@ func (r *Resyncer) update(f func(s *SyncStatus)) {
 }
 
 // Restore is the replica.NodeConfig.Restore of a keel server.
-func (r *Resyncer) Restore(img *rawimage.File, st replica.State) error {
+func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.State) error {
 	timeout := r.Timeout
 	if timeout == 0 {
 		timeout = 6 * time.Hour
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	r.mu.Lock()
 	r.status = &SyncStatus{Active: true, Index: st.Index, BytesTotal: img.Size(), Started: time.Now()}

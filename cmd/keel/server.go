@@ -193,10 +193,28 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	root.Add(&services.API{Listener: httpL, Holder: holder, Client: client, Resync: resync,
 		Metrics: services.NewMetrics(holder, resync), Log: log.Named("http")})
 	root.Add(&services.Membership{Holder: holder, Client: client, Log: log.Named("membership")})
-	root.Add(services.NewNBD(services.NBDConfig{Listener: nbdL, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
+	nbdToken := root.Add(services.NewNBD(services.NBDConfig{Listener: nbdL, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
 
+	// Stopping happens in order: NBD first (every request already read is
+	// answered while Raft still runs to commit it), then everything else
+	// (Raft hands leadership over before it stops).
+	rootCtx, cancelRoot := context.WithCancel(context.Background())
+	defer cancelRoot()
+	served := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+			log.Info("stopping: draining NBD connections, then Raft")
+			if err := root.RemoveAndWait(nbdToken, f.drain+5*time.Second); err != nil {
+				log.Warn("NBD did not drain in time", "error", err)
+			}
+			cancelRoot()
+		case <-served:
+		}
+	}()
 	log.Info("server starting", "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
-	err = root.Serve(ctx)
+	err = root.Serve(rootCtx)
+	close(served)
 	if ctx.Err() != nil {
 		log.Info("stopped")
 		return nil

@@ -93,9 +93,11 @@ func (c *Cluster) Start(id string, bootstrap bool) *replica.Node {
 
 	cfg := replica.NodeConfig{
 		ID: id, Dir: dir, Transport: tr, Bootstrap: bootstrap, Size: c.Size,
-		Self:    replica.NodeInfo{HTTP: "mem:" + id, NBD: "mem:" + id},
-		Log:     hclog.New(&hclog.LoggerOptions{Name: id, Output: tLog{c.t}, Level: hclog.Info}),
-		Restore: func(img *rawimage.File, st replica.State) error { return c.restoreFromPeer(id, img, st) },
+		Self: replica.NodeInfo{HTTP: "mem:" + id, NBD: "mem:" + id},
+		Log:  hclog.New(&hclog.LoggerOptions{Name: id, Output: tLog{c.t}, Level: hclog.Info}),
+		Restore: func(_ context.Context, img *rawimage.File, st replica.State) error {
+			return c.restoreFromPeer(id, img, st)
+		},
 		OnFatal: func(err error) { c.t.Errorf("node %s: fatal: %v", id, err) },
 	}
 	fastConfig(&cfg)
