@@ -426,10 +426,14 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if !f.awaitPull() { // a previous pull, if any, ends first
 		return ErrStopping
 	}
+	// The state is the snapshot's from now on, but the applied index stays
+	// where it was until the image holds the snapshot's writes: status,
+	// promotion and followers' read-your-writes waits all go by it.
 	f.mu.Lock()
+	prev := f.appliedIdx.Load()
 	f.setState(st)
+	f.appliedIdx.Store(prev)
 	f.mu.Unlock()
-	f.advance(st.Index)
 
 	done := make(chan struct{})
 	f.pullMu.Lock()
@@ -441,6 +445,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 		for attempt := 1; ; attempt++ {
 			err := f.cfg.Restore(f.stopCtx, st)
 			if err == nil {
+				f.advance(st.Index)
 				f.log.Info("restored from snapshot", "index", st.Index, "writer", st.Writer, "epoch", st.Epoch, "attempts", attempt)
 				return
 			}

@@ -49,6 +49,10 @@ func NewMetrics(h *NodeHolder, r *Resyncer) *prometheus.Registry {
 		return 0
 	})
 	syncGauge("keel_resync_bytes_moved", "Bytes fetched from peers by the current or last resync.", func(s *SyncStatus) float64 { return float64(s.BytesMoved) })
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "keel_resync_bytes_moved_total", Help: "Bytes fetched from peers by every resync since the process started."},
+		func() float64 { m, _ := r.Totals(); return float64(m) }))
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "keel_resyncs_total", Help: "Image resyncs finished (or failed) since the process started."},
+		func() float64 { _, n := r.Totals(); return float64(n) }))
 	syncGauge("keel_resync_bytes_compared", "Bytes compared by the current or last resync.", func(s *SyncStatus) float64 { return float64(s.BytesCompared) })
 	return reg
 }

@@ -32,8 +32,18 @@ type Resyncer struct {
 	// Default 6h.
 	Timeout time.Duration
 
-	mu     sync.Mutex // guards the following
-	status *SyncStatus
+	mu         sync.Mutex // guards the following
+	status     *SyncStatus
+	totalMoved uint64 // bytes fetched by every resync since start
+	resyncs    uint64 // resyncs finished since start
+}
+
+// Totals are the bytes fetched by, and the number of, resyncs finished
+// since the process started.
+func (r *Resyncer) Totals() (moved, count uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.totalMoved, r.resyncs
 }
 
 // Status is the current or last resync's progress, nil if none ran.
@@ -96,6 +106,8 @@ func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.S
 		if err != nil {
 			s.Error = err.Error()
 		}
+		r.totalMoved += s.BytesMoved
+		r.resyncs++
 	})
 	if err != nil {
 		r.Log.Error("resync failed; raft will retry", "index", st.Index, "error", err)

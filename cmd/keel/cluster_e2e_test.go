@@ -1248,13 +1248,13 @@ func TestClusterReturningNode(t *testing.T) {
 
 	away.restart()
 	c.waitConverged()
-	moved := away.metric(t, "keel_resync_bytes_moved")
+	moved := away.metric(t, "keel_resync_bytes_moved_total")
 	alloc := allocatedBytes(t, away.image())
 	t.Logf("%s: resync moved %.0f bytes; image has %d bytes allocated of %d", away.id, moved, alloc, 1<<30)
 	if !strings.Contains(away.runOutput(), "resync done") {
 		t.Errorf("%s caught up without an image resync although the leader compacted past it", away.id)
 	} else if moved == 0 {
-		t.Errorf("%s resynced but keel_resync_bytes_moved is 0; 32 MiB changed while it was away", away.id)
+		t.Errorf("%s resynced but keel_resync_bytes_moved_total is 0; 32 MiB changed while it was away", away.id)
 	}
 	if moved >= 256*mib {
 		t.Errorf("%s moved %.0f bytes to catch up, want well under 256 MiB (32 MiB changed)", away.id, moved)
