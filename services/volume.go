@@ -45,6 +45,9 @@ func (v *Volume) Size() uint64 { return v.SizeBytes }
 // in the middle of a resync (which leaves the image a mix of old and new
 // ranges). It waits up to WriteTimeout, then fails with EIO.
 func (v *Volume) readable() (*replica.Node, error) {
+	if n := v.Holder.Peek(); n != nil && !n.Resyncing() {
+		return n, nil // the common case: no timer, no waiting
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
 	defer cancel()
 	for {
