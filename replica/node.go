@@ -238,10 +238,10 @@ func OpenNode(cfg NodeConfig) (_ *Node, err error) {
 	rc.NoSnapshotRestoreOnStart = true
 	rc.CommitTimeout = 5 * time.Millisecond
 	rc.BatchApplyCh = true // group commit: concurrent writes share a log append and its fsync
-	// Entries carry up to 32 MiB of data; 32 per AppendEntries keeps the
-	// memory a follower's replication holds bounded while still grouping
-	// small writes.
-	rc.MaxAppendEntries = 32
+	// Entries carry up to 32 MiB of data; 16 per AppendEntries bounds what
+	// one replication round holds in memory while still grouping small
+	// writes (16 and 32 measured alike for throughput on 2 cores).
+	rc.MaxAppendEntries = 16
 	if err := raft.ValidateConfig(rc); err != nil {
 		return nil, fmt.Errorf("replica: raft config: %w", err)
 	}
