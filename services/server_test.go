@@ -134,6 +134,21 @@ func TestVolumeWritesAndFencing(t *testing.T) {
 	if err != nil || res.Err != 0 || !bytes.Equal(res.Data, data) {
 		t.Fatalf("read back: %+v %v", res.Err, err)
 	}
+	// A write larger than one Raft entry holds is split and lands whole.
+	big := make([]byte, 4<<20+4096)
+	rand.Read(big)
+	res, err = c.Do(nbd.Request{Type: nbd.CmdWrite, Cookie: 5, Offset: 1 << 20, Length: uint64(len(big))}, big)
+	if err != nil || res.Err != 0 {
+		t.Fatalf("4 MiB write: %v %v", res.Err, err)
+	}
+	res, err = c.Do(nbd.Request{Type: nbd.CmdRead, Cookie: 6, Offset: 1 << 20, Length: uint64(len(big))}, nil)
+	if err != nil || res.Err != 0 || !bytes.Equal(res.Data, big) {
+		t.Fatalf("4 MiB read back: %v %v", res.Err, err)
+	}
+	if got := o.holder.Peek().FSM().Applies(); got < 6 {
+		t.Errorf("the 4 MiB write took %d commands in all, want it split into 1 MiB entries", got)
+	}
+
 	// A writer claims the volume: direct writes are now refused with EPERM
 	// and do not land; reads still work.
 	n := o.holder.Peek()

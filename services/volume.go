@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
@@ -74,8 +75,26 @@ func (v *Volume) ReadAt(p []byte, off uint64) error {
 	return n.Image().ReadAt(p, off)
 }
 
+// maxCommandData bounds the data in one Raft entry. Larger writes (NBD
+// allows 32 MiB) become several entries, committed concurrently, so what
+// one AppendEntries round holds in memory stays bounded (16 entries of at
+// most 1 MiB). NBD promises no atomicity for a write, and the request is
+// answered only once every part is committed.
+const maxCommandData = 1 << 20
+
 func (v *Volume) WriteAt(p []byte, off uint64, fua bool) error {
-	return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
+	if len(p) <= maxCommandData {
+		return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
+	}
+	var g errgroup.Group
+	for done := 0; done < len(p); done += maxCommandData {
+		part := p[done:min(done+maxCommandData, len(p))]
+		at := off + uint64(done)
+		g.Go(func() error {
+			return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
+		})
+	}
+	return g.Wait()
 }
 
 func (v *Volume) Flush() error { return nil }
