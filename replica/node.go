@@ -142,6 +142,22 @@ func (c NodeConfig) Validate() error {
 	if c.Size%512 != 0 {
 		return fmt.Errorf("replica: Size %d: must be a multiple of 512", c.Size)
 	}
+	c.defaults()
+	if c.HeartbeatTimeout < 5*time.Millisecond || c.ElectionTimeout < 5*time.Millisecond || c.LeaderLeaseTimeout < 5*time.Millisecond {
+		return fmt.Errorf("replica: HeartbeatTimeout %v, ElectionTimeout %v, LeaderLeaseTimeout %v: each must be at least 5ms", c.HeartbeatTimeout, c.ElectionTimeout, c.LeaderLeaseTimeout)
+	}
+	if c.LeaderLeaseTimeout > c.HeartbeatTimeout {
+		return fmt.Errorf("replica: LeaderLeaseTimeout %v: must be at most HeartbeatTimeout %v", c.LeaderLeaseTimeout, c.HeartbeatTimeout)
+	}
+	if c.ElectionTimeout < c.HeartbeatTimeout {
+		return fmt.Errorf("replica: ElectionTimeout %v: must be at least HeartbeatTimeout %v", c.ElectionTimeout, c.HeartbeatTimeout)
+	}
+	if c.SnapshotInterval < 5*time.Millisecond {
+		return fmt.Errorf("replica: SnapshotInterval %v: must be at least 5ms", c.SnapshotInterval)
+	}
+	if c.LogStore != LogStoreWAL && c.LogStore != LogStoreBolt {
+		return fmt.Errorf("replica: LogStore %q: want %q or %q", c.LogStore, LogStoreWAL, LogStoreBolt)
+	}
 	return nil
 }
 

@@ -38,6 +38,9 @@ type serverFlags struct {
 	snapInterval time.Duration
 	trailingLogs uint64
 	memLimit     string
+	heartbeat    time.Duration
+	election     time.Duration
+	lease        time.Duration
 }
 
 func newServerCmd(g *globalFlags) *cobra.Command {
@@ -78,6 +81,9 @@ writes fail with EIO after --write-timeout.`,
 	fl.Uint64Var(&f.snapEntries, "snapshot-threshold", 0, "take a snapshot after this many log entries (default 16384)")
 	fl.DurationVar(&f.snapInterval, "snapshot-interval", 0, "check for a snapshot this often (default 10s)")
 	fl.Uint64Var(&f.trailingLogs, "trailing-logs", 0, "log entries kept behind a snapshot for lagging followers (default 4096)")
+	fl.DurationVar(&f.heartbeat, "heartbeat-timeout", time.Second, "Raft: a follower without contact from the leader this long starts an election")
+	fl.DurationVar(&f.election, "election-timeout", time.Second, "Raft: a candidate without a result this long starts another election")
+	fl.DurationVar(&f.lease, "leader-lease-timeout", 500*time.Millisecond, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
 	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
 		_ = cmd.MarkFlagRequired(name)
@@ -147,7 +153,8 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	nodeCfg := replica.NodeConfig{
 		ID: f.id, Dir: f.dir, RaftAddr: f.raftAddr, Self: self,
 		Bootstrap: f.bootstrap, Size: size,
-		LogStore:      replica.LogStoreKind(f.logStore),
+		LogStore:         replica.LogStoreKind(f.logStore),
+		HeartbeatTimeout: f.heartbeat, ElectionTimeout: f.election, LeaderLeaseTimeout: f.lease,
 		SnapshotBytes: f.snapBytes, SnapshotThreshold: f.snapEntries, SnapshotInterval: f.snapInterval, TrailingLogs: f.trailingLogs,
 		Restore: resync.Restore,
 		OnFatal: func(err error) {
@@ -159,9 +166,6 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	}
 	if err := nodeCfg.Validate(); err != nil {
 		return err
-	}
-	if nodeCfg.LogStore != replica.LogStoreWAL && nodeCfg.LogStore != replica.LogStoreBolt {
-		return fmt.Errorf("--log-store %q: want wal or bolt", f.logStore)
 	}
 	volSize := size
 	if volSize == 0 {
