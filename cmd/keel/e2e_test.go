@@ -1058,15 +1058,7 @@ func TestFioVerify(t *testing.T) {
 		t.Errorf("fio mentioned verification problems:\n%s\n%s", r.stdout, r.stderr)
 	}
 	var res struct {
-		Jobs []struct {
-			Error int `json:"error"`
-			Read  struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"read"`
-			Write struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"write"`
-		} `json:"jobs"`
+		Jobs []fioJob `json:"jobs"`
 	}
 	b := readFile(t, out)
 	if err := json.Unmarshal(b, &res); err != nil {
