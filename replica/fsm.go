@@ -171,14 +171,14 @@ func (f *FSM) applyLocked(index uint64, c *Command) Result {
 			res.Err = fmt.Errorf("%w: %q holds it (epoch %d)", ErrWriterHeld, f.st.Writer, f.st.Epoch)
 			return res
 		}
-		if f.st.Writer != c.Writer {
-			// A new writer starts a new exactly-once table; the same
-			// writer claiming again (after a restart) keeps its own.
-			f.applied = map[uint64]struct{}{}
-			f.st.AckedBelow = 0
-			if f.st.Writer != "" {
-				f.log.Info("writer fenced by takeover", "old", f.st.Writer, "new", c.Writer, "epoch", index)
-			}
+		// Every claim starts a new exactly-once table: writes of the
+		// earlier epoch are fenced from here on, so their request ids can
+		// never come back, and a restarted writer numbers its requests
+		// from 1 again.
+		f.applied = map[uint64]struct{}{}
+		f.st.AckedBelow = 0
+		if f.st.Writer != "" && f.st.Writer != c.Writer {
+			f.log.Info("writer fenced by takeover", "old", f.st.Writer, "new", c.Writer, "epoch", index)
 		}
 		f.st.Writer, f.st.Epoch = c.Writer, index
 		res.Epoch = index

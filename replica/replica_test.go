@@ -121,17 +121,26 @@ func TestExactlyOnce(t *testing.T) {
 	if r := mustApply(t, c, write(a.Epoch, 6, 7, 4096, []byte("stale"))); !r.Duplicate {
 		t.Errorf("request below acked: %+v, want Duplicate", r)
 	}
-	// The same writer claiming again (restart) keeps its table.
-	a2 := mustApply(t, c, &replica.Command{Kind: replica.KindClaim, Writer: "w"})
-	if r := mustApply(t, c, write(a2.Epoch, 7, 7, 8192, []byte("y"))); !r.Duplicate {
-		t.Errorf("request 7 after the writer re-claimed: %+v, want Duplicate", r)
-	}
 	c.WaitConverged()
 	if got := readImage(t, c.Node("n1"), 0, 5); string(got) != "first" {
 		t.Errorf("image holds %q, want the first write only", got)
 	}
 	if st := c.Node("n2").FSM().State(); st.AckedBelow != 7 || len(st.Applied) != 1 {
 		t.Errorf("exactly-once table: acked below %d, applied %v", st.AckedBelow, st.Applied)
+	}
+	// The same writer claiming again (a restarted proxy numbering its
+	// requests from 1 again) starts a new table: its request 5 is new,
+	// and the old epoch's retries are fenced.
+	a2 := mustApply(t, c, &replica.Command{Kind: replica.KindClaim, Writer: "w"})
+	if r := mustApply(t, c, write(a2.Epoch, 5, 1, 0, []byte("again"))); r.Duplicate || r.Err != nil {
+		t.Errorf("request 5 after the writer re-claimed: %+v, want applied", r)
+	}
+	if r := mustApply(t, c, write(a.Epoch, 8, 7, 0, []byte("stale"))); !errors.Is(r.Err, replica.ErrStaleEpoch) {
+		t.Errorf("old epoch after re-claim: %+v, want ErrStaleEpoch", r)
+	}
+	c.WaitConverged()
+	if got := readImage(t, c.Node("n3"), 0, 5); string(got) != "again" {
+		t.Errorf("image holds %q after the re-claimed writer's request 5", got)
 	}
 }
 
