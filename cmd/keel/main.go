@@ -69,7 +69,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
-	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g))
+	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g))
 	return root
 }
 

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/supervise"
+)
+
+type proxyFlags struct {
+	listen       string
+	servers      string
+	cache        string
+	takeover     bool
+	writer       string
+	name         string
+	writeTimeout time.Duration
+	readTimeout  time.Duration
+	attempt      time.Duration
+	poll         time.Duration
+	connect      time.Duration
+	drain        time.Duration
+}
+
+func newProxyCmd(g *globalFlags) *cobra.Command {
+	f := &proxyFlags{}
+	cmd := &cobra.Command{
+		Use:   "proxy --servers HTTP-ADDR,... [--listen ADDR] [--cache SIZE] [--takeover]",
+		Short: "Serve a replicated volume to a local NBD client (qemu), across failovers",
+		Long: `Serve a replicated volume over NBD to the VM on this host.
+
+The proxy finds the cluster's leader from --servers (the servers' --http
+addresses; one is enough, the others are learned from it) and commits every
+write through it as the volume's only writer. When the leader is lost it
+finds the next one and re-sends what was not yet answered; each write is
+applied exactly once. The client's connection stays open throughout: it
+sees a stall, not an error. Reads go to any replica that has applied the
+proxy's last acknowledged write, through a read cache of --cache bytes.
+
+One writer at a time: a second proxy for the same volume serves reads but
+answers writes with EPERM, unless it was started with --takeover, which
+fences the first (its later writes fail with EPERM and never land). Use
+--takeover when a VM moves to another host. A proxy restarted under the same
+--writer name (default: hostname and --listen) takes the volume back without
+--takeover.
+
+Without a quorum, reads continue and writes wait --write-timeout, then fail
+with EIO. On SIGTERM or SIGINT the proxy answers every request already read,
+closes the connections (qemu reconnects) and releases the volume.`,
+		Example: `  keel proxy --servers 10.0.0.1:10809,10.0.0.2:10809 --listen unix:/run/keel/vm1.sock --cache 256M
+  keel proxy --servers 10.0.0.1:10809 --listen 127.0.0.1:10809 --takeover   # VM migrated here`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runProxy(cmd.Context(), g, f) },
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.listen, "listen", "127.0.0.1:10809", "address to serve NBD on: HOST:PORT or unix:PATH")
+	fl.StringVar(&f.servers, "servers", "", "comma-separated HTTP API addresses (keel server --http) of the volume's servers (required)")
+	fl.StringVar(&f.cache, "cache", "128M", "read cache size, e.g. 256M; 0 turns it off")
+	fl.BoolVar(&f.takeover, "takeover", false, "take the volume over from the proxy that holds it (fences that proxy)")
+	fl.StringVar(&f.writer, "writer", "", "name this proxy claims the volume under (default: HOSTNAME/LISTEN)")
+	fl.StringVar(&f.name, "name", "keel", "export name (clients asking for the empty name get it too)")
+	fl.DurationVar(&f.writeTimeout, "write-timeout", 30*time.Second, "how long a write waits for a leader and a quorum before failing with EIO")
+	fl.DurationVar(&f.readTimeout, "read-timeout", 30*time.Second, "how long a read waits for an up-to-date replica before failing with EIO")
+	fl.DurationVar(&f.attempt, "attempt-timeout", 5*time.Second, "how long one call to the leader may take before the write is re-sent")
+	fl.DurationVar(&f.poll, "poll-interval", 200*time.Millisecond, "how often each server's status is read while a leader is known")
+	fl.DurationVar(&f.connect, "connect-timeout", 60*time.Second, "at start, how long to wait for a server to answer")
+	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
+	_ = cmd.MarkFlagRequired("servers")
+	return cmd
+}
+
+func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
+	log, err := g.logger("keel")
+	if err != nil {
+		return err
+	}
+	var servers []string
+	for _, s := range strings.Split(f.servers, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			servers = append(servers, s)
+		}
+	}
+	cache, err := parseSize(f.cache)
+	if err != nil {
+		return fmt.Errorf("--cache: %w", err)
+	}
+	if f.connect <= 0 {
+		return fmt.Errorf("--connect-timeout %v: must be positive", f.connect)
+	}
+	writer := f.writer
+	if writer == "" {
+		host, _ := os.Hostname()
+		writer = host + "/" + f.listen
+	}
+	p, err := services.NewProxy(services.ProxyConfig{
+		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
+		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
+		PollInterval: f.poll, Log: log.Named("proxy"),
+	})
+	if err != nil {
+		return err
+	}
+	// The cache is the bulk of the heap: let the garbage collector work
+	// to keep the process near cache + 48 MiB rather than twice the cache.
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(int64(cache) + 48<<20)
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	rootCtx, cancelRoot := context.WithCancel(context.Background())
+	defer cancelRoot()
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: f.drain + 15*time.Second})
+	root.Add(p)
+	rootErr := root.ServeBackground(rootCtx)
+
+	rctx, cancel := context.WithTimeout(ctx, f.connect)
+	size, err := p.Ready(rctx)
+	cancel()
+	if err != nil {
+		cancelRoot()
+		<-rootErr
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	srv, err := nbd.NewServer(nbd.ServerConfig{
+		Exports: []nbd.Export{{
+			Name:        f.name,
+			Description: "keel replicated volume via proxy (servers " + strings.Join(servers, ",") + ")",
+			Backend:     p,
+		}},
+		Logger:           log.Named("nbd"),
+		DrainTimeout:     f.drain,
+		MaxInFlightBytes: 64 << 20,
+	})
+	if err != nil {
+		cancelRoot()
+		<-rootErr
+		return err
+	}
+	l, uri, err := services.Listen(f.listen)
+	if err != nil {
+		cancelRoot()
+		<-rootErr
+		return err
+	}
+	nbdToken := root.Add(services.NewNBD(services.NBDConfig{Listener: l, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
+	log.Info("proxy serving", "uri", uri, "size", size, "writer", writer, "cache", cache, "servers", strings.Join(servers, ","))
+
+	select {
+	case <-ctx.Done():
+		// Drain the NBD connections while the proxy can still commit
+		// what they read, then stop the proxy (which releases the volume).
+		log.Info("stopping: draining NBD connections, then releasing the volume")
+		if err := root.RemoveAndWait(nbdToken, f.drain+5*time.Second); err != nil {
+			log.Warn("NBD did not drain in time", "error", err)
+		}
+		cancelRoot()
+		<-rootErr
+		log.Info("stopped")
+		return nil
+	case err := <-rootErr:
+		return err
+	}
+}

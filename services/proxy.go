@@ -1,0 +1,609 @@
+package services
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/replica"
+)
+
+// Proxy is the nbd.Backend of `keel proxy`: the VM's side of a replicated
+// volume. It finds the leader and commits writes through it (POST
+// /v1/apply) as the volume's one writer (a claimed epoch, a request id per
+// command, so a write re-sent after a failover is applied once), keeps the
+// client's requests waiting across leader changes, reads from any replica
+// that has applied the proxy's last acknowledged write, and keeps a
+// read-through cache that is coherent because nobody else writes.
+//
+// Serve runs the proxy's background work (polling the servers, claiming
+// the volume at start, releasing it at stop); the NBD service in front of
+// it is separate and must be stopped first.
+type Proxy struct {
+	cfg   ProxyConfig
+	view  *clusterView
+	api   *Client // apply calls; each attempt has its own deadline
+	cache *blockCache
+	log   hclog.Logger
+
+	ready chan struct{} // closed once size is known
+	size  uint64
+
+	claimMu   sync.Mutex // serializes claims; guards the following
+	epoch     atomic.Uint64
+	fenced    atomic.Pointer[error] // set once a takeover fenced this proxy: writes refused for good
+	heldBy    string                // the other writer, after a refused claim
+	refusedAt time.Time             // when the last claim was refused
+	claimed   bool                  // a claim succeeded once (takeover is done only then)
+
+	ids       idWindow
+	lastAcked atomic.Uint64 // log index of the latest acknowledged command (read-your-writes)
+	rr        atomic.Uint64 // round robin over readable replicas
+
+	stats ProxyStats
+}
+
+// ProxyStats count what the proxy did; read them with Stats.
+type ProxyStats struct {
+	Reads, CacheHits, CacheMisses, RemoteReads atomic.Uint64
+	Writes, Retries, Duplicates, Refused       atomic.Uint64
+}
+
+// ProxyConfig configures a Proxy.
+type ProxyConfig struct {
+	// Servers are the HTTP API addresses (keel server --http) of some or
+	// all of the volume's servers; the rest are found from the cluster's
+	// member list. At least one.
+	Servers []string
+	// Writer is the name the proxy claims the volume under. A proxy
+	// restarted under the same name claims it back without Takeover.
+	// Required.
+	Writer string
+	// Takeover claims the volume even when another writer holds it,
+	// fencing that writer: its later writes are refused and never land.
+	Takeover bool
+	// CacheBytes bounds the read cache; 0 turns it off. Default 0.
+	CacheBytes uint64
+	// WriteTimeout bounds how long a write waits for a leader and a
+	// quorum (across any number of failovers) before failing with EIO.
+	// Default 30s; range 100ms to 1h.
+	WriteTimeout time.Duration
+	// ReadTimeout bounds how long a read waits for a replica that may
+	// answer it before failing with EIO. Default 30s; range 100ms to 1h.
+	ReadTimeout time.Duration
+	// AttemptTimeout bounds one apply call to the leader; after it the
+	// write is re-sent (with the same request id). Default 5s; range 100ms
+	// to WriteTimeout.
+	AttemptTimeout time.Duration
+	// PollInterval is how often each server's status is read while a
+	// leader is known; while none is, every 20ms. Default 200ms; range 10ms
+	// to 10s.
+	PollInterval time.Duration
+	// Log is the proxy's logger. Default: discard.
+	Log hclog.Logger
+}
+
+func (c ProxyConfig) withDefaults() ProxyConfig {
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = 30 * time.Second
+	}
+	if c.ReadTimeout == 0 {
+		c.ReadTimeout = 30 * time.Second
+	}
+	if c.AttemptTimeout == 0 {
+		c.AttemptTimeout = min(5*time.Second, c.WriteTimeout)
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = 200 * time.Millisecond
+	}
+	if c.Log == nil {
+		c.Log = hclog.NewNullLogger()
+	}
+	return c
+}
+
+// Validate checks the configuration; errors name the bad field.
+func (c ProxyConfig) Validate() error {
+	c = c.withDefaults()
+	if len(c.Servers) == 0 {
+		return errors.New("proxy: Servers: at least one server's HTTP address is needed")
+	}
+	for _, s := range c.Servers {
+		if strings.TrimSpace(s) == "" || strings.ContainsAny(s, " \t/") && !strings.HasPrefix(s, "http") {
+			return fmt.Errorf("proxy: Servers: %q is not HOST:PORT", s)
+		}
+	}
+	if c.Writer == "" || len(c.Writer) > 1024 {
+		return errors.New("proxy: Writer: must be 1 to 1024 bytes")
+	}
+	if c.WriteTimeout < 100*time.Millisecond || c.WriteTimeout > time.Hour {
+		return fmt.Errorf("proxy: WriteTimeout %v: must be from 100ms to 1h", c.WriteTimeout)
+	}
+	if c.ReadTimeout < 100*time.Millisecond || c.ReadTimeout > time.Hour {
+		return fmt.Errorf("proxy: ReadTimeout %v: must be from 100ms to 1h", c.ReadTimeout)
+	}
+	if c.AttemptTimeout < 100*time.Millisecond || c.AttemptTimeout > c.WriteTimeout {
+		return fmt.Errorf("proxy: AttemptTimeout %v: must be from 100ms to the write timeout %v", c.AttemptTimeout, c.WriteTimeout)
+	}
+	if c.PollInterval < 10*time.Millisecond || c.PollInterval > 10*time.Second {
+		return fmt.Errorf("proxy: PollInterval %v: must be from 10ms to 10s", c.PollInterval)
+	}
+	return nil
+}
+
+// NewProxy returns a proxy; Serve starts it and Ready waits until it knows
+// the volume.
+func NewProxy(cfg ProxyConfig) (*Proxy, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	status := NewClient(2 * time.Second)
+	p := &Proxy{
+		cfg:   cfg,
+		view:  newClusterView(cfg.Servers, status, cfg.Log.Named("cluster"), cfg.PollInterval, 20*time.Millisecond),
+		api:   NewClient(0),
+		cache: newBlockCache(cfg.CacheBytes),
+		log:   cfg.Log,
+		ready: make(chan struct{}),
+	}
+	return p, nil
+}
+
+var _ nbd.Backend = (*Proxy)(nil)
+
+func (p *Proxy) String() string { return "proxy" }
+
+// Serve polls the servers, claims the volume, and at stop releases it.
+func (p *Proxy) Serve(ctx context.Context) error {
+	vctx, stopView := context.WithCancel(context.Background())
+	viewDone := make(chan struct{})
+	go func() { defer close(viewDone); _ = p.view.Serve(vctx) }()
+	defer func() { stopView(); <-viewDone }()
+
+	size, err := p.view.Size(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	select {
+	case <-p.ready:
+	default:
+		p.size = size
+		close(p.ready)
+	}
+	// Claim now, so that --takeover fences the old writer at start and an
+	// operator sees at once whether this proxy may write.
+	cctx, cancel := context.WithTimeout(ctx, p.cfg.WriteTimeout)
+	if _, err := p.writerEpoch(cctx); err != nil {
+		p.log.Warn("not the volume's writer: reads are served, writes refused with EPERM", "error", err)
+	}
+	cancel()
+	<-ctx.Done()
+	p.release()
+	return nil
+}
+
+// Ready waits until the proxy knows the volume's size.
+func (p *Proxy) Ready(ctx context.Context) (uint64, error) {
+	select {
+	case <-p.ready:
+		return p.size, nil
+	case <-ctx.Done():
+		return 0, fmt.Errorf("no keel server answered at %s: %w", strings.Join(p.cfg.Servers, ", "), context.Cause(ctx))
+	}
+}
+
+func (p *Proxy) Size() uint64 { return p.size }
+
+// Stats returns the proxy's counters.
+func (p *Proxy) Stats() *ProxyStats { return &p.stats }
+
+// ---- the writer: epoch and request ids ----
+
+// writerEpoch returns the proxy's epoch, claiming the volume first if it
+// does not hold it yet. A proxy that another writer holds the volume
+// against tries again at most once a second; a fenced one never again.
+func (p *Proxy) writerEpoch(ctx context.Context) (uint64, error) {
+	if e := p.epoch.Load(); e != 0 {
+		return e, nil
+	}
+	if f := p.fenced.Load(); f != nil {
+		return 0, *f
+	}
+	p.claimMu.Lock()
+	defer p.claimMu.Unlock()
+	if e := p.epoch.Load(); e != 0 {
+		return e, nil
+	}
+	if f := p.fenced.Load(); f != nil {
+		return 0, *f
+	}
+	if !p.refusedAt.IsZero() && time.Since(p.refusedAt) < time.Second {
+		return 0, fmt.Errorf("%w: the volume is held by writer %s", nbd.EPERM, p.heldBy)
+	}
+	takeover := p.cfg.Takeover && !p.claimed
+	c := replica.Command{Kind: replica.KindClaim, Writer: p.cfg.Writer, Takeover: takeover}
+	r, err := p.send(ctx, c.Encode(nil))
+	if err != nil {
+		return 0, err
+	}
+	if r.Refused != "" {
+		p.refusedAt, p.heldBy = time.Now(), r.Error
+		if i := strings.Index(r.Error, ": "); i >= 0 {
+			p.heldBy = r.Error[i+2:]
+		}
+		p.log.Warn("volume held by another writer; writes are refused until it releases it (or start with --takeover)", "detail", r.Error)
+		return 0, fmt.Errorf("%w: %s", nbd.EPERM, r.Error)
+	}
+	p.claimed = true
+	p.noteAcked(r.Index) // reads wait for replicas that have seen the claim (and so every earlier write)
+	p.epoch.Store(r.Epoch)
+	p.log.Info("holding the volume", "writer", p.cfg.Writer, "epoch", r.Epoch, "takeover", takeover)
+	return r.Epoch, nil
+}
+
+// fence records that a takeover fenced this proxy: from now on every write
+// is refused, and the cache (which another writer now invalidates) is off.
+func (p *Proxy) fence(detail string) error {
+	err := fmt.Errorf("%w: this proxy was fenced by a takeover (%s)", nbd.EPERM, detail)
+	if p.fenced.CompareAndSwap(nil, &err) {
+		p.log.Error("fenced: another proxy took the volume over; writes are refused from now on", "detail", detail)
+	}
+	p.epoch.Store(0)
+	return err
+}
+
+// holding reports whether the proxy is the volume's writer right now.
+func (p *Proxy) holding() bool { return p.epoch.Load() != 0 }
+
+func (p *Proxy) noteAcked(index uint64) {
+	for {
+		cur := p.lastAcked.Load()
+		if index <= cur || p.lastAcked.CompareAndSwap(cur, index) {
+			return
+		}
+	}
+}
+
+// release gives the volume up at stop, so that another proxy may claim it
+// without a takeover.
+func (p *Proxy) release() {
+	e := p.epoch.Load()
+	if e == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c := replica.Command{Kind: replica.KindRelease, Epoch: e}
+	if _, err := p.send(ctx, c.Encode(nil)); err != nil {
+		p.log.Warn("could not release the volume; the next proxy needs the same --writer name or --takeover", "error", err)
+		return
+	}
+	p.epoch.Store(0)
+	p.log.Info("released the volume", "epoch", e)
+}
+
+// idWindow hands out request ids and tracks which are still unanswered:
+// every id below low has been answered to the client.
+type idWindow struct {
+	mu   sync.Mutex
+	next uint64
+	low  uint64
+	open map[uint64]struct{}
+}
+
+func (w *idWindow) take() (id, ackedBelow uint64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.open == nil {
+		w.open, w.next, w.low = map[uint64]struct{}{}, 1, 1
+	}
+	id = w.next
+	w.next++
+	w.open[id] = struct{}{}
+	return id, w.low
+}
+
+func (w *idWindow) done(id uint64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.open, id)
+	for w.low < w.next {
+		if _, ok := w.open[w.low]; ok {
+			break
+		}
+		w.low++
+	}
+}
+
+// commit sends one write, trim or zero as the volume's writer, re-sending
+// it (same request id) across failovers until it is committed or the
+// write timeout passes.
+func (p *Proxy) commit(c *replica.Command) error {
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.WriteTimeout)
+	defer cancel()
+	epoch, err := p.writerEpoch(ctx)
+	if err != nil {
+		if errors.Is(err, nbd.EPERM) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", nbd.EIO, err)
+	}
+	id, acked := p.ids.take()
+	defer p.ids.done(id)
+	c.Epoch, c.ReqID, c.AckedBelow = epoch, id, acked
+	p.stats.Writes.Add(1)
+	r, err := p.send(ctx, c.Encode(nil))
+	if err != nil {
+		p.log.Warn("write not committed within the write timeout", "timeout", p.cfg.WriteTimeout, "kind", c.Kind, "offset", c.Offset, "length", c.Length, "error", err)
+		return fmt.Errorf("%w: not committed within %v: %v", nbd.EIO, p.cfg.WriteTimeout, err)
+	}
+	if r.Duplicate {
+		p.stats.Duplicates.Add(1)
+	}
+	switch r.Refused {
+	case "":
+		p.noteAcked(r.Index)
+		return nil
+	case refusedStaleEpoch:
+		p.stats.Refused.Add(1)
+		return p.fence(r.Error)
+	case refusedOutOfRange:
+		return fmt.Errorf("%w: %s", nbd.ENOSPC, r.Error)
+	}
+	return fmt.Errorf("%w: refused: %s", nbd.EIO, r.Error)
+}
+
+// send delivers an encoded command to the leader, whichever it is, until
+// it is answered (committed, possibly refused) or ctx ends. Each attempt
+// ends early when the leader is found lost.
+func (p *Proxy) send(ctx context.Context, data []byte) (ApplyResponse, error) {
+	var last error
+	for attempt := 0; ; attempt++ {
+		if attempt > 0 {
+			p.stats.Retries.Add(1)
+			select {
+			case <-ctx.Done():
+				return ApplyResponse{}, last
+			case <-time.After(min(time.Duration(attempt)*5*time.Millisecond, 100*time.Millisecond)):
+			}
+		}
+		l, err := p.view.Leader(ctx)
+		if err != nil {
+			if last == nil {
+				last = err
+			}
+			return ApplyResponse{}, last
+		}
+		actx, cancel := context.WithTimeout(ctx, p.cfg.AttemptTimeout)
+		stop := context.AfterFunc(l.lostContext(), cancel)
+		r, err := p.api.Apply(actx, l.http, data)
+		stop()
+		cancel()
+		if err != nil {
+			last = fmt.Errorf("leader %s: %w", l.http, err)
+			if ctx.Err() == nil {
+				p.view.LeaderFailed(l)
+			}
+			continue
+		}
+		if r.Refused == "" && r.Error != "" {
+			last = fmt.Errorf("leader %s: %s", l.http, r.Error)
+			continue
+		}
+		l.noteApplied(r.Index)
+		return r, nil
+	}
+}
+
+// ---- writes ----
+
+func (p *Proxy) WriteAt(b []byte, off uint64, fua bool) error {
+	g := p.cache.startWrite(off, uint64(len(b)))
+	defer p.cache.endWrite(g)
+	if len(b) <= maxCommandData {
+		return p.commit(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: b})
+	}
+	var eg errgroup.Group
+	for done := 0; done < len(b); done += maxCommandData {
+		part, at := b[done:min(done+maxCommandData, len(b))], off+uint64(done)
+		eg.Go(func() error {
+			return p.commit(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
+		})
+	}
+	return eg.Wait()
+}
+
+// Flush has nothing to do: every write was committed on a quorum (durable
+// in its logs) before it was answered.
+func (p *Proxy) Flush() error { return nil }
+
+func (p *Proxy) Trim(off, length uint64, fua bool) error {
+	g := p.cache.startWrite(off, length)
+	defer p.cache.endWrite(g)
+	return p.commit(&replica.Command{Kind: replica.KindTrim, Offset: off, Length: length})
+}
+
+// Zero is always fast: the servers punch holes (or zero ranges) rather
+// than write zeroes, so ZeroFast needs no special case.
+func (p *Proxy) Zero(off, length uint64, f nbd.ZeroFlags) error {
+	g := p.cache.startWrite(off, length)
+	defer p.cache.endWrite(g)
+	c := &replica.Command{Kind: replica.KindZero, Offset: off, Length: length}
+	if f&nbd.ZeroNoHole != 0 {
+		c.ZeroFlags = replica.ZeroNoHole
+	}
+	return p.commit(c)
+}
+
+// ---- reads ----
+
+func (p *Proxy) ReadAt(b []byte, off uint64) error {
+	p.stats.Reads.Add(1)
+	if !p.cache.enabled() || !p.holding() {
+		return p.readRemote(b, off)
+	}
+	end := off + uint64(len(b))
+	for first := off / cacheBlock; first*cacheBlock < end; {
+		if data, ok := p.cache.get(first); ok {
+			p.stats.CacheHits.Add(1)
+			copyBlock(b, off, first, data)
+			first++
+			continue
+		}
+		// A run of missing blocks: fetch it in one read.
+		last := first
+		for (last+1)*cacheBlock < end {
+			if _, ok := p.cache.get(last + 1); ok {
+				break
+			}
+			last++
+		}
+		p.stats.CacheMisses.Add(last - first + 1)
+		if err := p.fetchBlocks(b, off, first, last); err != nil {
+			return err
+		}
+		first = last + 1
+	}
+	return nil
+}
+
+// fetchBlocks reads blocks first..last from a replica, fills the cache with
+// them and copies the part that overlaps [off, off+len(b)) into b.
+func (p *Proxy) fetchBlocks(b []byte, off, first, last uint64) error {
+	start, end := first*cacheBlock, min((last+1)*cacheBlock, p.size)
+	tok := p.cache.startFill()
+	buf := make([]byte, end-start)
+	if err := p.readRemote(buf, start); err != nil {
+		return err
+	}
+	for blk := first; blk <= last; blk++ {
+		lo := (blk - first) * cacheBlock
+		data := buf[lo:min(lo+cacheBlock, uint64(len(buf)))]
+		copyBlock(b, off, blk, data)
+		p.cache.fill(tok, blk, data)
+	}
+	return nil
+}
+
+// copyBlock copies the part of block blk (holding data) that overlaps
+// [off, off+len(b)) into b.
+func copyBlock(b []byte, off, blk uint64, data []byte) {
+	bs := blk * cacheBlock
+	lo, hi := max(bs, off), min(bs+uint64(len(data)), off+uint64(len(b)))
+	if lo < hi {
+		copy(b[lo-off:hi-off], data[lo-bs:hi-bs])
+	}
+}
+
+// readRemote reads from a replica that has applied the last acknowledged
+// write, trying others when one fails, for up to the read timeout.
+func (p *Proxy) readRemote(b []byte, off uint64) error {
+	p.stats.RemoteReads.Add(1)
+	return p.onReplica(func(ctx context.Context, c *nbd.Client) error { return c.ReadAt(ctx, b, off) })
+}
+
+func (p *Proxy) onReplica(fn func(context.Context, *nbd.Client) error) error {
+	need := p.lastAcked.Load()
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ReadTimeout)
+	defer cancel()
+	var last error
+	for attempt := 0; ; attempt++ {
+		s, changed := p.pickReplica(need)
+		if s == nil {
+			if last == nil {
+				last = fmt.Errorf("no replica has applied index %d yet", need)
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("%w: no replica could answer within %v: %v", nbd.EIO, p.cfg.ReadTimeout, last)
+			case <-changed:
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
+		}
+		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"))
+		if err == nil {
+			s.inflight.Add(1)
+			err = fn(ctx, c)
+			s.inflight.Add(-1)
+			if err == nil {
+				return nil
+			}
+			if errors.Is(err, nbd.ErrConnClosed) {
+				s.dropClient(c)
+			}
+		}
+		last = fmt.Errorf("server %s: %w", s.http, err)
+		s.markDown()
+		p.view.Kick()
+		if ctx.Err() != nil {
+			return fmt.Errorf("%w: %v", nbd.EIO, last)
+		}
+	}
+}
+
+// pickReplica returns the readable replica with the fewest reads in
+// flight (ties broken round robin), or nil and a channel closed on the
+// next change of the cluster view.
+func (p *Proxy) pickReplica(need uint64) (*serverState, <-chan struct{}) {
+	p.view.mu.Lock()
+	changed := p.view.changed
+	p.view.mu.Unlock()
+	all := p.view.snapshot()
+	n := uint64(len(all))
+	start := p.rr.Add(1)
+	var best *serverState
+	for i := uint64(0); i < n; i++ {
+		s := all[(start+i)%n]
+		if !s.readable(need) {
+			continue
+		}
+		if best == nil || s.inflight.Load() < best.inflight.Load() {
+			best = s
+		}
+	}
+	return best, changed
+}
+
+func (p *Proxy) Extents(off, length uint64) ([]nbd.Extent, error) {
+	var out []nbd.Extent
+	err := p.onReplica(func(ctx context.Context, c *nbd.Client) error {
+		if !c.MetaContext() {
+			out = []nbd.Extent{{Length: length}}
+			return nil
+		}
+		var err error
+		out, err = c.BlockStatus(ctx, off, length, false)
+		return err
+	})
+	return out, err
+}
+
+// Cache reads the range into the read cache (up to the cache's size).
+func (p *Proxy) Cache(off, length uint64) error {
+	if !p.cache.enabled() || !p.holding() {
+		return nil
+	}
+	length = min(length, p.cfg.CacheBytes)
+	const chunk = 4 << 20
+	buf := make([]byte, min(length, chunk))
+	for done := uint64(0); done < length; done += chunk {
+		n := min(chunk, length-done)
+		if err := p.ReadAt(buf[:n], off+done); err != nil {
+			return err
+		}
+	}
+	return nil
+}

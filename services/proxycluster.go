@@ -1,0 +1,417 @@
+package services
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/keelstore/keel/nbd"
+)
+
+// clusterView is the proxy's picture of the servers: which one leads, what
+// each has applied, and an NBD connection to each for reads. Every server
+// is polled on its own (GET /v1/status), so a hung server delays nobody;
+// while no leader is known the polls run fast.
+type clusterView struct {
+	api  *Client // status and cluster calls: short timeout
+	log  hclog.Logger
+	poll time.Duration // steady-state poll interval
+	fast time.Duration // poll interval while no leader is known
+
+	mu      sync.Mutex // guards the following
+	servers map[string]*serverState
+	leader  *serverState  // nil while unknown
+	changed chan struct{} // closed and replaced whenever something a waiter may want changes
+	kick    chan struct{} // closed and replaced to make every poller poll now
+}
+
+// serverState is one server as the proxy sees it.
+type serverState struct {
+	http string // the API address: its identity here
+
+	mu       sync.Mutex // guards the following
+	id       string
+	nbdAddr  string
+	up       bool   // the last status call answered
+	role     string // Leader, Follower, ...
+	syncing  bool   // resyncing its image: reads would wait
+	size     uint64
+	client   *nbd.Client
+	leadCtx  context.Context    // while the leader: cancelled when it stops being one
+	lost     context.CancelFunc // cancels leadCtx
+	downGen  uint64       // counts markDown calls: a poll that straddles one is ignored
+	inflight atomic.Int64 // reads in flight on this server
+
+	applied atomic.Uint64 // highest applied index known (polled or from an apply)
+}
+
+func newClusterView(seeds []string, api *Client, log hclog.Logger, poll, fast time.Duration) *clusterView {
+	v := &clusterView{
+		api: api, log: log, poll: poll, fast: fast,
+		servers: map[string]*serverState{},
+		changed: make(chan struct{}),
+		kick:    make(chan struct{}),
+	}
+	for _, s := range seeds {
+		v.servers[s] = &serverState{http: s}
+	}
+	return v
+}
+
+// notifyLocked wakes everyone waiting for a change.
+func (v *clusterView) notifyLocked() {
+	close(v.changed)
+	v.changed = make(chan struct{})
+}
+
+// Kick makes every poller poll now (after a write failed on the leader).
+func (v *clusterView) Kick() {
+	v.mu.Lock()
+	close(v.kick)
+	v.kick = make(chan struct{})
+	v.mu.Unlock()
+}
+
+// LeaderFailed forgets s as the leader (a write to it failed) and polls.
+func (v *clusterView) LeaderFailed(s *serverState) {
+	v.mu.Lock()
+	if v.leader == s {
+		v.setLeaderLocked(nil)
+	}
+	close(v.kick)
+	v.kick = make(chan struct{})
+	v.mu.Unlock()
+}
+
+// Leader waits for a known leader until ctx ends.
+func (v *clusterView) Leader(ctx context.Context) (*serverState, error) {
+	for {
+		v.mu.Lock()
+		l, ch := v.leader, v.changed
+		v.mu.Unlock()
+		if l != nil {
+			return l, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no leader found among %s: %w", strings.Join(v.addrs(), ", "), context.Cause(ctx))
+		case <-ch:
+		}
+	}
+}
+
+func (v *clusterView) addrs() []string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := make([]string, 0, len(v.servers))
+	for a := range v.servers {
+		out = append(out, a)
+	}
+	return out
+}
+
+func (v *clusterView) snapshot() []*serverState {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := make([]*serverState, 0, len(v.servers))
+	for _, s := range v.servers {
+		out = append(out, s)
+	}
+	return out
+}
+
+// Size waits for a server to report the volume's size.
+func (v *clusterView) Size(ctx context.Context) (uint64, error) {
+	for {
+		v.mu.Lock()
+		ch := v.changed
+		v.mu.Unlock()
+		for _, s := range v.snapshot() {
+			s.mu.Lock()
+			size := s.size
+			s.mu.Unlock()
+			if size > 0 {
+				return size, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return 0, fmt.Errorf("no server answered at %s: %w", strings.Join(v.addrs(), ", "), context.Cause(ctx))
+		case <-ch:
+		}
+	}
+}
+
+// Serve polls every server until ctx ends, and every few seconds asks the
+// leader for the member list so servers added later are found too.
+func (v *clusterView) Serve(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	started := map[string]bool{}
+	start := func() {
+		for _, s := range v.snapshot() {
+			if !started[s.http] {
+				started[s.http] = true
+				wg.Add(1)
+				go func() { defer wg.Done(); v.pollLoop(ctx, s) }()
+			}
+		}
+	}
+	start()
+	wait := 100 * time.Millisecond // until the member list was read once
+	for {
+		select {
+		case <-ctx.Done():
+			for _, s := range v.snapshot() {
+				s.closeClient()
+			}
+			return nil
+		case <-time.After(wait):
+			if v.refreshMembers(ctx) {
+				wait = 5 * time.Second
+			}
+			start()
+		}
+	}
+}
+
+// refreshMembers adds the members the leader lists; it reports whether it
+// could ask.
+func (v *clusterView) refreshMembers(ctx context.Context) bool {
+	v.mu.Lock()
+	l := v.leader
+	v.mu.Unlock()
+	if l == nil {
+		return false
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	cs, err := v.api.Cluster(cctx, l.http)
+	if err != nil {
+		return false
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, m := range cs.Members {
+		if m.HTTP != "" && v.servers[m.HTTP] == nil {
+			v.log.Info("found a new server", "id", m.ID, "http", m.HTTP)
+			v.servers[m.HTTP] = &serverState{http: m.HTTP}
+		}
+	}
+	return true
+}
+
+func (v *clusterView) pollLoop(ctx context.Context, s *serverState) {
+	for {
+		v.pollOnce(ctx, s)
+		v.mu.Lock()
+		wait, kick := v.poll, v.kick
+		if v.leader == nil {
+			wait = v.fast
+		}
+		v.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-kick:
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (v *clusterView) pollOnce(ctx context.Context, s *serverState) {
+	s.mu.Lock()
+	gen := s.downGen
+	s.mu.Unlock()
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	st, err := v.api.Status(cctx, s.http)
+	cancel()
+	if ctx.Err() != nil {
+		return
+	}
+	s.mu.Lock()
+	if err == nil && gen != s.downGen {
+		// The server was found down while this status was on its way: it
+		// may describe the process that died. Believe the next one.
+		s.mu.Unlock()
+		return
+	}
+	wasUp := s.up
+	s.up = err == nil
+	if err == nil {
+		s.id, s.role, s.size = st.Self.ID, st.State, st.ImageSize
+		s.syncing = st.Sync != nil && st.Sync.Active
+		if st.Self.NBD != s.nbdAddr && s.client != nil {
+			s.client.Close()
+			s.client = nil
+		}
+		s.nbdAddr = st.Self.NBD
+		// The status is the truth, also downwards: a restarted server
+		// replays its log from its last snapshot, and until it is back
+		// where it was it must not answer reads that need more.
+		s.applied.Store(st.AppliedIndex)
+	}
+	s.mu.Unlock()
+	if wasUp != s.up {
+		if err != nil {
+			v.log.Warn("server not answering", "server", s.http, "error", err)
+		} else {
+			v.log.Info("server answering", "server", s.http, "id", st.Self.ID, "state", st.State)
+		}
+	}
+
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	switch {
+	case err == nil && st.State == "Leader" && v.leader != s:
+		v.log.Info("leader found", "server", s.http, "id", st.Self.ID, "term", st.Term)
+		v.setLeaderLocked(s)
+	case v.leader == s && (err != nil || st.State != "Leader"):
+		v.log.Info("leader lost", "server", s.http)
+		v.setLeaderLocked(nil)
+	}
+	v.notifyLocked()
+}
+
+// setLeaderLocked makes s (nil: none) the leader; calls in flight to the
+// previous one are cancelled through its lostContext.
+func (v *clusterView) setLeaderLocked(s *serverState) {
+	if old := v.leader; old != nil {
+		old.mu.Lock()
+		if old.lost != nil {
+			old.lost()
+		}
+		old.mu.Unlock()
+	}
+	v.leader = s
+	if s != nil {
+		s.mu.Lock()
+		s.leadCtx, s.lost = context.WithCancel(context.Background())
+		s.mu.Unlock()
+	}
+	v.notifyLocked()
+}
+
+// lostContext is cancelled once s is no longer the leader (already
+// cancelled when it is not).
+func (s *serverState) lostContext() context.Context {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.leadCtx == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		return ctx
+	}
+	return s.leadCtx
+}
+
+// markDown takes s out of the read rotation until a poll started after
+// this answers.
+func (s *serverState) markDown() {
+	s.mu.Lock()
+	s.markDownLocked()
+	s.mu.Unlock()
+}
+
+func (s *serverState) markDownLocked() {
+	s.up = false
+	s.downGen++
+}
+
+// noteApplied raises the server's known applied index.
+func (s *serverState) noteApplied(idx uint64) {
+	for {
+		cur := s.applied.Load()
+		if idx <= cur || s.applied.CompareAndSwap(cur, idx) {
+			return
+		}
+	}
+}
+
+// readable reports whether reads may go to s: it answers, is not
+// resyncing, and has applied at least index.
+func (s *serverState) readable(index uint64) bool {
+	s.mu.Lock()
+	ok := s.up && !s.syncing && s.nbdAddr != ""
+	s.mu.Unlock()
+	return ok && s.applied.Load() >= index
+}
+
+// nbdClient returns the server's NBD connection, dialing it if needed.
+func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger) (*nbd.Client, error) {
+	s.mu.Lock()
+	if c := s.client; c != nil {
+		select {
+		case <-c.Done():
+			// The connection died: the server may have restarted, and
+			// what we know of it may describe the old process.
+			s.client = nil
+			s.markDownLocked()
+			s.mu.Unlock()
+			return nil, fmt.Errorf("NBD connection to %s lost: %w", s.http, c.Err())
+		default:
+			s.mu.Unlock()
+			return c, nil
+		}
+	}
+	addr := s.nbdAddr
+	s.mu.Unlock()
+	if addr == "" {
+		return nil, errors.New("server's NBD address not known yet")
+	}
+	network, a := dialAddr(addr)
+	dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := nbd.Dial(dctx, network, a, nbd.ClientConfig{
+		MetaContext:      true,
+		HandshakeTimeout: 2 * time.Second,
+		CloseTimeout:     time.Second,
+		MaxInFlight:      128,
+		Logger:           log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %s's NBD at %s: %w", s.http, addr, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client != nil { // someone else won the race
+		go c.Close()
+		return s.client, nil
+	}
+	s.client = c
+	return c, nil
+}
+
+func (s *serverState) dropClient(c *nbd.Client) {
+	s.mu.Lock()
+	if s.client == c {
+		s.client = nil
+		s.markDownLocked()
+	}
+	s.mu.Unlock()
+	go c.Close()
+}
+
+func (s *serverState) closeClient() {
+	s.mu.Lock()
+	c := s.client
+	s.client = nil
+	s.mu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+}
+
+// dialAddr splits an address as keel prints them (HOST:PORT or unix:PATH).
+func dialAddr(addr string) (network, a string) {
+	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
+		return "unix", p
+	}
+	return "tcp", addr
+}
