@@ -45,8 +45,8 @@ type serverState struct {
 	client   *nbd.Client
 	leadCtx  context.Context    // while the leader: cancelled when it stops being one
 	lost     context.CancelFunc // cancels leadCtx
-	downGen  uint64       // counts markDown calls: a poll that straddles one is ignored
-	inflight atomic.Int64 // reads in flight on this server
+	downGen  uint64             // counts markDown calls: a poll that straddles one is ignored
+	inflight atomic.Int64       // reads in flight on this server
 
 	applied atomic.Uint64 // highest applied index known (polled or from an apply)
 }
