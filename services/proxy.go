@@ -155,6 +155,7 @@ func NewProxy(cfg ProxyConfig) (*Proxy, error) {
 		log:   cfg.Log,
 		ready: make(chan struct{}),
 	}
+	p.view.onEpoch = p.sawEpoch
 	return p, nil
 }
 
@@ -262,6 +263,15 @@ func (p *Proxy) fence(detail string) error {
 	}
 	p.epoch.Store(0)
 	return err
+}
+
+// sawEpoch fences the proxy as soon as a server reports a later claim
+// than its own: from then on its cache may be stale, and its writes would
+// be refused anyway.
+func (p *Proxy) sawEpoch(writer string, epoch uint64) {
+	if mine := p.epoch.Load(); mine != 0 && epoch > mine {
+		p.fence(fmt.Sprintf("writer %q claimed epoch %d after this proxy's %d", writer, epoch, mine))
+	}
 }
 
 // holding reports whether the proxy is the volume's writer right now.

@@ -57,15 +57,20 @@ func (c *blockCache) get(b uint64) ([]byte, bool) {
 	return c.lru.Get(b)
 }
 
-// startFill returns the token a later fill must present.
+// startFill returns the token a later fill must present: every write
+// after it (those running now and those still to start) is checked.
 func (c *blockCache) startFill() uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.gen
+	tok := c.gen
+	for g := range c.inflight {
+		tok = min(tok, g-1)
+	}
+	return tok
 }
 
 // fill caches block b (data read from a server after startFill returned
-// tok) unless a write touching it started since or is still running.
+// tok) unless a write touching it ran at any time since.
 func (c *blockCache) fill(tok, b uint64, data []byte) {
 	if c.lru == nil {
 		return

@@ -21,7 +21,10 @@ import (
 type clusterView struct {
 	api  *Client // status and cluster calls: short timeout
 	log  hclog.Logger
-	poll time.Duration // steady-state poll interval
+	// onEpoch is told every writer epoch a server reports (the proxy
+	// learns from it that it was fenced, before its next write does).
+	onEpoch func(writer string, epoch uint64)
+	poll    time.Duration // steady-state poll interval
 	fast time.Duration // poll interval while no leader is known
 
 	mu      sync.Mutex // guards the following
@@ -258,6 +261,9 @@ func (v *clusterView) pollOnce(ctx context.Context, s *serverState) {
 		s.applied.Store(st.AppliedIndex)
 	}
 	s.mu.Unlock()
+	if err == nil && v.onEpoch != nil {
+		v.onEpoch(st.Writer, st.Epoch)
+	}
 	if wasUp != s.up {
 		if err != nil {
 			v.log.Warn("server not answering", "server", s.http, "error", err)

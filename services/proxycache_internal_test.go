@@ -1,0 +1,112 @@
+package services
+
+import (
+	"bytes"
+	"testing"
+)
+
+func TestBlockCacheFillRules(t *testing.T) {
+	blk := func(v byte) []byte { return bytes.Repeat([]byte{v}, cacheBlock) }
+	c := newBlockCache(4 * cacheBlock)
+
+	// A plain fill is cached.
+	tok := c.startFill()
+	c.fill(tok, 0, blk(1))
+	if d, ok := c.get(0); !ok || d[0] != 1 {
+		t.Fatal("block 0 not cached after a fill with no write around")
+	}
+
+	// A write to the block removes it.
+	g := c.startWrite(10, 100)
+	if _, ok := c.get(0); ok {
+		t.Fatal("block 0 still cached while a write to it runs")
+	}
+	// A read that started before or during the write must not fill it
+	// back: the data it fetched may predate the write.
+	c.fill(tok, 0, blk(2))
+	if _, ok := c.get(0); ok {
+		t.Fatal("fill during an overlapping write was cached")
+	}
+	during := c.startFill()
+	c.endWrite(g)
+	c.fill(during, 0, blk(3))
+	if _, ok := c.get(0); ok {
+		t.Fatal("fill by a read that started while the write ran was cached")
+	}
+	// ...but a write elsewhere does not stop a fill.
+	c.fill(tok, 1, blk(4))
+	if _, ok := c.get(1); !ok {
+		t.Fatal("fill of block 1 refused because of a write to block 0")
+	}
+	// A read that started after the write ended fills normally.
+	after := c.startFill()
+	c.fill(after, 0, blk(5))
+	if d, ok := c.get(0); !ok || d[0] != 5 {
+		t.Fatal("fill after the write ended not cached")
+	}
+
+	// A write spanning blocks removes all of them, including partial ones.
+	c.fill(c.startFill(), 2, blk(6))
+	g = c.startWrite(cacheBlock-1, cacheBlock+2) // last byte of 0, all of 1, first byte of 2
+	c.endWrite(g)
+	for b := uint64(0); b <= 2; b++ {
+		if _, ok := c.get(b); ok {
+			t.Errorf("block %d cached after a write that touched it", b)
+		}
+	}
+
+	// More writes since the read started than the cache remembers: the
+	// fill is refused rather than guessed.
+	old := c.startFill()
+	for i := 0; i < len(c.recent)+1; i++ {
+		c.endWrite(c.startWrite(100*cacheBlock, 1))
+	}
+	c.fill(old, 3, blk(7))
+	if _, ok := c.get(3); ok {
+		t.Error("fill cached although the writes since its start are forgotten")
+	}
+}
+
+func TestBlockCacheBounded(t *testing.T) {
+	c := newBlockCache(3*cacheBlock + 100)
+	for b := uint64(0); b < 10; b++ {
+		c.fill(c.startFill(), b, make([]byte, cacheBlock))
+	}
+	if c.len() != 3 {
+		t.Errorf("cache holds %d blocks, want 3 (its size in whole blocks)", c.len())
+	}
+	// The least recently used go first.
+	for b := uint64(7); b < 10; b++ {
+		if _, ok := c.get(b); !ok {
+			t.Errorf("block %d (recent) evicted", b)
+		}
+	}
+	// A range wider than the cache is removed by walking the cache.
+	c.endWrite(c.startWrite(0, 1<<40))
+	if c.len() != 0 {
+		t.Errorf("%d blocks left after a write over everything", c.len())
+	}
+	off := newBlockCache(0)
+	off.fill(off.startFill(), 0, make([]byte, cacheBlock))
+	if _, ok := off.get(0); ok || off.enabled() {
+		t.Error("a zero-size cache caches")
+	}
+}
+
+func TestIDWindow(t *testing.T) {
+	var w idWindow
+	id1, below := w.take()
+	id2, _ := w.take()
+	id3, _ := w.take()
+	if id1 != 1 || id2 != 2 || id3 != 3 || below != 1 {
+		t.Fatalf("ids %d %d %d below %d", id1, id2, id3, below)
+	}
+	w.done(id2)
+	if _, b := w.take(); b != 1 {
+		t.Errorf("acked-below %d with id 1 still open, want 1", b)
+	}
+	w.done(id1)
+	if _, b := w.take(); b != 3 {
+		t.Errorf("acked-below %d after ids 1 and 2 answered, want 3", b)
+	}
+}
