@@ -19,13 +19,13 @@ import (
 // is polled on its own (GET /v1/status), so a hung server delays nobody;
 // while no leader is known the polls run fast.
 type clusterView struct {
-	api  *Client // status and cluster calls: short timeout
-	log  hclog.Logger
+	api *Client // status and cluster calls: short timeout
+	log hclog.Logger
 	// onEpoch is told every writer epoch a server reports (the proxy
 	// learns from it that it was fenced, before its next write does).
 	onEpoch func(writer string, epoch uint64)
 	poll    time.Duration // steady-state poll interval
-	fast time.Duration // poll interval while no leader is known
+	fast    time.Duration // poll interval while no leader is known
 
 	mu      sync.Mutex // guards the following
 	servers map[string]*serverState
