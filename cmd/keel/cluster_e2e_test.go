@@ -1374,7 +1374,7 @@ func lastLines(s string, n int) string {
 }
 
 // devPorts returns P such that the ports keel dev uses from --base-port P
-// are free: P..P+2, P+100..P+102, P+200..P+202.
+// are free: P..P+3, P+100..P+102, P+200..P+202.
 func devPorts(t *testing.T) int {
 	t.Helper()
 	for range 100 {
@@ -1383,7 +1383,7 @@ func devPorts(t *testing.T) int {
 			continue
 		}
 		ok := true
-		for _, q := range []int{0, 1, 2, 100, 101, 102, 200, 201, 202} {
+		for _, q := range []int{0, 1, 2, 3, 100, 101, 102, 200, 201, 202} {
 			ok = ok && portFree(p+q)
 		}
 		if ok {
@@ -1455,8 +1455,9 @@ func startDev(t *testing.T, args ...string) *devProcess {
 	return d
 }
 
-// TestClusterDev runs keel dev, uses the cluster it starts, and stops it
-// with SIGINT: the three servers must exit with it.
+// TestClusterDev runs keel dev, uses the cluster and the proxy it starts,
+// and stops it with SIGINT: the three servers and the proxy must exit with
+// it.
 func TestClusterDev(t *testing.T) {
 	nbdinfo := tool(t, "nbdinfo")
 	dir := filepath.Join(t.TempDir(), "dev")
@@ -1472,14 +1473,14 @@ func TestClusterDev(t *testing.T) {
 			case <-d.exited:
 				died = true
 			case <-time.After(pollEvery):
-				up = strings.Contains(d.stdout.String(), "three-node cluster is running")
+				up = strings.Contains(d.stdout.String(), "three-node cluster is running, with a proxy")
 			}
 		}
 		if up {
 			break
 		}
 		if !died {
-			t.Fatalf("keel dev did not print \"three-node cluster is running\" within %v", clusterTimeout)
+			t.Fatalf("keel dev did not print \"three-node cluster is running, with a proxy\" within %v", clusterTimeout)
 		}
 		if !strings.Contains(d.stderr.String(), "address already in use") || attempt == 3 {
 			t.Fatalf("keel dev exited while starting: %v", d.exitErr)
@@ -1496,13 +1497,18 @@ func TestClusterDev(t *testing.T) {
 		}
 	})
 	t.Logf("keel dev (pid %d) runs servers %v from base port %d", d.cmd.Process.Pid, children, base)
-	if len(children) != 3 {
-		t.Errorf("keel dev has %d child processes, want 3 servers", len(children))
+	if len(children) != 4 {
+		t.Errorf("keel dev has %d child processes, want 3 servers and a proxy", len(children))
 	}
-
+	if !strings.Contains(d.stdout.String(), "nbd://"+loopback(base)) {
+		t.Errorf("keel dev does not print the proxy's address nbd://%s:\n%s", loopback(base), d.stdout)
+	}
 	if got := strings.TrimSpace(mustRun(t, toolTimeout, nbdinfo, "--size", "nbd://"+loopback(base))); got != strconv.Itoa(64*mib) {
-		t.Errorf("nbdinfo --size = %s, want %d", got, 64*mib)
+		t.Errorf("nbdinfo --size through the proxy = %s, want %d", got, 64*mib)
 	}
+	// A write and a read through the proxy, and the same bytes on a server.
+	mustQemuIO(t, "nbd://"+loopback(base), "write -P 0x5a 1M 64k", "read -P 0x5a 1M 64k")
+	mustQemuIO(t, "nbd://"+loopback(base+1), "read -P 0x5a 1M 64k")
 	out := mustRun(t, 60*time.Second, keelBin(t), "cluster", "status", "--http", loopback(base+200))
 	t.Logf("keel cluster status:\n%s", out)
 	voters := 0
@@ -1530,7 +1536,7 @@ func TestClusterDev(t *testing.T) {
 			t.Errorf("server process %d still exists after keel dev exited (kill 0: %v)", pid, err)
 		}
 	}
-	for _, q := range []int{0, 1, 2, 100, 101, 102, 200, 201, 202} {
+	for _, q := range []int{0, 1, 2, 3, 100, 101, 102, 200, 201, 202} {
 		if c, err := net.DialTimeout("tcp", loopback(base+q), time.Second); err == nil {
 			c.Close()
 			t.Errorf("port %d still accepts connections after keel dev exited", base+q)

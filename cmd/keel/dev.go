@@ -31,19 +31,22 @@ func newDevCmd(g *globalFlags) *cobra.Command {
 	var base int
 	cmd := &cobra.Command{
 		Use:   "dev [--dir DIR] [--size SIZE]",
-		Short: "Run a three-node cluster on loopback for a first look",
-		Long: `Start three keel servers on 127.0.0.1 (n1 bootstraps, n2 and n3 join),
-print the NBD addresses to give qemu, nbdinfo or fio, and stop them all on
-Ctrl-C. Each node keeps its image at DIR/nN/disk.img; run keel dev again on
-the same DIR and the volume is as you left it.
+		Short: "Run a three-node cluster and a proxy on loopback for a first look",
+		Long: `Start three keel servers on 127.0.0.1 (n1 bootstraps, n2 and n3 join) and
+a keel proxy in front of them, print the proxy's NBD address to give qemu,
+nbdinfo or fio, and stop everything on Ctrl-C. Each node keeps its image at
+DIR/nN/disk.img; run keel dev again on the same DIR and the volume is as you
+left it. Kill a server (even the leader) while a client writes through the
+proxy: the client sees a stall, not an error.
 
-Ports, from --base-port P: NBD P, P+1, P+2; Raft P+100..; HTTP P+200..`,
+Ports, from --base-port P: proxy NBD P; servers' NBD P+1..P+3, Raft
+P+100.., HTTP P+200..`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runDev(c.Context(), g, dir, size, base) },
 	}
 	cmd.Flags().StringVar(&dir, "dir", "keel-dev", "directory for the three nodes")
 	cmd.Flags().StringVar(&size, "size", "1G", "volume size for a new cluster")
-	cmd.Flags().IntVar(&base, "base-port", 10809, "first NBD port")
+	cmd.Flags().IntVar(&base, "base-port", 10809, "the proxy's NBD port; the servers' ports follow it")
 	return cmd
 }
 
@@ -65,7 +68,7 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 		id := fmt.Sprintf("n%d", i+1)
 		nodes = append(nodes, &devNode{
 			id:   id,
-			nbd:  fmt.Sprintf("127.0.0.1:%d", base+i),
+			nbd:  fmt.Sprintf("127.0.0.1:%d", base+1+i),
 			raft: fmt.Sprintf("127.0.0.1:%d", base+100+i),
 			http: fmt.Sprintf("127.0.0.1:%d", base+200+i),
 			dir:  filepath.Join(dir, id),
@@ -120,18 +123,54 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 	if err := waitVoters(ctx, client, nodes[0].http, 3); err != nil {
 		return err
 	}
+	proxyAddr := fmt.Sprintf("127.0.0.1:%d", base)
+	proxy := exec.Command(self, "--log-level", g.logLevel, "proxy", "--listen", proxyAddr,
+		"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev")
+	proxy.Stdout = os.Stdout
+	pr, pw := io.Pipe()
+	proxy.Stderr = pw
+	go prefixLines(pr, "proxy")
+	if err := proxy.Start(); err != nil {
+		return fmt.Errorf("starting the proxy: %w", err)
+	}
+	proxyDone := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		err := proxy.Wait()
+		close(proxyDone)
+		pw.Close()
+		if ctx.Err() == nil {
+			fmt.Fprintf(os.Stderr, "keel dev: the proxy exited: %v; stopping the servers\n", err)
+			stop()
+		}
+	}()
+	// Stop the proxy first, so that it drains its clients while the
+	// servers can still commit what it read.
+	defer func() {
+		_ = proxy.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-proxyDone:
+		case <-time.After(70 * time.Second):
+			_ = proxy.Process.Kill()
+		}
+	}()
+	if err := waitHTTP(ctx, client, proxyAddr); err != nil {
+		return fmt.Errorf("the proxy did not come up: %w", err)
+	}
 	fmt.Printf(`
-keel dev: a three-node cluster is running.
-  NBD (any node; writes go through the leader):
-    n1  nbd://%s     n2  nbd://%s     n3  nbd://%s
+keel dev: a three-node cluster is running, with a proxy in front.
+  NBD for your client (the proxy; survives any one server going away):
+    nbd://%s
+  each server's own NBD: n1 nbd://%s  n2 nbd://%s  n3 nbd://%s
   try:
     nbdinfo nbd://%s
     qemu-img info nbd://%s
     fio --ioengine=nbd --uri=nbd://%s --rw=randrw --bs=4k --size=64M --name=try
     keel cluster status --http %s
     keel verify --http %s
-  Ctrl-C stops all three.
-`, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, nodes[0].nbd, nodes[0].nbd, nodes[0].nbd, nodes[0].http, nodes[0].http)
+  Ctrl-C stops everything.
+`, proxyAddr, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, proxyAddr, proxyAddr, proxyAddr, nodes[0].http, nodes[0].http)
 	<-ctx.Done()
 	return nil
 }
