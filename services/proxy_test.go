@@ -172,7 +172,7 @@ func TestProxyCoherentUnderConcurrency(t *testing.T) {
 func TestProxyOneWriter(t *testing.T) {
 	node := startOneNode(t)
 	ctx := context.Background()
-	_, a := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "a", CacheBytes: 1 << 20})
+	pa, a := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "a", CacheBytes: 1 << 20})
 	if err := a.WriteAt(ctx, fill(0xaa, 4096), 0, false); err != nil {
 		t.Fatal(err)
 	}
@@ -181,12 +181,18 @@ func TestProxyOneWriter(t *testing.T) {
 		t.Fatalf("read back through a: %v %#x", err, got[0])
 	}
 
-	_, b := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "b", CacheBytes: 1 << 20})
+	pb, b := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "b", CacheBytes: 1 << 20})
 	if err := b.ReadAt(ctx, got, 0); err != nil || got[0] != 0xaa {
 		t.Fatalf("read through the second proxy: %v %#x", err, got[0])
 	}
 	if err := b.WriteAt(ctx, fill(0xbb, 4096), 0, false); !errors.Is(err, nbd.EPERM) {
 		t.Fatalf("write through the second proxy: %v, want EPERM", err)
+	}
+	if st := pb.Status(); st.Holding || st.Fenced != "" {
+		t.Errorf("second proxy's status: holding %v fenced %q, want neither", st.Holding, st.Fenced)
+	}
+	if st := pa.Status(); !st.Holding || st.Leader != node.http || len(st.Servers) != 1 || !st.Servers[0].Up {
+		t.Errorf("first proxy's status: %+v", st)
 	}
 
 	_, c := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "c", Takeover: true})
@@ -200,6 +206,9 @@ func TestProxyOneWriter(t *testing.T) {
 		if err := a.Zero(ctx, 0, 4096, 0); !errors.Is(err, nbd.EPERM) {
 			t.Fatalf("zero through the fenced proxy: %v, want EPERM", err)
 		}
+	}
+	if st := pa.Status(); st.Holding || !strings.Contains(st.Fenced, "fenced") {
+		t.Errorf("fenced proxy's status: holding %v fenced %q", st.Holding, st.Fenced)
 	}
 	// The fenced proxy no longer answers from its (now stale) cache.
 	if err := a.ReadAt(ctx, got, 0); err != nil || got[0] != 0xcc {

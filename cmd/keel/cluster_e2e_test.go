@@ -1374,7 +1374,7 @@ func lastLines(s string, n int) string {
 }
 
 // devPorts returns P such that the ports keel dev uses from --base-port P
-// are free: P..P+3, P+100..P+102, P+200..P+202.
+// are free: P..P+3, P+100..P+102, P+200..P+202, P+300.
 func devPorts(t *testing.T) int {
 	t.Helper()
 	for range 100 {
@@ -1383,7 +1383,7 @@ func devPorts(t *testing.T) int {
 			continue
 		}
 		ok := true
-		for _, q := range []int{0, 1, 2, 3, 100, 101, 102, 200, 201, 202} {
+		for _, q := range []int{0, 1, 2, 3, 100, 101, 102, 200, 201, 202, 300} {
 			ok = ok && portFree(p+q)
 		}
 		if ok {
@@ -1509,6 +1509,18 @@ func TestClusterDev(t *testing.T) {
 	// A write and a read through the proxy, and the same bytes on a server.
 	mustQemuIO(t, "nbd://"+loopback(base), "write -P 0x5a 1M 64k", "read -P 0x5a 1M 64k")
 	mustQemuIO(t, "nbd://"+loopback(base+1), "read -P 0x5a 1M 64k")
+	var ps struct {
+		Holding bool   `json:"holding"`
+		Leader  string `json:"leader"`
+		Servers []struct {
+			Up bool `json:"up"`
+		} `json:"servers"`
+	}
+	if err := getJSON(loopback(base+300), "/v1/status", &ps); err != nil {
+		t.Errorf("proxy status: %v", err)
+	} else if !ps.Holding || ps.Leader == "" || len(ps.Servers) != 3 {
+		t.Errorf("proxy status: %+v, want holding, a leader and 3 servers", ps)
+	}
 	out := mustRun(t, 60*time.Second, keelBin(t), "cluster", "status", "--http", loopback(base+200))
 	t.Logf("keel cluster status:\n%s", out)
 	voters := 0
@@ -1536,7 +1548,7 @@ func TestClusterDev(t *testing.T) {
 			t.Errorf("server process %d still exists after keel dev exited (kill 0: %v)", pid, err)
 		}
 	}
-	for _, q := range []int{0, 1, 2, 3, 100, 101, 102, 200, 201, 202} {
+	for _, q := range []int{0, 1, 2, 3, 100, 101, 102, 200, 201, 202, 300} {
 		if c, err := net.DialTimeout("tcp", loopback(base+q), time.Second); err == nil {
 			c.Close()
 			t.Errorf("port %d still accepts connections after keel dev exited", base+q)

@@ -40,7 +40,7 @@ left it. Kill a server (even the leader) while a client writes through the
 proxy: the client sees a stall, not an error.
 
 Ports, from --base-port P: proxy NBD P; servers' NBD P+1..P+3, Raft
-P+100.., HTTP P+200..`,
+P+100.., HTTP P+200..; the proxy's HTTP (status, metrics) P+300.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runDev(c.Context(), g, dir, size, base) },
 	}
@@ -125,7 +125,8 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 	}
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", base)
 	proxy := exec.Command(self, "--log-level", g.logLevel, "proxy", "--listen", proxyAddr,
-		"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev")
+		"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev",
+		"--http", fmt.Sprintf("127.0.0.1:%d", base+300))
 	proxy.Stdout = os.Stdout
 	pr, pw := io.Pipe()
 	proxy.Stderr = pw
@@ -169,8 +170,9 @@ keel dev: a three-node cluster is running, with a proxy in front.
     fio --ioengine=nbd --uri=nbd://%s --rw=randrw --bs=4k --size=64M --name=try
     keel cluster status --http %s
     keel verify --http %s
+    curl http://127.0.0.1:%d/v1/status     (the proxy: leader, epoch, cache)
   Ctrl-C stops everything.
-`, proxyAddr, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, proxyAddr, proxyAddr, proxyAddr, nodes[0].http, nodes[0].http)
+`, proxyAddr, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, proxyAddr, proxyAddr, proxyAddr, nodes[0].http, nodes[0].http, base+300)
 	<-ctx.Done()
 	return nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -30,6 +31,7 @@ type proxyFlags struct {
 	poll         time.Duration
 	connect      time.Duration
 	drain        time.Duration
+	http         string
 }
 
 func newProxyCmd(g *globalFlags) *cobra.Command {
@@ -74,6 +76,7 @@ closes the connections (qemu reconnects) and releases the volume.`,
 	fl.DurationVar(&f.attempt, "attempt-timeout", 5*time.Second, "how long one call to the leader may take before the write is re-sent")
 	fl.DurationVar(&f.poll, "poll-interval", 200*time.Millisecond, "how often each server's status is read while a leader is known")
 	fl.DurationVar(&f.connect, "connect-timeout", 60*time.Second, "at start, how long to wait for a server to answer")
+	fl.StringVar(&f.http, "http", "", "serve status (/v1/status) and Prometheus metrics (/metrics) on HOST:PORT; off by default")
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
 	_ = cmd.MarkFlagRequired("servers")
 	return cmd
@@ -122,6 +125,13 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	defer cancelRoot()
 	root := supervise.New("keel", log, supervise.Policy{StopTimeout: f.drain + 15*time.Second})
 	root.Add(p)
+	if f.http != "" {
+		hl, err := net.Listen("tcp", f.http)
+		if err != nil {
+			return fmt.Errorf("--http %s: %w", f.http, err)
+		}
+		root.Add(&services.ProxyAPI{Listener: hl, Proxy: p, Log: log.Named("http")})
+	}
 	rootErr := root.ServeBackground(rootCtx)
 
 	rctx, cancel := context.WithTimeout(ctx, f.connect)

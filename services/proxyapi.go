@@ -1,0 +1,147 @@
+package services
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// ProxyStatus is what GET /v1/status on a proxy's --http answers.
+type ProxyStatus struct {
+	Writer         string              `json:"writer"`
+	Holding        bool                `json:"holding"` // this proxy is the volume's writer now
+	Epoch          uint64              `json:"epoch,omitempty"`
+	Fenced         string              `json:"fenced,omitempty"` // why writes are refused for good
+	Leader         string              `json:"leader,omitempty"` // the leader's HTTP address
+	LastAckedIndex uint64              `json:"last_acked_index"`
+	Size           uint64              `json:"size"`
+	CacheBytes     uint64              `json:"cache_bytes"`
+	CachedBytes    uint64              `json:"cached_bytes"`
+	Servers        []ProxyServerStatus `json:"servers"`
+	Counters       map[string]uint64   `json:"counters"`
+}
+
+// ProxyServerStatus is one server as the proxy sees it.
+type ProxyServerStatus struct {
+	HTTP    string `json:"http"`
+	ID      string `json:"id,omitempty"`
+	NBD     string `json:"nbd,omitempty"`
+	Up      bool   `json:"up"`
+	State   string `json:"state,omitempty"`
+	Applied uint64 `json:"applied_index"`
+	Syncing bool   `json:"syncing,omitempty"`
+}
+
+// Status describes the proxy now.
+func (p *Proxy) Status() ProxyStatus {
+	st := ProxyStatus{
+		Writer: p.cfg.Writer, Epoch: p.epoch.Load(), LastAckedIndex: p.lastAcked.Load(),
+		Size: p.size, CacheBytes: p.cfg.CacheBytes, CachedBytes: uint64(p.cache.len()) * cacheBlock,
+		Counters: p.counters(),
+	}
+	st.Holding = st.Epoch != 0
+	if f := p.fenced.Load(); f != nil {
+		st.Fenced = (*f).Error()
+	}
+	p.view.mu.Lock()
+	if l := p.view.leader; l != nil {
+		st.Leader = l.http
+	}
+	p.view.mu.Unlock()
+	for _, s := range p.view.snapshot() {
+		s.mu.Lock()
+		st.Servers = append(st.Servers, ProxyServerStatus{HTTP: s.http, ID: s.id, NBD: s.nbdAddr, Up: s.up, State: s.role, Syncing: s.syncing, Applied: s.applied.Load()})
+		s.mu.Unlock()
+	}
+	sort.Slice(st.Servers, func(i, j int) bool { return st.Servers[i].HTTP < st.Servers[j].HTTP })
+	return st
+}
+
+func (p *Proxy) counters() map[string]uint64 {
+	s := &p.stats
+	return map[string]uint64{
+		"reads": s.Reads.Load(), "cache_hits": s.CacheHits.Load(), "cache_misses": s.CacheMisses.Load(),
+		"remote_reads": s.RemoteReads.Load(), "writes": s.Writes.Load(), "retries": s.Retries.Load(),
+		"duplicates": s.Duplicates.Load(), "refused": s.Refused.Load(),
+	}
+}
+
+// ProxyAPI serves a proxy's status and metrics over HTTP (keel proxy
+// --http):
+//
+//	GET /v1/status   ProxyStatus
+//	GET /metrics     Prometheus metrics
+type ProxyAPI struct {
+	Listener net.Listener
+	Proxy    *Proxy
+	Log      hclog.Logger
+}
+
+func (a *ProxyAPI) String() string { return "proxy http " + a.Listener.Addr().String() }
+
+func (a *ProxyAPI) Serve(ctx context.Context) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Proxy.Status())
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Proxy.metrics(), promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: a.Log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(a.Listener) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("http server: %w", err)
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		<-errc
+		return nil
+	}
+}
+
+// metrics returns a registry reading the proxy's counters at scrape time.
+func (p *Proxy) metrics() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	counter := func(name, help string, f func() uint64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(f()) }))
+	}
+	gauge := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
+	}
+	s := &p.stats
+	counter("keel_proxy_reads_total", "Read requests served.", s.Reads.Load)
+	counter("keel_proxy_cache_hits_total", "Cache blocks read from the cache.", s.CacheHits.Load)
+	counter("keel_proxy_cache_misses_total", "Cache blocks fetched from a replica.", s.CacheMisses.Load)
+	counter("keel_proxy_remote_reads_total", "Reads sent to a replica.", s.RemoteReads.Load)
+	counter("keel_proxy_writes_total", "Write, trim and zero commands sent (a large write is several).", s.Writes.Load)
+	counter("keel_proxy_retries_total", "Commands re-sent after a failed attempt (failover, timeout).", s.Retries.Load)
+	counter("keel_proxy_duplicates_total", "Re-sent commands the cluster had already applied.", s.Duplicates.Load)
+	counter("keel_proxy_refused_total", "Commands refused because this proxy was fenced.", s.Refused.Load)
+	gauge("keel_proxy_holding", "1 while this proxy is the volume's writer.", func() float64 {
+		if p.holding() {
+			return 1
+		}
+		return 0
+	})
+	gauge("keel_proxy_epoch", "This proxy's writer epoch (0: not holding).", func() float64 { return float64(p.epoch.Load()) })
+	gauge("keel_proxy_cached_bytes", "Bytes in the read cache.", func() float64 { return float64(p.cache.len() * cacheBlock) })
+	gauge("keel_proxy_leader_known", "1 while a leader is known.", func() float64 {
+		p.view.mu.Lock()
+		defer p.view.mu.Unlock()
+		if p.view.leader != nil {
+			return 1
+		}
+		return 0
+	})
+	return reg
+}
