@@ -549,6 +549,7 @@ func (p *Proxy) onReplica(fn func(context.Context, *nbd.Client) error) error {
 			err = fn(ctx, c)
 			s.inflight.Add(-1)
 			if err == nil {
+				s.reads.Add(1)
 				return nil
 			}
 			if errors.Is(err, nbd.ErrConnClosed) {

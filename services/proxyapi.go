@@ -38,6 +38,7 @@ type ProxyServerStatus struct {
 	State   string `json:"state,omitempty"`
 	Applied uint64 `json:"applied_index"`
 	Syncing bool   `json:"syncing,omitempty"`
+	Reads   uint64 `json:"reads"` // reads this server answered for the proxy
 }
 
 // Status describes the proxy now.
@@ -58,7 +59,7 @@ func (p *Proxy) Status() ProxyStatus {
 	p.view.mu.Unlock()
 	for _, s := range p.view.snapshot() {
 		s.mu.Lock()
-		st.Servers = append(st.Servers, ProxyServerStatus{HTTP: s.http, ID: s.id, NBD: s.nbdAddr, Up: s.up, State: s.role, Syncing: s.syncing, Applied: s.applied.Load()})
+		st.Servers = append(st.Servers, ProxyServerStatus{HTTP: s.http, ID: s.id, NBD: s.nbdAddr, Up: s.up, State: s.role, Syncing: s.syncing, Applied: s.applied.Load(), Reads: s.reads.Load()})
 		s.mu.Unlock()
 	}
 	sort.Slice(st.Servers, func(i, j int) bool { return st.Servers[i].HTTP < st.Servers[j].HTTP })

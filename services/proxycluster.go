@@ -50,6 +50,7 @@ type serverState struct {
 	lost     context.CancelFunc // cancels leadCtx
 	downGen  uint64             // counts markDown calls: a poll that straddles one is ignored
 	inflight atomic.Int64       // reads in flight on this server
+	reads    atomic.Uint64      // reads (and block status calls) this server answered
 
 	applied atomic.Uint64 // highest applied index known (polled or from an apply)
 }

@@ -1509,17 +1509,48 @@ func TestClusterDev(t *testing.T) {
 	// A write and a read through the proxy, and the same bytes on a server.
 	mustQemuIO(t, "nbd://"+loopback(base), "write -P 0x5a 1M 64k", "read -P 0x5a 1M 64k")
 	mustQemuIO(t, "nbd://"+loopback(base+1), "read -P 0x5a 1M 64k")
-	var ps struct {
+	type proxyStatus struct {
 		Holding bool   `json:"holding"`
 		Leader  string `json:"leader"`
+		Acked   uint64 `json:"last_acked_index"`
 		Servers []struct {
-			Up bool `json:"up"`
+			Up      bool   `json:"up"`
+			Applied uint64 `json:"applied_index"`
+			Reads   uint64 `json:"reads"`
 		} `json:"servers"`
 	}
+	var ps proxyStatus
 	if err := getJSON(loopback(base+300), "/v1/status", &ps); err != nil {
-		t.Errorf("proxy status: %v", err)
+		t.Fatalf("proxy status: %v", err)
 	} else if !ps.Holding || ps.Leader == "" || len(ps.Servers) != 3 {
 		t.Errorf("proxy status: %+v, want holding, a leader and 3 servers", ps)
+	}
+	// Once every server has applied the write (as the proxy sees it),
+	// reads of uncached ranges spread over all three.
+	poll(t, clusterTimeout, "every server applied the proxy's last write", func() (bool, string) {
+		ps = proxyStatus{}
+		if err := getJSON(loopback(base+300), "/v1/status", &ps); err != nil {
+			return false, err.Error()
+		}
+		for _, sv := range ps.Servers {
+			if !sv.Up || sv.Applied < ps.Acked {
+				return false, fmt.Sprintf("%+v", ps)
+			}
+		}
+		return true, ""
+	})
+	var reads []string
+	for i := 0; i < 12; i++ {
+		reads = append(reads, fmt.Sprintf("read %dM 1M", 8+i))
+	}
+	mustQemuIO(t, "nbd://"+loopback(base), reads...)
+	if err := getJSON(loopback(base+300), "/v1/status", &ps); err != nil {
+		t.Fatalf("proxy status: %v", err)
+	}
+	for i, sv := range ps.Servers {
+		if sv.Reads == 0 {
+			t.Errorf("server %d answered no reads after 12 uncached reads through the proxy: %+v", i, ps)
+		}
 	}
 	out := mustRun(t, 60*time.Second, keelBin(t), "cluster", "status", "--http", loopback(base+200))
 	t.Logf("keel cluster status:\n%s", out)
