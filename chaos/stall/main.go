@@ -67,6 +67,7 @@ type config struct {
 	size           uint64
 	sizeText       string
 	bs             uint64
+	bsText         string
 	writers        int
 	readers        int
 	heartbeat      time.Duration
@@ -101,7 +102,7 @@ func parseFlags() (*config, error) {
 	fs.StringVar(&cfg.keel, "keel", "", "keel binary to run (default: go build ./cmd/keel into the work directory)")
 	fs.IntVar(&cfg.trials, "trials", 20, "leader kills, 1 to 1000")
 	fs.StringVar(&cfg.sizeText, "size", "64M", "volume size (K, M, G suffixes); every block is checked at the end")
-	fs.Uint64Var(&cfg.bs, "bs", 4096, "bytes per write and read, a multiple of 512 from 512 to 1M")
+	fs.StringVar(&cfg.bsText, "bs", "4K", "bytes per write and read, a multiple of 512 from 512 to 1M")
 	fs.IntVar(&cfg.writers, "writers", 4, "writes in flight (one per writer), 1 to 64")
 	fs.IntVar(&cfg.readers, "readers", 1, "reads in flight (one per reader), 0 to 64")
 	fs.DurationVar(&cfg.heartbeat, "heartbeat-timeout", time.Second, "servers' --heartbeat-timeout")
@@ -127,6 +128,9 @@ func parseFlags() (*config, error) {
 	var err error
 	if cfg.size, err = parseSize(cfg.sizeText); err != nil {
 		return nil, fmt.Errorf("--size: %w", err)
+	}
+	if cfg.bs, err = parseSize(cfg.bsText); err != nil {
+		return nil, fmt.Errorf("--bs: %w", err)
 	}
 	switch {
 	case cfg.trials < 1 || cfg.trials > 1000:
