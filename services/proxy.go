@@ -67,8 +67,10 @@ type ProxyConfig struct {
 	// restarted under the same name claims it back without Takeover.
 	// Required.
 	Writer string
-	// Takeover claims the volume even when another writer holds it,
-	// fencing that writer: its later writes are refused and never land.
+	// Takeover lets the proxy's first write claim the volume even when
+	// another writer holds it, fencing that writer: its later writes are
+	// refused and never land. (At start the proxy claims without it, so a
+	// migration's source keeps writing until the destination first does.)
 	Takeover bool
 	// CacheBytes bounds the read cache; 0 turns it off. Default 0.
 	CacheBytes uint64
@@ -183,11 +185,17 @@ func (p *Proxy) Serve(ctx context.Context) error {
 		p.size = size
 		close(p.ready)
 	}
-	// Claim now, so that --takeover fences the old writer at start and an
-	// operator sees at once whether this proxy may write.
+	// Claim now (never as a takeover), so that an operator sees at once
+	// whether this proxy may write. A takeover waits for the first write:
+	// during a live migration the source VM keeps writing through its
+	// proxy until it is paused, and only then does the destination write.
 	cctx, cancel := context.WithTimeout(ctx, p.cfg.WriteTimeout)
-	if _, err := p.writerEpoch(cctx); err != nil {
-		p.log.Warn("not the volume's writer: reads are served, writes refused with EPERM", "error", err)
+	if _, err := p.writerEpoch(cctx, false); err != nil {
+		if p.cfg.Takeover && p.fenced.Load() == nil {
+			p.log.Info("another writer holds the volume; this proxy takes it over at its first write (--takeover)", "detail", err)
+		} else {
+			p.log.Warn("not the volume's writer: reads are served, writes refused with EPERM", "error", err)
+		}
 	}
 	cancel()
 	<-ctx.Done()
@@ -213,9 +221,10 @@ func (p *Proxy) Stats() *ProxyStats { return &p.stats }
 // ---- the writer: epoch and request ids ----
 
 // writerEpoch returns the proxy's epoch, claiming the volume first if it
-// does not hold it yet. A proxy that another writer holds the volume
+// does not hold it yet; for a write (atWrite) with --takeover, the first
+// claim is a takeover. A proxy that another writer holds the volume
 // against tries again at most once a second; a fenced one never again.
-func (p *Proxy) writerEpoch(ctx context.Context) (uint64, error) {
+func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
 	if e := p.epoch.Load(); e != 0 {
 		return e, nil
 	}
@@ -230,10 +239,10 @@ func (p *Proxy) writerEpoch(ctx context.Context) (uint64, error) {
 	if f := p.fenced.Load(); f != nil {
 		return 0, *f
 	}
-	if !p.refusedAt.IsZero() && time.Since(p.refusedAt) < time.Second {
+	takeover := atWrite && p.cfg.Takeover && !p.claimed
+	if !takeover && !p.refusedAt.IsZero() && time.Since(p.refusedAt) < time.Second {
 		return 0, fmt.Errorf("%w: the volume is held by writer %s", nbd.EPERM, p.heldBy)
 	}
-	takeover := p.cfg.Takeover && !p.claimed
 	c := replica.Command{Kind: replica.KindClaim, Writer: p.cfg.Writer, Takeover: takeover}
 	r, err := p.send(ctx, c.Encode(nil))
 	if err != nil {
@@ -244,7 +253,9 @@ func (p *Proxy) writerEpoch(ctx context.Context) (uint64, error) {
 		if i := strings.Index(r.Error, ": "); i >= 0 {
 			p.heldBy = r.Error[i+2:]
 		}
-		p.log.Warn("volume held by another writer; writes are refused until it releases it (or start with --takeover)", "detail", r.Error)
+		if !p.cfg.Takeover {
+			p.log.Warn("volume held by another writer; writes are refused until it releases it (or start with --takeover)", "detail", r.Error)
+		}
 		return 0, fmt.Errorf("%w: %s", nbd.EPERM, r.Error)
 	}
 	p.claimed = true
@@ -343,7 +354,7 @@ func (w *idWindow) done(id uint64) {
 func (p *Proxy) commit(c *replica.Command) error {
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.WriteTimeout)
 	defer cancel()
-	epoch, err := p.writerEpoch(ctx)
+	epoch, err := p.writerEpoch(ctx, true)
 	if err != nil {
 		if errors.Is(err, nbd.EPERM) {
 			return err
@@ -356,8 +367,12 @@ func (p *Proxy) commit(c *replica.Command) error {
 	p.stats.Writes.Add(1)
 	r, err := p.send(ctx, c.Encode(nil))
 	if err != nil {
-		p.log.Warn("write not committed within the write timeout", "timeout", p.cfg.WriteTimeout, "kind", c.Kind, "offset", c.Offset, "length", c.Length, "error", err)
-		return fmt.Errorf("%w: not committed within %v: %v", nbd.EIO, p.cfg.WriteTimeout, err)
+		length := c.Length
+		if c.Kind == replica.KindWrite {
+			length = uint64(len(c.Data))
+		}
+		p.log.Warn("write not committed within the write timeout", "timeout", p.cfg.WriteTimeout, "kind", c.Kind, "offset", c.Offset, "length", length, "error", err)
+		return fmt.Errorf("%w: not committed within %v: %v (%w)", nbd.EIO, p.cfg.WriteTimeout, err, errMaybeCommitted)
 	}
 	if r.Duplicate {
 		p.stats.Duplicates.Add(1)
@@ -373,6 +388,21 @@ func (p *Proxy) commit(c *replica.Command) error {
 		return fmt.Errorf("%w: %s", nbd.ENOSPC, r.Error)
 	}
 	return fmt.Errorf("%w: refused: %s", nbd.EIO, r.Error)
+}
+
+// errMaybeCommitted marks a command that was sent but not answered in
+// time: it may still be committed later (it is in some log), or never.
+var errMaybeCommitted = errors.New("it may still be committed later")
+
+// settle ends a write's cache bracket. A write that may land later leaves
+// its range uncacheable for good: a read could otherwise cache the old
+// data just before the write lands.
+func (p *Proxy) settle(g, off, length uint64, err error) error {
+	if errors.Is(err, errMaybeCommitted) && p.cache.poison(off, length) {
+		p.log.Warn("read cache turned off: too many writes failed without a known outcome; restart the proxy to cache again")
+	}
+	p.cache.endWrite(g)
+	return err
 }
 
 // send delivers an encoded command to the leader, whichever it is, until
@@ -421,9 +451,8 @@ func (p *Proxy) send(ctx context.Context, data []byte) (ApplyResponse, error) {
 
 func (p *Proxy) WriteAt(b []byte, off uint64, fua bool) error {
 	g := p.cache.startWrite(off, uint64(len(b)))
-	defer p.cache.endWrite(g)
 	if len(b) <= maxCommandData {
-		return p.commit(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: b})
+		return p.settle(g, off, uint64(len(b)), p.commit(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: b}))
 	}
 	var eg errgroup.Group
 	for done := 0; done < len(b); done += maxCommandData {
@@ -432,7 +461,7 @@ func (p *Proxy) WriteAt(b []byte, off uint64, fua bool) error {
 			return p.commit(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
 		})
 	}
-	return eg.Wait()
+	return p.settle(g, off, uint64(len(b)), eg.Wait())
 }
 
 // Flush has nothing to do: every write was committed on a quorum (durable
@@ -441,20 +470,18 @@ func (p *Proxy) Flush() error { return nil }
 
 func (p *Proxy) Trim(off, length uint64, fua bool) error {
 	g := p.cache.startWrite(off, length)
-	defer p.cache.endWrite(g)
-	return p.commit(&replica.Command{Kind: replica.KindTrim, Offset: off, Length: length})
+	return p.settle(g, off, length, p.commit(&replica.Command{Kind: replica.KindTrim, Offset: off, Length: length}))
 }
 
 // Zero is always fast: the servers punch holes (or zero ranges) rather
 // than write zeroes, so ZeroFast needs no special case.
 func (p *Proxy) Zero(off, length uint64, f nbd.ZeroFlags) error {
 	g := p.cache.startWrite(off, length)
-	defer p.cache.endWrite(g)
 	c := &replica.Command{Kind: replica.KindZero, Offset: off, Length: length}
 	if f&nbd.ZeroNoHole != 0 {
 		c.ZeroFlags = replica.ZeroNoHole
 	}
-	return p.commit(c)
+	return p.settle(g, off, length, p.commit(c))
 }
 
 // ---- reads ----
@@ -525,9 +552,20 @@ func (p *Proxy) readRemote(b []byte, off uint64) error {
 }
 
 func (p *Proxy) onReplica(fn func(context.Context, *nbd.Client) error) error {
-	need := p.lastAcked.Load()
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ReadTimeout)
 	defer cancel()
+	need := p.lastAcked.Load()
+	if !p.holding() {
+		// Another proxy may write: read at least what the leader had in
+		// its log when this read began (a destination proxy of a live
+		// migration, before its first write, must see every write the
+		// source acknowledged).
+		b, err := p.view.Barrier(ctx)
+		if err != nil {
+			return fmt.Errorf("%w: finding the cluster's last write: %v", nbd.EIO, err)
+		}
+		need = max(need, b)
+	}
 	var last error
 	for attempt := 0; ; attempt++ {
 		s, changed := p.pickReplica(need)

@@ -195,7 +195,19 @@ func TestProxyOneWriter(t *testing.T) {
 		t.Errorf("first proxy's status: %+v", st)
 	}
 
-	_, c := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "c", Takeover: true})
+	pc, c := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "c", Takeover: true})
+	// The takeover waits for c's first write: until then a keeps writing
+	// (a live migration's source runs until it is paused).
+	if pc.Status().Holding {
+		t.Error("the --takeover proxy holds the volume before writing")
+	}
+	if err := a.WriteAt(ctx, fill(0xab, 4096), 8192, false); err != nil {
+		t.Fatalf("write through a after c started: %v", err)
+	}
+	// c reads what a acknowledged, before c has written anything.
+	if err := c.ReadAt(ctx, got, 8192); err != nil || got[0] != 0xab {
+		t.Fatalf("read through c of a's last write: %v %#x", err, got[0])
+	}
 	if err := c.WriteAt(ctx, fill(0xcc, 4096), 0, false); err != nil {
 		t.Fatalf("write through the proxy that took over: %v", err)
 	}

@@ -26,7 +26,14 @@ type blockCache struct {
 	gen      uint64     // writes started so far
 	inflight map[uint64]span
 	recent   [256]genSpan // writes finished lately, by gen % len
+	// poisoned blocks are never cached again: a write to them failed in a
+	// way that leaves it free to land at any later time. Past
+	// maxPoisoned blocks the whole cache is turned off instead.
+	poisoned map[uint64]struct{}
+	off      bool
 }
+
+const maxPoisoned = 1 << 16 // 4 GiB of volume
 
 type genSpan struct {
 	gen uint64
@@ -36,7 +43,7 @@ type genSpan struct {
 // newBlockCache returns a cache of at most bytes (rounded down to whole
 // blocks); 0 turns caching off.
 func newBlockCache(bytes uint64) *blockCache {
-	c := &blockCache{inflight: map[uint64]span{}}
+	c := &blockCache{inflight: map[uint64]span{}, poisoned: map[uint64]struct{}{}}
 	if n := bytes / cacheBlock; n > 0 {
 		l, err := lru.New[uint64, []byte](int(n))
 		if err != nil {
@@ -78,6 +85,9 @@ func (c *blockCache) fill(tok, b uint64, data []byte) {
 	blk := span{b * cacheBlock, b*cacheBlock + uint64(len(data))}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if _, bad := c.poisoned[b]; bad || c.off {
+		return
+	}
 	for _, w := range c.inflight {
 		if w.overlaps(blk) {
 			return
@@ -114,6 +124,31 @@ func (c *blockCache) endWrite(g uint64) {
 	c.recent[g%uint64(len(c.recent))] = genSpan{g, s}
 	c.mu.Unlock()
 	c.remove(s.start, s.end-s.start)
+}
+
+// poison removes the blocks of [off, off+length) and keeps them out of the
+// cache from now on. It reports whether that turned the cache off.
+func (c *blockCache) poison(off, length uint64) (turnedOff bool) {
+	if c.lru == nil || length == 0 {
+		return false
+	}
+	c.mu.Lock()
+	first, last := off/cacheBlock, (off+length-1)/cacheBlock
+	if !c.off && uint64(len(c.poisoned))+last-first+1 > maxPoisoned {
+		c.off, turnedOff = true, true
+		c.poisoned = nil
+	}
+	for b := first; !c.off && b <= last; b++ {
+		c.poisoned[b] = struct{}{}
+	}
+	off2 := c.off
+	c.mu.Unlock()
+	if off2 {
+		c.lru.Purge()
+		return turnedOff
+	}
+	c.remove(off, length)
+	return false
 }
 
 func (c *blockCache) remove(off, length uint64) {

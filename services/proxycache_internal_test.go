@@ -110,3 +110,33 @@ func TestIDWindow(t *testing.T) {
 		t.Errorf("acked-below %d after ids 1 and 2 answered, want 3", b)
 	}
 }
+
+// TestBlockCachePoison: a range whose write may land at any later time is
+// never cached again; too many such ranges turn the cache off.
+func TestBlockCachePoison(t *testing.T) {
+	c := newBlockCache(8 * cacheBlock)
+	c.fill(c.startFill(), 1, make([]byte, cacheBlock))
+	g := c.startWrite(cacheBlock+10, 10)
+	if c.poison(cacheBlock+10, 10) {
+		t.Fatal("one poisoned block turned the cache off")
+	}
+	c.endWrite(g)
+	if _, ok := c.get(1); ok {
+		t.Fatal("poisoned block still cached")
+	}
+	c.fill(c.startFill(), 1, make([]byte, cacheBlock))
+	if _, ok := c.get(1); ok {
+		t.Fatal("poisoned block cached again by a later read")
+	}
+	c.fill(c.startFill(), 2, make([]byte, cacheBlock))
+	if _, ok := c.get(2); !ok {
+		t.Fatal("a neighbour of the poisoned block is not cached")
+	}
+	if !c.poison(0, maxPoisoned*cacheBlock) {
+		t.Fatal("poisoning more than maxPoisoned blocks did not turn the cache off")
+	}
+	c.fill(c.startFill(), 5, make([]byte, cacheBlock))
+	if c.len() != 0 {
+		t.Errorf("cache holds %d blocks after it was turned off", c.len())
+	}
+}

@@ -32,6 +32,16 @@ type clusterView struct {
 	leader  *serverState  // nil while unknown
 	changed chan struct{} // closed and replaced whenever something a waiter may want changes
 	kick    chan struct{} // closed and replaced to make every poller poll now
+	barrier *barrierCall  // the leader's log index being fetched now, if any
+	next    *barrierCall  // the fetch that starts once barrier is done
+}
+
+// barrierCall is one fetch of the leader's last log index, shared by the
+// reads waiting for it.
+type barrierCall struct {
+	done  chan struct{}
+	index uint64
+	err   error
 }
 
 // serverState is one server as the proxy sees it.
@@ -128,6 +138,65 @@ func (v *clusterView) snapshot() []*serverState {
 		out = append(out, s)
 	}
 	return out
+}
+
+// Barrier returns an index every write committed before the call began is
+// at or below: the leader's last log index, fetched after the call began.
+// Concurrent callers share fetches: a caller that finds one running waits
+// for the next, which starts after the running one ends (and so after the
+// caller began). Without a known leader (no quorum) it falls back to the
+// highest applied index any server reports, so reads go on.
+func (v *clusterView) Barrier(ctx context.Context) (uint64, error) {
+	v.mu.Lock()
+	var c *barrierCall
+	switch {
+	case v.barrier == nil:
+		c = &barrierCall{done: make(chan struct{})}
+		v.barrier = c
+		go v.fetchBarrier(c)
+	case v.next == nil:
+		c = &barrierCall{done: make(chan struct{})}
+		v.next = c
+	default:
+		c = v.next
+	}
+	v.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.index, c.err
+	case <-ctx.Done():
+		return 0, context.Cause(ctx)
+	}
+}
+
+func (v *clusterView) fetchBarrier(c *barrierCall) {
+	for c != nil {
+		c.index, c.err = v.leaderIndex()
+		close(c.done)
+		v.mu.Lock()
+		c, v.barrier, v.next = v.next, v.next, nil
+		v.mu.Unlock()
+	}
+}
+
+func (v *clusterView) leaderIndex() (uint64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if l, err := v.Leader(ctx); err == nil {
+		if st, err := v.api.Status(ctx, l.http); err == nil && st.State == "Leader" {
+			return st.LastLogIndex, nil
+		}
+	}
+	var best uint64
+	for _, s := range v.snapshot() {
+		s.mu.Lock()
+		up := s.up
+		s.mu.Unlock()
+		if up {
+			best = max(best, s.applied.Load())
+		}
+	}
+	return best, nil
 }
 
 // Size waits for a server to report the volume's size.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -50,9 +51,11 @@ sees a stall, not an error. Reads go to any replica that has applied the
 proxy's last acknowledged write, through a read cache of --cache bytes.
 
 One writer at a time: a second proxy for the same volume serves reads but
-answers writes with EPERM, unless it was started with --takeover, which
-fences the first (its later writes fail with EPERM and never land). Use
---takeover when a VM moves to another host. A proxy restarted under the same
+answers writes with EPERM, unless it was started with --takeover: its first
+write then takes the volume over and fences the first proxy (whose later
+writes fail with EPERM and never land). Use --takeover for the destination
+of a VM migration: the source keeps writing until it is paused, and the
+destination takes over when it first writes. A proxy restarted under the same
 --writer name (default: hostname and --listen) takes the volume back without
 --takeover.
 
@@ -68,12 +71,12 @@ closes the connections (qemu reconnects) and releases the volume.`,
 	fl.StringVar(&f.listen, "listen", "127.0.0.1:10809", "address to serve NBD on: HOST:PORT or unix:PATH")
 	fl.StringVar(&f.servers, "servers", "", "comma-separated HTTP API addresses (keel server --http) of the volume's servers (required)")
 	fl.StringVar(&f.cache, "cache", "128M", "read cache size, e.g. 256M; 0 turns it off")
-	fl.BoolVar(&f.takeover, "takeover", false, "take the volume over from the proxy that holds it (fences that proxy)")
+	fl.BoolVar(&f.takeover, "takeover", false, "at this proxy's first write, take the volume over from the proxy holding it (fences that proxy)")
 	fl.StringVar(&f.writer, "writer", "", "name this proxy claims the volume under (default: HOSTNAME/LISTEN)")
 	fl.StringVar(&f.name, "name", "keel", "export name (clients asking for the empty name get it too)")
 	fl.DurationVar(&f.writeTimeout, "write-timeout", 30*time.Second, "how long a write waits for a leader and a quorum before failing with EIO")
 	fl.DurationVar(&f.readTimeout, "read-timeout", 30*time.Second, "how long a read waits for an up-to-date replica before failing with EIO")
-	fl.DurationVar(&f.attempt, "attempt-timeout", 5*time.Second, "how long one call to the leader may take before the write is re-sent")
+	fl.DurationVar(&f.attempt, "attempt-timeout", 0, "how long one call to the leader may take before the write is re-sent (default 5s, or --write-timeout if shorter)")
 	fl.DurationVar(&f.poll, "poll-interval", 200*time.Millisecond, "how often each server's status is read while a leader is known")
 	fl.DurationVar(&f.connect, "connect-timeout", 60*time.Second, "at start, how long to wait for a server to answer")
 	fl.StringVar(&f.http, "http", "", "serve status (/v1/status) and Prometheus metrics (/metrics) on HOST:PORT; off by default")
@@ -111,7 +114,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 		PollInterval: f.poll, Log: log.Named("proxy"),
 	})
 	if err != nil {
-		return err
+		return proxyFlagError(err)
 	}
 	// The cache is the bulk of the heap: let the garbage collector work
 	// to keep the process near cache + 48 MiB rather than twice the cache.
@@ -184,4 +187,13 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	case err := <-rootErr:
 		return err
 	}
+}
+
+// proxyFlagError names the flag behind a ProxyConfig field in err.
+func proxyFlagError(err error) error {
+	r := strings.NewReplacer(
+		"proxy: Servers", "--servers", "proxy: Writer", "--writer",
+		"proxy: WriteTimeout", "--write-timeout", "proxy: ReadTimeout", "--read-timeout",
+		"proxy: AttemptTimeout", "--attempt-timeout", "proxy: PollInterval", "--poll-interval")
+	return errors.New(r.Replace(err.Error()))
 }

@@ -581,10 +581,10 @@ func TestProxyQemu(t *testing.T) {
 // by itself: its writes fail with EPERM and never land, and it stops
 // serving from its cache.
 //
-// Only the writer reads its own writes at once: a proxy that does not hold
-// the volume reads from any replica, which may lag. So the test waits for
-// the cluster to converge before it reads through A after the takeover, or
-// through B.
+// A proxy that does not hold the volume reads at least what the leader had
+// logged when the read began, so B (and C before its first write, as a
+// migration's destination would) read A's acknowledged writes at once,
+// without waiting for the cluster to converge.
 func TestProxyTakeover(t *testing.T) {
 	c := newCluster(t, "64M", 3)
 	a := startProxy(t, c, "A")
@@ -593,7 +593,6 @@ func TestProxyTakeover(t *testing.T) {
 
 	b := startProxy(t, c, "B")
 	b.waitLog("volume held by another writer")
-	c.waitConverged()
 	mustQemuIO(t, b.uri(), "read -P 0xaa 0 1M")
 	r := mustQemuIOFail(t, b.uri(), "Operation not permitted", "write -P 0xbb 0 64k")
 	t.Logf("write through B (not the writer): %v\n%s%s", r.err, r.stdout, r.stderr)
@@ -605,8 +604,16 @@ func TestProxyTakeover(t *testing.T) {
 		t.Errorf("B's status: holding %v, fenced %q; want neither", st.Holding, st.Fenced)
 	}
 
+	// C (--takeover) takes the volume over at its first write, not at
+	// start: until then A keeps writing (a migration's source runs until
+	// it is paused) and C reads what A acknowledged.
 	cc := startProxy(t, c, "C", "--takeover")
-	cc.waitLog("holding the volume")
+	cc.waitLog("takes it over at its first write")
+	if st := cc.status(); st.Holding {
+		t.Errorf("C holds the volume before its first write")
+	}
+	mustQemuIO(t, a.uri(), "write -P 0xa2 6M 64k")
+	mustQemuIO(t, cc.uri(), "read -P 0xa2 6M 64k", "read -P 0xaa 0 1M")
 	mustQemuIO(t, cc.uri(), "write -P 0xcc 0 1M", "read -P 0xcc 0 1M")
 	if st := cc.status(); !st.Holding {
 		t.Errorf("C's status after --takeover: not holding")
@@ -618,9 +625,8 @@ func TestProxyTakeover(t *testing.T) {
 	if st := a.status(); st.Holding || st.Fenced == "" {
 		t.Errorf("A's status after the takeover: holding %v, fenced %q; want fenced", st.Holding, st.Fenced)
 	}
-	c.waitConverged()
-	// Every replica holds C's data now, so 0xaa through A could only come
-	// from its cache, which a fenced proxy must no longer use.
+	// 0xaa through A could only come from its cache, which a fenced proxy
+	// must no longer use, or from a replica behind C's write.
 	mustQemuIO(t, a.uri(), "read -P 0xcc 0 1M")
 	mustQemuIO(t, b.uri(), "read -P 0xcc 0 1M")
 
@@ -803,4 +809,36 @@ func TestProxyRefuses(t *testing.T) {
 	if took := time.Since(start); took > 20*time.Second {
 		t.Errorf("with --connect-timeout 2s and no server the proxy took %v to give up", took)
 	}
+}
+
+// TestProxyCacheAfterUncertainWrite: a write that failed with EIO (no
+// quorum) may still land later, when its old leader leads again. The proxy
+// must not keep serving the old bytes of that range from its cache.
+func TestProxyCacheAfterUncertainWrite(t *testing.T) {
+	c := newCluster(t, "64M", 3, "--heartbeat-timeout", "2s", "--election-timeout", "2s", "--leader-lease-timeout", "1s")
+	p := startProxy(t, c, "cfw", "--write-timeout", "2s")
+	p.waitLog("holding the volume")
+	mustQemuIOSoon(t, p.uri(), "write -P 0xa1 0 4M")
+	c.waitConverged()
+	old := c.leader()
+	killed := c.followers(old)
+	for _, n := range killed {
+		n.kill()
+	}
+	mustQemuIOFail(t, p.uri(), "Input/output error", "write -P 0xb2 1M 1M")
+	st, err := old.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.LastLogIndex <= st.CommitIndex {
+		t.Fatalf("the failed write did not reach %s's log (last %d, commit %d): the case this test is about did not happen", old.id, st.LastLogIndex, st.CommitIndex)
+	}
+	mustQemuIO(t, p.uri(), "read -P 0xa1 1M 1M") // may fill the cache with the old bytes
+	killed[0].restart()                          // its log is shorter: old must lead again
+	if l := c.leader(old, killed[0]); l != old {
+		t.Fatalf("%s leads, want %s (the only log with the failed write)", l.id, old.id)
+	}
+	c.waitConverged(old, killed[0])
+	mustQemuIO(t, old.uri(), "read -P 0xb2 1M 1M") // the write landed after all
+	mustQemuIO(t, p.uri(), "read -P 0xb2 1M 1M")   // and the proxy shows it
 }
