@@ -842,3 +842,43 @@ func TestProxyCacheAfterUncertainWrite(t *testing.T) {
 	mustQemuIO(t, old.uri(), "read -P 0xb2 1M 1M") // the write landed after all
 	mustQemuIO(t, p.uri(), "read -P 0xb2 1M 1M")   // and the proxy shows it
 }
+
+// TestProxyNbdinfo: what libnbd sees through the proxy: the same features
+// as on a server (structured replies, base:allocation, multi-conn, flush,
+// FUA, trim, zero, fast zero, cache), and a block status map equal to the
+// leader's.
+func TestProxyNbdinfo(t *testing.T) {
+	c := newCluster(t, "64M", 3)
+	p := startProxy(t, c, "info")
+	p.waitLog("holding the volume")
+	mustQemuIO(t, p.uri(), "write -P 0x42 1M 3M", "write -P 0x43 20M 64k", "write -z 2M 512k")
+	info := getInfo(t, p.uri())
+	e := info.Exports[0]
+	for _, f := range []struct {
+		what      string
+		got, want any
+	}{
+		{"structured", info.Structured, true}, {"export-size", e.Size, int64(64 * mib)},
+		{"is_read_only", e.IsReadOnly, false}, {"can_multi_conn", e.CanMultiConn, true},
+		{"can_flush", e.CanFlush, true}, {"can_fua", e.CanFUA, true}, {"can_trim", e.CanTrim, true},
+		{"can_zero", e.CanZero, true}, {"can_fast_zero", e.CanFastZero, true}, {"can_cache", e.CanCache, true},
+		{"can_df", e.CanDF, true},
+	} {
+		if f.got != f.want {
+			t.Errorf("through the proxy: %s = %v, want %v", f.what, f.got, f.want)
+		}
+	}
+	if !contains(e.Contexts, "base:allocation") {
+		t.Errorf("contexts = %q, want base:allocation", e.Contexts)
+	}
+	c.waitConverged()
+	nbdinfo := tool(t, "nbdinfo")
+	viaProxy := mustRun(t, toolTimeout, nbdinfo, "--map", p.uri())
+	direct := mustRun(t, toolTimeout, nbdinfo, "--map", c.leader().uri())
+	if viaProxy != direct {
+		t.Errorf("nbdinfo --map through the proxy:\n%s\ndirect to the leader:\n%s", viaProxy, direct)
+	}
+	if !strings.Contains(viaProxy, "data") || !strings.Contains(viaProxy, "hole") {
+		t.Errorf("map through the proxy has no data or no hole extents:\n%s", viaProxy)
+	}
+}
