@@ -28,7 +28,9 @@
 // the trial. Percentiles (p50, p99, max) are over the trials.
 //
 // Any write or read error, and any read that returns something other than a
-// write the client may see there, is a failure. With --verify (default),
+// write the client may see there, is a failure. (A read racing a write to
+// its block may return some pages of each: NBD allows it, and such reads
+// are counted as torn, not failed. Every page names its write.) With --verify (default),
 // after the load stops every block is read back through the proxy and
 // straight from each server's NBD, and must hold its last acknowledged
 // write: nothing acknowledged was lost, torn or applied twice out of order.
@@ -170,7 +172,8 @@ Per trial:
   max read   longest single read latency over the same span
 Reported as p50, p99 and max over the trials (nearest rank).
 
-Any client error or wrong read content is a failure; --verify then reads
+Any client error or wrong read content is a failure (a read racing a write
+to its block may hold pages of both: allowed, counted as torn); --verify reads
 every block back (through the proxy and from each server) and checks it
 holds its last acknowledged write. Elections: the servers' term is watched
 while idle and under load between kills; a change there is spurious.
@@ -481,7 +484,7 @@ func (r *runner) collectLoad() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	r.res.Writes, r.res.Reads = l.writes, l.reads
-	r.res.WriteErrors, r.res.ReadErrors, r.res.ReadMismatches = l.writeErrs, l.readErrs, l.mismatches
+	r.res.WriteErrors, r.res.ReadErrors, r.res.ReadMismatches, r.res.TornReads = l.writeErrs, l.readErrs, l.mismatches, l.torn
 	r.res.Problems = append(r.res.Problems, l.problems...)
 	r.res.SteadyWrite = percentiles(l.steady.vals)
 }

@@ -23,6 +23,7 @@ type result struct {
 	WriteErrors    uint64         `json:"write_errors"`
 	ReadErrors     uint64         `json:"read_errors"`
 	ReadMismatches uint64         `json:"read_mismatches"`
+	TornReads      uint64         `json:"torn_reads"` // raced a write to the block: pages of both (allowed)
 	Problems       []string       `json:"problems,omitempty"`
 	IdleBefore     *idleResult    `json:"idle_before,omitempty"`
 	IdleAfter      *idleResult    `json:"idle_after,omitempty"`
@@ -179,8 +180,8 @@ func (r *runner) report() bool {
 	row("rejoin", "restart of the killed node -> caught up", res.Summary["rejoin"])
 	s := res.SteadyWrite
 	fmt.Printf("  steady write latency outside the trials: p50 %.1f ms, p99 %.1f ms, max %.0f ms (%d samples)\n", s.P50, s.P99, s.Max, s.N)
-	fmt.Printf("  load: %d writes (%d errors), %d reads (%d errors, %d wrong content) in %.0f s\n",
-		res.Writes, res.WriteErrors, res.Reads, res.ReadErrors, res.ReadMismatches, res.LoadSeconds)
+	fmt.Printf("  load: %d writes (%d errors), %d reads (%d errors, %d wrong content; %d torn by a racing write, which is allowed) in %.0f s\n",
+		res.Writes, res.WriteErrors, res.Reads, res.ReadErrors, res.ReadMismatches, res.TornReads, res.LoadSeconds)
 	idle := func(i *idleResult) string {
 		if i == nil {
 			return "not watched"
