@@ -61,6 +61,7 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/replica"
 )
 
 type config struct {
@@ -107,9 +108,9 @@ func parseFlags() (*config, error) {
 	fs.StringVar(&cfg.bsText, "bs", "4K", "bytes per write and read, a multiple of 512 from 512 to 1M")
 	fs.IntVar(&cfg.writers, "writers", 4, "writes in flight (one per writer), 1 to 64")
 	fs.IntVar(&cfg.readers, "readers", 1, "reads in flight (one per reader), 0 to 64")
-	fs.DurationVar(&cfg.heartbeat, "heartbeat-timeout", time.Second, "servers' --heartbeat-timeout")
-	fs.DurationVar(&cfg.election, "election-timeout", time.Second, "servers' --election-timeout")
-	fs.DurationVar(&cfg.lease, "leader-lease-timeout", 500*time.Millisecond, "servers' --leader-lease-timeout")
+	fs.DurationVar(&cfg.heartbeat, "heartbeat-timeout", replica.DefaultHeartbeatTimeout, "servers' --heartbeat-timeout")
+	fs.DurationVar(&cfg.election, "election-timeout", replica.DefaultElectionTimeout, "servers' --election-timeout")
+	fs.DurationVar(&cfg.lease, "leader-lease-timeout", replica.DefaultLeaderLeaseTimeout, "servers' --leader-lease-timeout")
 	fs.DurationVar(&cfg.proxyPoll, "proxy-poll-interval", 200*time.Millisecond, "proxy's --poll-interval")
 	fs.StringVar(&cfg.proxyCache, "proxy-cache", "128M", "proxy's --cache")
 	fs.StringVar(&cfg.proxyProfile, "proxy-cpu-profile", "", "write the proxy's CPU profile here (keel --cpu-profile)")

@@ -81,9 +81,9 @@ writes fail with EIO after --write-timeout.`,
 	fl.Uint64Var(&f.snapEntries, "snapshot-threshold", 0, "take a snapshot after this many log entries (default 16384)")
 	fl.DurationVar(&f.snapInterval, "snapshot-interval", 0, "check for a snapshot this often (default 10s)")
 	fl.Uint64Var(&f.trailingLogs, "trailing-logs", 0, "log entries kept behind a snapshot for lagging followers (default 4096)")
-	fl.DurationVar(&f.heartbeat, "heartbeat-timeout", time.Second, "Raft: a follower without contact from the leader this long starts an election")
-	fl.DurationVar(&f.election, "election-timeout", time.Second, "Raft: a candidate without a result this long starts another election")
-	fl.DurationVar(&f.lease, "leader-lease-timeout", 500*time.Millisecond, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
+	fl.DurationVar(&f.heartbeat, "heartbeat-timeout", replica.DefaultHeartbeatTimeout, "Raft: a follower without contact from the leader this long starts an election")
+	fl.DurationVar(&f.election, "election-timeout", replica.DefaultElectionTimeout, "Raft: a candidate without a result this long starts another election")
+	fl.DurationVar(&f.lease, "leader-lease-timeout", replica.DefaultLeaderLeaseTimeout, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
 	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
 		_ = cmd.MarkFlagRequired(name)
