@@ -180,10 +180,14 @@ func (v *clusterView) fetchBarrier(c *barrierCall) {
 }
 
 func (v *clusterView) leaderIndex() (uint64, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	if l, err := v.Leader(ctx); err == nil {
-		if st, err := v.api.Status(ctx, l.http); err == nil && st.State == "Leader" {
+	v.mu.Lock()
+	l := v.leader
+	v.mu.Unlock()
+	if l != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		st, err := v.api.Status(ctx, l.http)
+		cancel()
+		if err == nil && st.State == "Leader" {
 			return st.LastLogIndex, nil
 		}
 	}
@@ -254,18 +258,34 @@ func (v *clusterView) Serve(ctx context.Context) error {
 	}
 }
 
-// refreshMembers adds the members the leader lists; it reports whether it
-// could ask.
+// refreshMembers adds the members the leader lists (or, with no leader
+// known, any server that answers: a proxy given only a follower's address
+// must still find the leader); it reports whether the list was read.
 func (v *clusterView) refreshMembers(ctx context.Context) bool {
 	v.mu.Lock()
-	l := v.leader
-	v.mu.Unlock()
-	if l == nil {
-		return false
+	ask := []*serverState{}
+	if v.leader != nil {
+		ask = append(ask, v.leader)
 	}
-	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	cs, err := v.api.Cluster(cctx, l.http)
+	v.mu.Unlock()
+	for _, s := range v.snapshot() {
+		s.mu.Lock()
+		up := s.up
+		s.mu.Unlock()
+		if up {
+			ask = append(ask, s)
+		}
+	}
+	var cs ClusterStatus
+	err := errors.New("no server answers")
+	for _, s := range ask {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		cs, err = v.api.Cluster(cctx, s.http)
+		cancel()
+		if err == nil {
+			break
+		}
+	}
 	if err != nil {
 		return false
 	}
@@ -277,7 +297,7 @@ func (v *clusterView) refreshMembers(ctx context.Context) bool {
 			v.servers[m.HTTP] = &serverState{http: m.HTTP}
 		}
 	}
-	return true
+	return v.leader != nil // until a leader is known, ask again soon
 }
 
 func (v *clusterView) pollLoop(ctx context.Context, s *serverState) {

@@ -111,6 +111,10 @@ type proxyStatus struct {
 	Holding  bool              `json:"holding"`
 	Fenced   string            `json:"fenced"`
 	Counters map[string]uint64 `json:"counters"`
+	Servers  []struct {
+		HTTP string `json:"http"`
+		Up   bool   `json:"up"`
+	} `json:"servers"`
 }
 
 func (p *keelProxy) status() proxyStatus {
@@ -849,8 +853,14 @@ func TestProxyCacheAfterUncertainWrite(t *testing.T) {
 // leader's.
 func TestProxyNbdinfo(t *testing.T) {
 	c := newCluster(t, "64M", 3)
-	p := startProxy(t, c, "info")
+	// Given only a follower's address, the proxy finds the leader and the
+	// other servers by itself.
+	p := startProxy(t, c, "info", "--servers", c.followers(c.leader())[0].http)
 	p.waitLog("holding the volume")
+	poll(t, clusterTimeout, "the proxy knows all three servers", func() (bool, string) {
+		st := p.status()
+		return len(st.Servers) == 3, fmt.Sprintf("%+v", st)
+	})
 	mustQemuIO(t, p.uri(), "write -P 0x42 1M 3M", "write -P 0x43 20M 64k", "write -z 2M 512k")
 	info := getInfo(t, p.uri())
 	e := info.Exports[0]
