@@ -62,8 +62,8 @@ destination takes over when it first writes. A proxy restarted under the same
 Without a quorum, reads continue and writes wait --write-timeout, then fail
 with EIO. On SIGTERM or SIGINT the proxy answers every request already read,
 closes the connections (qemu reconnects) and releases the volume.`,
-		Example: `  keel proxy --servers 10.0.0.1:10809,10.0.0.2:10809 --listen unix:/run/keel/vm1.sock --cache 256M
-  keel proxy --servers 10.0.0.1:10809 --listen 127.0.0.1:10809 --takeover   # VM migrated here`,
+		Example: `  keel proxy --servers 10.0.0.1:7002,10.0.0.2:7002 --listen unix:/run/keel/vm1.sock --cache 256M
+  keel proxy --servers 10.0.0.1:7002 --listen 127.0.0.1:10809 --takeover   # VM migrated here`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runProxy(cmd.Context(), g, f) },
 	}
