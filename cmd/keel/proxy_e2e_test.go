@@ -437,9 +437,11 @@ func TestProxyFioFailover(t *testing.T) {
 	c := newCluster(t, "128M", 3, fastFailover...)
 	p := startProxy(t, c, "fio")
 	p.waitLog("holding the volume")
+	// fio must outlive three crash-and-catch-up cycles (about 6 s each
+	// here, up to twice that when the machine is loaded): 45 s.
 
 	load := startFio(t, "failover", p.uri(), "--rw=randwrite", "--bs=4k", "--iodepth=16",
-		"--offset=0", "--size=32M", "--time_based", "--runtime=25",
+		"--offset=0", "--size=32M", "--time_based", "--runtime=45",
 		"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=512", "--verify_state_save=0")
 
 	crash := func(what string, victim *node) {
