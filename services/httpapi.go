@@ -47,9 +47,15 @@ func (a *API) Serve(ctx context.Context) error {
 	if a.Metrics != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(a.Metrics, promhttp.HandlerOpts{}))
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: a.Log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
+	return serveHTTP(ctx, a.Listener, mux, a.Log)
+}
+
+// serveHTTP serves h on l until ctx ends, then shuts the server down
+// (giving requests in flight 5s).
+func serveHTTP(ctx context.Context, l net.Listener, h http.Handler, log hclog.Logger) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(a.Listener) }()
+	go func() { errc <- srv.Serve(l) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("http server: %w", err)

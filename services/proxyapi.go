@@ -2,11 +2,9 @@ package services
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"net/http"
 	"sort"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
@@ -94,19 +92,7 @@ func (a *ProxyAPI) Serve(ctx context.Context) error {
 		writeJSON(w, http.StatusOK, a.Proxy.Status())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Proxy.metrics(), promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: a.Log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(a.Listener) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("http server: %w", err)
-	case <-ctx.Done():
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-		<-errc
-		return nil
-	}
+	return serveHTTP(ctx, a.Listener, mux, a.Log)
 }
 
 // metrics returns a registry reading the proxy's counters at scrape time.
