@@ -26,6 +26,13 @@ import (
 // server: accepted only while no writer holds the volume, and never
 // deduplicated (reqID 0).
 
+// MaxCommandData bounds the data in one Raft entry. Larger writes (NBD
+// allows 32 MiB) become several entries, committed concurrently, so what
+// one AppendEntries round holds in memory stays bounded (16 entries of at
+// most 1 MiB). NBD promises no atomicity for a write, and the request is
+// answered only once every part is committed.
+const MaxCommandData = 1 << 20
+
 // Kind is the first byte of a command.
 type Kind uint8
 

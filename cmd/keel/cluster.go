@@ -15,7 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/keelstore/keel/replica"
-	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/services/wire"
 )
 
 func newClusterCmd() *cobra.Command {
@@ -27,7 +27,7 @@ func newClusterCmd() *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&addr, "http", "127.0.0.1:7201", "HTTP address of any member")
 	cmd.PersistentFlags().DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the answer")
-	client := func() *services.Client { return services.NewClient(timeout) }
+	client := func() *wire.Client { return wire.NewClient(timeout) }
 	ctx := func(c *cobra.Command) (context.Context, context.CancelFunc) {
 		return context.WithTimeout(c.Context(), timeout)
 	}
@@ -63,8 +63,8 @@ func newClusterCmd() *cobra.Command {
 		RunE: func(c *cobra.Command, _ []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()
-			var resp services.JoinResponse
-			if err := client().Do(cx, "POST", addr, "/v1/cluster/join", services.JoinRequest{Node: add}, &resp); err != nil {
+			var resp wire.JoinResponse
+			if err := client().Do(cx, "POST", addr, "/v1/cluster/join", wire.JoinRequest{Node: add}, &resp); err != nil {
 				return err
 			}
 			fmt.Printf("added %s as a non-voter (leader %s); it becomes a voter once it has caught up\n", add.ID, resp.Leader)
@@ -89,12 +89,12 @@ func newClusterCmd() *cobra.Command {
 			// Removing the leader hands leadership over first; the call
 			// then needs to go to the new leader.
 			for {
-				err := client().Do(cx, "POST", addr, "/v1/cluster/remove", services.IDRequest{ID: args[0]}, nil)
+				err := client().Do(cx, "POST", addr, "/v1/cluster/remove", wire.IDRequest{ID: args[0]}, nil)
 				if err == nil {
 					fmt.Printf("removed %s\n", args[0])
 					return nil
 				}
-				if !errors.Is(err, services.ErrRemoteNotLeader) || cx.Err() != nil {
+				if !errors.Is(err, wire.ErrRemoteNotLeader) || cx.Err() != nil {
 					return err
 				}
 				select {
@@ -113,7 +113,7 @@ func newClusterCmd() *cobra.Command {
 		RunE: func(c *cobra.Command, args []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()
-			req := services.IDRequest{}
+			req := wire.IDRequest{}
 			if len(args) == 1 {
 				req.ID = args[0]
 			}
@@ -129,7 +129,7 @@ func newClusterCmd() *cobra.Command {
 	return cmd
 }
 
-func printCluster(w io.Writer, cs services.ClusterStatus) {
+func printCluster(w io.Writer, cs wire.ClusterStatus) {
 	sort.Slice(cs.Members, func(i, j int) bool { return cs.Members[i].ID < cs.Members[j].ID })
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tSUFFRAGE\tSTATE\tAPPLIED\tRAFT\tHTTP\tNBD\tRESYNC")
@@ -152,7 +152,7 @@ func printCluster(w io.Writer, cs services.ClusterStatus) {
 	}
 }
 
-func syncText(s *services.SyncStatus) string {
+func syncText(s *wire.SyncStatus) string {
 	if s == nil {
 		return "-"
 	}

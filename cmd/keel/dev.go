@@ -16,7 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // devNode is one server of keel dev.
@@ -84,7 +84,7 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 		wg.Wait()
 		fmt.Fprintln(os.Stderr, "keel dev: all nodes stopped; the volume is in", dir)
 	}()
-	client := services.NewClient(2 * time.Second)
+	client := wire.NewClient(2 * time.Second)
 	for i, n := range nodes {
 		args := []string{"--log-level", g.logLevel, "server", "--dir", n.dir, "--id", n.id,
 			"--raft", n.raft, "--http", n.http, "--nbd", n.nbd}
@@ -185,7 +185,7 @@ func prefixLines(r io.Reader, id string) {
 	}
 }
 
-func waitHTTP(ctx context.Context, c *services.Client, addr string) error {
+func waitHTTP(ctx context.Context, c *wire.Client, addr string) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		conn, err := net.DialTimeout("tcp", addr, time.Second)
@@ -201,7 +201,7 @@ func waitHTTP(ctx context.Context, c *services.Client, addr string) error {
 }
 
 // waitVoters waits until the cluster has n voters, printing resync progress.
-func waitVoters(ctx context.Context, c *services.Client, addr string, n int) error {
+func waitVoters(ctx context.Context, c *wire.Client, addr string, n int) error {
 	deadline := time.Now().Add(5 * time.Minute)
 	last := ""
 	for {

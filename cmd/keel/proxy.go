@@ -12,11 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/keelstore/keel/services/proxy"
 	"github.com/spf13/cobra"
-
-	"github.com/keelstore/keel/nbd"
-	"github.com/keelstore/keel/services"
-	"github.com/keelstore/keel/supervise"
 )
 
 type proxyFlags struct {
@@ -108,12 +105,25 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 		host, _ := os.Hostname()
 		writer = host + "/" + f.listen
 	}
-	p, err := services.NewProxy(services.ProxyConfig{
-		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
-		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
-		PollInterval: f.poll, Log: log.Named("proxy"),
+	var httpL net.Listener
+	if f.http != "" {
+		if httpL, err = net.Listen("tcp", f.http); err != nil {
+			return fmt.Errorf("--http %s: %w", f.http, err)
+		}
+	}
+	pr, err := proxy.NewProcess(proxy.ProcessConfig{
+		Proxy: proxy.Config{
+			Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
+			WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
+			PollInterval: f.poll, Log: log.Named("proxy"),
+		},
+		Listen: f.listen, ExportName: f.name, HTTP: httpL,
+		ConnectTimeout: f.connect, DrainTimeout: f.drain, Log: log,
 	})
 	if err != nil {
+		if httpL != nil {
+			httpL.Close()
+		}
 		return proxyFlagError(err)
 	}
 	// The cache is the bulk of the heap: let the garbage collector work
@@ -121,72 +131,9 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(int64(cache) + 48<<20)
 	}
-
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	rootCtx, cancelRoot := context.WithCancel(context.Background())
-	defer cancelRoot()
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: f.drain + 15*time.Second})
-	root.Add(p)
-	if f.http != "" {
-		hl, err := net.Listen("tcp", f.http)
-		if err != nil {
-			return fmt.Errorf("--http %s: %w", f.http, err)
-		}
-		root.Add(&services.ProxyAPI{Listener: hl, Proxy: p, Log: log.Named("http")})
-	}
-	rootErr := root.ServeBackground(rootCtx)
-
-	rctx, cancel := context.WithTimeout(ctx, f.connect)
-	size, err := p.Ready(rctx)
-	cancel()
-	if err != nil {
-		cancelRoot()
-		<-rootErr
-		if ctx.Err() != nil {
-			return nil
-		}
-		return err
-	}
-	srv, err := nbd.NewServer(nbd.ServerConfig{
-		Exports: []nbd.Export{{
-			Name:        f.name,
-			Description: "keel replicated volume via proxy (servers " + strings.Join(servers, ",") + ")",
-			Backend:     p,
-		}},
-		Logger:           log.Named("nbd"),
-		DrainTimeout:     f.drain,
-		MaxInFlightBytes: 64 << 20,
-	})
-	if err != nil {
-		cancelRoot()
-		<-rootErr
-		return err
-	}
-	l, uri, err := services.Listen(f.listen)
-	if err != nil {
-		cancelRoot()
-		<-rootErr
-		return err
-	}
-	nbdToken := root.Add(services.NewNBD(services.NBDConfig{Listener: l, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
-	log.Info("proxy serving", "uri", uri, "size", size, "writer", writer, "cache", cache, "servers", strings.Join(servers, ","))
-
-	select {
-	case <-ctx.Done():
-		// Drain the NBD connections while the proxy can still commit
-		// what they read, then stop the proxy (which releases the volume).
-		log.Info("stopping: draining NBD connections, then releasing the volume")
-		if err := root.RemoveAndWait(nbdToken, f.drain+5*time.Second); err != nil {
-			log.Warn("NBD did not drain in time", "error", err)
-		}
-		cancelRoot()
-		<-rootErr
-		log.Info("stopped")
-		return nil
-	case err := <-rootErr:
-		return err
-	}
+	return pr.Run(ctx)
 }
 
 // proxyFlagError names the flag behind a ProxyConfig field in err.
@@ -194,6 +141,7 @@ func proxyFlagError(err error) error {
 	r := strings.NewReplacer(
 		"proxy: Servers", "--servers", "proxy: Writer", "--writer",
 		"proxy: WriteTimeout", "--write-timeout", "proxy: ReadTimeout", "--read-timeout",
-		"proxy: AttemptTimeout", "--attempt-timeout", "proxy: PollInterval", "--poll-interval")
+		"proxy: AttemptTimeout", "--attempt-timeout", "proxy: PollInterval", "--poll-interval",
+		"proxy: ConnectTimeout", "--connect-timeout")
 	return errors.New(r.Replace(err.Error()))
 }

@@ -10,10 +10,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
-	"github.com/keelstore/keel/services"
-	"github.com/keelstore/keel/supervise"
+	"github.com/keelstore/keel/services/nbdserve"
 )
 
 type serveFlags struct {
@@ -68,42 +66,24 @@ func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
 	}
 	defer img.Close()
 
-	srv, err := nbd.NewServer(nbd.ServerConfig{
-		Exports: []nbd.Export{{
-			Name:        f.name,
-			Description: "keel image " + f.file,
-			Backend:     services.LocalImage{Image: img},
-			ReadOnly:    f.readOnly,
-		}},
-		Logger:       log.Named("nbd"),
-		DrainTimeout: f.drain,
+	l, uri, err := nbdserve.Listen(f.listen)
+	if err != nil {
+		return err
+	}
+	srv, err := nbdserve.NewStandalone(nbdserve.StandaloneConfig{
+		Image: img, Listener: l, Name: f.name, Description: "keel image " + f.file,
+		ReadOnly: f.readOnly, DrainTimeout: f.drain, Log: log,
 	})
 	if err != nil {
+		l.Close()
 		return err
 	}
-	l, uri, err := services.Listen(f.listen)
-	if err != nil {
-		return err
-	}
-
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: f.drain + 10*time.Second})
-	root.Add(services.NewNBD(services.NBDConfig{Listener: l, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
-
 	log.Info("serving", "image", img.Path(), "size", img.Size(), "read_only", f.readOnly, "uri", uri)
-	err = root.Serve(ctx)
-	if ctx.Err() != nil {
-		log.Info("stopping: connections drained")
-		err = nil
-	}
-	if !f.readOnly {
-		if serr := img.Sync(); serr != nil && err == nil {
-			err = serr
-		}
-	}
-	if err != nil {
+	if err := srv.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "keel serve:", err)
+		return err
 	}
-	return err
+	return nil
 }

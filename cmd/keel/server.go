@@ -12,13 +12,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
-	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
-	"github.com/keelstore/keel/services"
-	"github.com/keelstore/keel/supervise"
+	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/server"
+	"github.com/keelstore/keel/services/wire"
 )
 
 type serverFlags struct {
@@ -125,19 +124,19 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	if err != nil {
 		return fmt.Errorf("--http %s: %w", f.httpAddr, err)
 	}
-	nbdL, uri, err := services.Listen(f.nbdAddr)
+	nbdL, uri, err := nbdserve.Listen(f.nbdAddr)
 	if err != nil {
 		httpL.Close()
 		return fmt.Errorf("--nbd: %w", err)
 	}
-	client := services.NewClient(10 * time.Second)
+	client := wire.NewClient(10 * time.Second)
 	self := replica.NodeInfo{ID: f.id, Raft: f.raftAddr, HTTP: httpL.Addr().String(), NBD: f.nbdAddr}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
 	if fresh && f.join != "" {
-		size, err = join(ctx, client, f.join, self, log)
+		size, err = server.Join(ctx, client, f.join, self, log)
 		if err != nil {
 			httpL.Close()
 			nbdL.Close()
@@ -148,15 +147,12 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		size = 0 // the image exists; its size is what it is
 	}
 
-	holder := services.NewNodeHolder()
-	resync := &services.Resyncer{Self: f.id, Client: client, Log: log.Named("resync")}
 	nodeCfg := replica.NodeConfig{
 		ID: f.id, Dir: f.dir, RaftAddr: f.raftAddr, Self: self,
 		Bootstrap: f.bootstrap, Size: size,
 		LogStore:         replica.LogStoreKind(f.logStore),
 		HeartbeatTimeout: f.heartbeat, ElectionTimeout: f.election, LeaderLeaseTimeout: f.lease,
 		SnapshotBytes: f.snapBytes, SnapshotThreshold: f.snapEntries, SnapshotInterval: f.snapInterval, TrailingLogs: f.trailingLogs,
-		Restore: resync.Restore,
 		OnFatal: func(err error) {
 			log.Error("stopping: the image cannot be written; fix the disk, then restart this node", "error", err)
 			fmt.Fprintln(os.Stderr, "keel server: FATAL:", err)
@@ -164,92 +160,31 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		},
 		Log: log.Named("replica"),
 	}
-	if err := nodeCfg.Validate(); err != nil {
-		return err
-	}
 	volSize := size
 	if volSize == 0 {
 		st, err := os.Stat(filepath.Join(f.dir, replica.ImageFile))
 		if err != nil {
+			httpL.Close()
+			nbdL.Close()
 			return fmt.Errorf("%s: %w", f.dir, err)
 		}
 		volSize = uint64(st.Size())
 	}
-
-	srv, err := nbd.NewServer(nbd.ServerConfig{
-		Exports: []nbd.Export{{
-			Name:        "keel",
-			Description: "keel replicated volume (node " + f.id + ")",
-			Backend:     &services.Volume{Holder: holder, Client: client, SizeBytes: volSize, WriteTimeout: f.writeTimeout, Log: log.Named("volume")},
-		}},
-		Logger:           log.Named("nbd"),
-		DrainTimeout:     f.drain,
-		MaxInFlightBytes: 64 << 20,
+	srv, err := server.New(server.Config{
+		Node: nodeCfg, HTTP: httpL, NBD: nbdL, VolumeSize: volSize,
+		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Log: log,
 	})
 	if err != nil {
+		httpL.Close()
+		nbdL.Close()
 		return err
 	}
-
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: f.drain + 15*time.Second})
-	raftSup := supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second})
-	raftSup.Add(&services.RaftService{Config: nodeCfg, Holder: holder, Log: log.Named("raft-service")})
-	root.Add(raftSup)
-	root.Add(&services.API{Listener: httpL, Holder: holder, Client: client, Resync: resync,
-		Metrics: services.NewMetrics(holder, resync), Log: log.Named("http")})
-	root.Add(&services.Membership{Holder: holder, Client: client, Log: log.Named("membership")})
-	nbdToken := root.Add(services.NewNBD(services.NBDConfig{Listener: nbdL, Server: srv, Log: log.Named("nbd"), DrainTimeout: f.drain}))
-
-	// Stopping happens in order: NBD first (every request already read is
-	// answered while Raft still runs to commit it), then everything else
-	// (Raft hands leadership over before it stops).
-	rootCtx, cancelRoot := context.WithCancel(context.Background())
-	defer cancelRoot()
-	served := make(chan struct{})
-	go func() {
-		select {
-		case <-ctx.Done():
-			log.Info("stopping: draining NBD connections, then Raft")
-			if err := root.RemoveAndWait(nbdToken, f.drain+5*time.Second); err != nil {
-				log.Warn("NBD did not drain in time", "error", err)
-			}
-			cancelRoot()
-		case <-served:
-		}
-	}()
 	log.Info("server starting", "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
-	err = root.Serve(rootCtx)
-	close(served)
-	if ctx.Err() != nil {
-		log.Info("stopped")
-		return nil
-	}
-	return err
+	return srv.Run(ctx)
 }
 
 // hasRaftState reports whether dir already holds a node.
 func hasRaftState(dir string) bool {
 	_, err := os.Stat(filepath.Join(dir, "raft"))
 	return err == nil
-}
-
-// join asks a member to add this node, retrying while the cluster has no
-// leader, and returns the volume size.
-func join(ctx context.Context, c *services.Client, addr string, self replica.NodeInfo, log hclog.Logger) (uint64, error) {
-	deadline := time.Now().Add(2 * time.Minute)
-	for attempt := 1; ; attempt++ {
-		var resp services.JoinResponse
-		err := c.Do(ctx, "POST", addr, "/v1/cluster/join", services.JoinRequest{Node: self}, &resp)
-		if err == nil {
-			log.Info("joined the cluster as a non-voter", "via", addr, "leader", resp.Leader, "size", resp.Size)
-			return resp.Size, nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return 0, fmt.Errorf("joining via %s: %w", addr, err)
-		}
-		log.Warn("join failed; retrying", "via", addr, "attempt", attempt, "error", err)
-		select {
-		case <-time.After(time.Second):
-		case <-ctx.Done():
-		}
-	}
 }

@@ -13,7 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/keelstore/keel/replica"
-	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // errDiffer makes keel verify exit 1; other failures exit 2.
@@ -34,7 +34,7 @@ voter unreachable, or the cluster too busy to reach a common index within
 		RunE: func(c *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(c.Context(), timeout)
 			defer cancel()
-			err := verify(ctx, services.NewClient(timeout), addr)
+			err := verify(ctx, wire.NewClient(timeout), addr)
 			if errors.Is(err, errDiffer) {
 				fmt.Fprintln(os.Stderr, "keel verify: FAILED:", err)
 				os.Exit(1)
@@ -51,13 +51,13 @@ voter unreachable, or the cluster too busy to reach a common index within
 	return cmd
 }
 
-func verify(ctx context.Context, c *services.Client, addr string) error {
+func verify(ctx context.Context, c *wire.Client, addr string) error {
 	for attempt := 1; ; attempt++ {
 		cs, err := c.Cluster(ctx, addr)
 		if err != nil {
 			return err
 		}
-		var voters []services.Member
+		var voters []wire.Member
 		var target uint64
 		for _, m := range cs.Members {
 			if m.Suffrage == "Voter" {

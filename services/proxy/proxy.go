@@ -1,4 +1,4 @@
-package services
+package proxy
 
 import (
 	"context"
@@ -14,6 +14,7 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // Proxy is the nbd.Backend of `keel proxy`: the VM's side of a replicated
@@ -28,9 +29,9 @@ import (
 // the volume at start, releasing it at stop); the NBD service in front of
 // it is separate and must be stopped first.
 type Proxy struct {
-	cfg   ProxyConfig
+	cfg   Config
 	view  *clusterView
-	api   *Client // apply calls; each attempt has its own deadline
+	api   *wire.Client // apply calls; each attempt has its own deadline
 	cache *blockCache
 	log   hclog.Logger
 
@@ -48,17 +49,17 @@ type Proxy struct {
 	lastAcked atomic.Uint64 // log index of the latest acknowledged command (read-your-writes)
 	rr        atomic.Uint64 // round robin over readable replicas
 
-	stats ProxyStats
+	stats Stats
 }
 
-// ProxyStats count what the proxy did; read them with Stats.
-type ProxyStats struct {
+// Stats count what the proxy did; read them with Stats.
+type Stats struct {
 	Reads, CacheHits, CacheMisses, RemoteReads atomic.Uint64
 	Writes, Retries, Duplicates, Refused       atomic.Uint64
 }
 
-// ProxyConfig configures a Proxy.
-type ProxyConfig struct {
+// Config configures a Proxy.
+type Config struct {
 	// Servers are the HTTP API addresses (keel server --http) of some or
 	// all of the volume's servers; the rest are found from the cluster's
 	// member list. At least one.
@@ -93,7 +94,7 @@ type ProxyConfig struct {
 	Log hclog.Logger
 }
 
-func (c ProxyConfig) withDefaults() ProxyConfig {
+func (c Config) withDefaults() Config {
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = 30 * time.Second
 	}
@@ -113,7 +114,7 @@ func (c ProxyConfig) withDefaults() ProxyConfig {
 }
 
 // Validate checks the configuration; errors name the bad field.
-func (c ProxyConfig) Validate() error {
+func (c Config) Validate() error {
 	c = c.withDefaults()
 	if len(c.Servers) == 0 {
 		return errors.New("proxy: Servers: at least one server's HTTP address is needed")
@@ -141,18 +142,18 @@ func (c ProxyConfig) Validate() error {
 	return nil
 }
 
-// NewProxy returns a proxy; Serve starts it and Ready waits until it knows
+// New returns a proxy; Serve starts it and Ready waits until it knows
 // the volume.
-func NewProxy(cfg ProxyConfig) (*Proxy, error) {
+func New(cfg Config) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
-	status := NewClient(2 * time.Second)
+	status := wire.NewClient(2 * time.Second)
 	p := &Proxy{
 		cfg:   cfg,
 		view:  newClusterView(cfg.Servers, status, cfg.Log.Named("cluster"), cfg.PollInterval, 20*time.Millisecond),
-		api:   NewClient(0),
+		api:   wire.NewClient(0),
 		cache: newBlockCache(cfg.CacheBytes),
 		log:   cfg.Log,
 		ready: make(chan struct{}),
@@ -216,7 +217,7 @@ func (p *Proxy) Ready(ctx context.Context) (uint64, error) {
 func (p *Proxy) Size() uint64 { return p.size }
 
 // Stats returns the proxy's counters.
-func (p *Proxy) Stats() *ProxyStats { return &p.stats }
+func (p *Proxy) Stats() *Stats { return &p.stats }
 
 // ---- the writer: epoch and request ids ----
 
@@ -248,7 +249,7 @@ func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	if r.Refused != "" {
+	if r.Refused != wire.NotRefused {
 		p.refusedAt, p.heldBy = time.Now(), r.Error
 		if i := strings.Index(r.Error, ": "); i >= 0 {
 			p.heldBy = r.Error[i+2:]
@@ -378,16 +379,14 @@ func (p *Proxy) commit(c *replica.Command) error {
 		p.stats.Duplicates.Add(1)
 	}
 	switch r.Refused {
-	case "":
+	case wire.NotRefused:
 		p.noteAcked(r.Index)
 		return nil
-	case refusedStaleEpoch:
+	case wire.RefusedStaleEpoch:
 		p.stats.Refused.Add(1)
 		return p.fence(r.Error)
-	case refusedOutOfRange:
-		return fmt.Errorf("%w: %s", nbd.ENOSPC, r.Error)
 	}
-	return fmt.Errorf("%w: refused: %s", nbd.EIO, r.Error)
+	return wire.NBDError(r.Refused.Err(r.Error))
 }
 
 // errMaybeCommitted marks a command that was sent but not answered in
@@ -408,14 +407,14 @@ func (p *Proxy) settle(g, off, length uint64, err error) error {
 // send delivers an encoded command to the leader, whichever it is, until
 // it is answered (committed, possibly refused) or ctx ends. Each attempt
 // ends early when the leader is found lost.
-func (p *Proxy) send(ctx context.Context, data []byte) (ApplyResponse, error) {
+func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, error) {
 	var last error
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
 			p.stats.Retries.Add(1)
 			select {
 			case <-ctx.Done():
-				return ApplyResponse{}, last
+				return wire.ApplyResponse{}, last
 			case <-time.After(min(time.Duration(attempt)*5*time.Millisecond, 100*time.Millisecond)):
 			}
 		}
@@ -424,7 +423,7 @@ func (p *Proxy) send(ctx context.Context, data []byte) (ApplyResponse, error) {
 			if last == nil {
 				last = err
 			}
-			return ApplyResponse{}, last
+			return wire.ApplyResponse{}, last
 		}
 		actx, cancel := context.WithTimeout(ctx, p.cfg.AttemptTimeout)
 		stop := context.AfterFunc(l.lostContext(), cancel)
@@ -438,7 +437,7 @@ func (p *Proxy) send(ctx context.Context, data []byte) (ApplyResponse, error) {
 			}
 			continue
 		}
-		if r.Refused == "" && r.Error != "" {
+		if r.Refused == wire.NotRefused && r.Error != "" {
 			last = fmt.Errorf("leader %s: %s", l.http, r.Error)
 			continue
 		}
@@ -451,12 +450,12 @@ func (p *Proxy) send(ctx context.Context, data []byte) (ApplyResponse, error) {
 
 func (p *Proxy) WriteAt(b []byte, off uint64, fua bool) error {
 	g := p.cache.startWrite(off, uint64(len(b)))
-	if len(b) <= maxCommandData {
+	if len(b) <= replica.MaxCommandData {
 		return p.settle(g, off, uint64(len(b)), p.commit(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: b}))
 	}
 	var eg errgroup.Group
-	for done := 0; done < len(b); done += maxCommandData {
-		part, at := b[done:min(done+maxCommandData, len(b))], off+uint64(done)
+	for done := 0; done < len(b); done += replica.MaxCommandData {
+		part, at := b[done:min(done+replica.MaxCommandData, len(b))], off+uint64(done)
 		eg.Go(func() error {
 			return p.commit(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
 		})

@@ -1,4 +1,4 @@
-package services_test
+package proxy_test
 
 import (
 	"bytes"
@@ -15,20 +15,19 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-
 	"github.com/keelstore/keel/nbd"
-	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/services/proxy"
+	"github.com/keelstore/keel/services/server/servertest"
 )
 
 // runProxy starts a Proxy in front of the servers and serves it over NBD
 // on a unix socket; it returns the proxy and a connected client.
-func runProxy(t *testing.T, cfg services.ProxyConfig) (*services.Proxy, *nbd.Client) {
+func runProxy(t *testing.T, cfg proxy.Config) (*proxy.Proxy, *nbd.Client) {
 	t.Helper()
 	if cfg.Log == nil {
-		cfg.Log = hclog.New(&hclog.LoggerOptions{Output: tWriter{t}, Level: hclog.Info, Name: cfg.Writer})
+		cfg.Log = servertest.Logger(t, cfg.Writer)
 	}
-	p, err := services.NewProxy(cfg)
+	p, err := proxy.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,9 +77,9 @@ func runProxy(t *testing.T, cfg services.ProxyConfig) (*services.Proxy, *nbd.Cli
 }
 
 // directClient connects to the server itself, bypassing the proxy.
-func directClient(t *testing.T, o *oneNode) *nbd.Client {
+func directClient(t *testing.T, o *servertest.Node) *nbd.Client {
 	t.Helper()
-	c, err := nbd.Dial(context.Background(), "tcp", o.nbd, nbd.ClientConfig{})
+	c, err := nbd.Dial(context.Background(), "tcp", o.NBD, nbd.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,8 +95,8 @@ func fill(v byte, n int) []byte { return bytes.Repeat([]byte{v}, n) }
 // shared and fills race with writes to neighbouring slots; every read must
 // return what its goroutine last wrote.
 func TestProxyCoherentUnderConcurrency(t *testing.T) {
-	node := startOneNode(t)
-	p, c := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "w1", CacheBytes: 1 << 20})
+	node := servertest.StartOne(t, 0)
+	p, c := runProxy(t, proxy.Config{Servers: []string{node.HTTP}, Writer: "w1", CacheBytes: 1 << 20})
 	const slot, slots, workers = 4096, 512, 8 // 2 MiB: twice the cache
 	ctx := context.Background()
 	var wg sync.WaitGroup
@@ -170,9 +169,9 @@ func TestProxyCoherentUnderConcurrency(t *testing.T) {
 // TestProxyOneWriter: a second proxy reads but may not write; a takeover
 // fences the first, whose later writes fail and never land.
 func TestProxyOneWriter(t *testing.T) {
-	node := startOneNode(t)
+	node := servertest.StartOne(t, 0)
 	ctx := context.Background()
-	pa, a := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "a", CacheBytes: 1 << 20})
+	pa, a := runProxy(t, proxy.Config{Servers: []string{node.HTTP}, Writer: "a", CacheBytes: 1 << 20})
 	if err := a.WriteAt(ctx, fill(0xaa, 4096), 0, false); err != nil {
 		t.Fatal(err)
 	}
@@ -181,7 +180,7 @@ func TestProxyOneWriter(t *testing.T) {
 		t.Fatalf("read back through a: %v %#x", err, got[0])
 	}
 
-	pb, b := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "b", CacheBytes: 1 << 20})
+	pb, b := runProxy(t, proxy.Config{Servers: []string{node.HTTP}, Writer: "b", CacheBytes: 1 << 20})
 	if err := b.ReadAt(ctx, got, 0); err != nil || got[0] != 0xaa {
 		t.Fatalf("read through the second proxy: %v %#x", err, got[0])
 	}
@@ -191,11 +190,11 @@ func TestProxyOneWriter(t *testing.T) {
 	if st := pb.Status(); st.Holding || st.Fenced != "" {
 		t.Errorf("second proxy's status: holding %v fenced %q, want neither", st.Holding, st.Fenced)
 	}
-	if st := pa.Status(); !st.Holding || st.Leader != node.http || len(st.Servers) != 1 || !st.Servers[0].Up {
+	if st := pa.Status(); !st.Holding || st.Leader != node.HTTP || len(st.Servers) != 1 || !st.Servers[0].Up {
 		t.Errorf("first proxy's status: %+v", st)
 	}
 
-	pc, c := runProxy(t, services.ProxyConfig{Servers: []string{node.http}, Writer: "c", Takeover: true})
+	pc, c := runProxy(t, proxy.Config{Servers: []string{node.HTTP}, Writer: "c", Takeover: true})
 	// The takeover waits for c's first write: until then a keeps writing
 	// (a live migration's source runs until it is paused).
 	if pc.Status().Holding {
@@ -236,9 +235,9 @@ func TestProxyOneWriter(t *testing.T) {
 // takes the volume back without a takeover, and its request ids (numbered
 // from 1 again) are not mistaken for the old ones.
 func TestProxyRestartReclaims(t *testing.T) {
-	node := startOneNode(t)
+	node := servertest.StartOne(t, 0)
 	ctx := context.Background()
-	cfg := services.ProxyConfig{Servers: []string{node.http}, Writer: "same"}
+	cfg := proxy.Config{Servers: []string{node.HTTP}, Writer: "same"}
 	p1, c1 := runProxy(t, cfg)
 	for i := range 20 {
 		if err := c1.WriteAt(ctx, fill(1, 4096), uint64(i*4096), false); err != nil {
@@ -260,17 +259,17 @@ func TestProxyRestartReclaims(t *testing.T) {
 
 func TestProxyConfigRefused(t *testing.T) {
 	for _, tc := range []struct {
-		cfg  services.ProxyConfig
+		cfg  proxy.Config
 		want string
 	}{
-		{services.ProxyConfig{Writer: "w"}, "Servers"},
-		{services.ProxyConfig{Servers: []string{""}, Writer: "w"}, "Servers"},
-		{services.ProxyConfig{Servers: []string{"a:1"}}, "Writer"},
-		{services.ProxyConfig{Servers: []string{"a:1"}, Writer: "w", WriteTimeout: time.Millisecond}, "WriteTimeout"},
-		{services.ProxyConfig{Servers: []string{"a:1"}, Writer: "w", WriteTimeout: time.Second, AttemptTimeout: 2 * time.Second}, "AttemptTimeout"},
-		{services.ProxyConfig{Servers: []string{"a:1"}, Writer: "w", PollInterval: time.Hour}, "PollInterval"},
+		{proxy.Config{Writer: "w"}, "Servers"},
+		{proxy.Config{Servers: []string{""}, Writer: "w"}, "Servers"},
+		{proxy.Config{Servers: []string{"a:1"}}, "Writer"},
+		{proxy.Config{Servers: []string{"a:1"}, Writer: "w", WriteTimeout: time.Millisecond}, "WriteTimeout"},
+		{proxy.Config{Servers: []string{"a:1"}, Writer: "w", WriteTimeout: time.Second, AttemptTimeout: 2 * time.Second}, "AttemptTimeout"},
+		{proxy.Config{Servers: []string{"a:1"}, Writer: "w", PollInterval: time.Hour}, "PollInterval"},
 	} {
-		if _, err := services.NewProxy(tc.cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+		if _, err := proxy.New(tc.cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: %v, want an error naming %s", tc.cfg, err, tc.want)
 		}
 	}
@@ -288,7 +287,7 @@ func TestProxyBadServer(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			s := httptest.NewServer(h)
 			defer s.Close()
-			p, err := services.NewProxy(services.ProxyConfig{Servers: []string{strings.TrimPrefix(s.URL, "http://")}, Writer: "w"})
+			p, err := proxy.New(proxy.Config{Servers: []string{strings.TrimPrefix(s.URL, "http://")}, Writer: "w"})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -1,4 +1,4 @@
-package services
+package wire
 
 import (
 	"bytes"
@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/keelstore/keel/replica"
 )
 
@@ -92,14 +94,14 @@ type ApplyResponse struct {
 	Index     uint64 `json:"index"`
 	Epoch     uint64 `json:"epoch"`
 	Duplicate bool   `json:"duplicate,omitempty"`
-	// Refused: the FSM refused the command ("stale_epoch", "writer_held",
-	// "out_of_range"); Error says why.
-	Refused string `json:"refused,omitempty"`
-	Error   string `json:"error,omitempty"`
+	// Refused: the FSM refused the command (a Refusal code); Error says
+	// why.
+	Refused Refusal `json:"refused,omitempty"`
+	Error   string  `json:"error,omitempty"`
 }
 
-// apiError is the body of every non-2xx answer.
-type apiError struct {
+// ErrorBody is the body of every non-2xx answer.
+type ErrorBody struct {
 	Error string `json:"error"`
 	// NotLeader is set when the call needs the leader; Leader is its HTTP
 	// address when known.
@@ -124,7 +126,8 @@ func NewClient(timeout time.Duration) *Client {
 // ErrRemoteNotLeader is returned when the called node is not the leader.
 var ErrRemoteNotLeader = errors.New("keel: the node called is not the leader")
 
-func baseURL(addr string) string {
+// BaseURL turns a HOST:PORT (or a URL) into the API's base URL.
+func BaseURL(addr string) string {
 	if strings.HasPrefix(addr, "http://") || strings.HasPrefix(addr, "https://") {
 		return strings.TrimSuffix(addr, "/")
 	}
@@ -146,7 +149,7 @@ func (c *Client) Do(ctx context.Context, method, addr, path string, in, out any)
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, baseURL(addr)+path, body)
+	req, err := http.NewRequestWithContext(ctx, method, BaseURL(addr)+path, body)
 	if err != nil {
 		return err
 	}
@@ -163,7 +166,7 @@ func (c *Client) Do(ctx context.Context, method, addr, path string, in, out any)
 		return fmt.Errorf("%s %s: reading answer: %w", method, path, err)
 	}
 	if resp.StatusCode/100 != 2 {
-		var ae apiError
+		var ae ErrorBody
 		if json.Unmarshal(data, &ae) == nil && ae.Error != "" {
 			if ae.NotLeader {
 				return fmt.Errorf("%w (leader: %q): %s", ErrRemoteNotLeader, ae.Leader, ae.Error)
@@ -199,4 +202,31 @@ func (c *Client) Apply(ctx context.Context, addr string, cmd []byte) (ApplyRespo
 	var r ApplyResponse
 	err := c.Do(ctx, http.MethodPost, addr, "/v1/apply", cmd, &r)
 	return r, err
+}
+
+// ServeHTTP serves h on l until ctx ends, then shuts the server down
+// (giving requests in flight 5s).
+func ServeHTTP(ctx context.Context, l net.Listener, h http.Handler, log hclog.Logger) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("http server: %w", err)
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		<-errc
+		return nil
+	}
+}
+
+// WriteJSON answers v as JSON with the status code.
+func WriteJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
 }

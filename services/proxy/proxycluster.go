@@ -1,4 +1,4 @@
-package services
+package proxy
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // clusterView is the proxy's picture of the servers: which one leads, what
@@ -19,7 +20,7 @@ import (
 // is polled on its own (GET /v1/status), so a hung server delays nobody;
 // while no leader is known the polls run fast.
 type clusterView struct {
-	api *Client // status and cluster calls: short timeout
+	api *wire.Client // status and cluster calls: short timeout
 	log hclog.Logger
 	// onEpoch is told every writer epoch a server reports (the proxy
 	// learns from it that it was fenced, before its next write does).
@@ -65,7 +66,7 @@ type serverState struct {
 	applied atomic.Uint64 // highest applied index known (polled or from an apply)
 }
 
-func newClusterView(seeds []string, api *Client, log hclog.Logger, poll, fast time.Duration) *clusterView {
+func newClusterView(seeds []string, api *wire.Client, log hclog.Logger, poll, fast time.Duration) *clusterView {
 	v := &clusterView{
 		api: api, log: log, poll: poll, fast: fast,
 		servers: map[string]*serverState{},
@@ -276,7 +277,7 @@ func (v *clusterView) refreshMembers(ctx context.Context) bool {
 			ask = append(ask, s)
 		}
 	}
-	var cs ClusterStatus
+	var cs wire.ClusterStatus
 	err := errors.New("no server answers")
 	for _, s := range ask {
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)

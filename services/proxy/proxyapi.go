@@ -1,4 +1,4 @@
-package services
+package proxy
 
 import (
 	"context"
@@ -7,28 +7,29 @@ import (
 	"sort"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/keelstore/keel/services/wire"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// ProxyStatus is what GET /v1/status on a proxy's --http answers.
-type ProxyStatus struct {
-	Writer         string              `json:"writer"`
-	Holding        bool                `json:"holding"` // this proxy is the volume's writer now
-	Epoch          uint64              `json:"epoch,omitempty"`
-	Fenced         string              `json:"fenced,omitempty"` // why writes are refused for good
-	Leader         string              `json:"leader,omitempty"` // the leader's HTTP address
-	LastAckedIndex uint64              `json:"last_acked_index"`
-	Size           uint64              `json:"size"`
-	CacheBytes     uint64              `json:"cache_bytes"`
-	CachedBytes    uint64              `json:"cached_bytes"`
-	Servers        []ProxyServerStatus `json:"servers"`
-	Counters       map[string]uint64   `json:"counters"`
+// Status is what GET /v1/status on a proxy's --http answers.
+type Status struct {
+	Writer         string            `json:"writer"`
+	Holding        bool              `json:"holding"` // this proxy is the volume's writer now
+	Epoch          uint64            `json:"epoch,omitempty"`
+	Fenced         string            `json:"fenced,omitempty"` // why writes are refused for good
+	Leader         string            `json:"leader,omitempty"` // the leader's HTTP address
+	LastAckedIndex uint64            `json:"last_acked_index"`
+	Size           uint64            `json:"size"`
+	CacheBytes     uint64            `json:"cache_bytes"`
+	CachedBytes    uint64            `json:"cached_bytes"`
+	Servers        []ServerStatus    `json:"servers"`
+	Counters       map[string]uint64 `json:"counters"`
 }
 
-// ProxyServerStatus is one server as the proxy sees it.
-type ProxyServerStatus struct {
+// ServerStatus is one server as the proxy sees it.
+type ServerStatus struct {
 	HTTP    string `json:"http"`
 	ID      string `json:"id,omitempty"`
 	NBD     string `json:"nbd,omitempty"`
@@ -40,8 +41,8 @@ type ProxyServerStatus struct {
 }
 
 // Status describes the proxy now.
-func (p *Proxy) Status() ProxyStatus {
-	st := ProxyStatus{
+func (p *Proxy) Status() Status {
+	st := Status{
 		Writer: p.cfg.Writer, Epoch: p.epoch.Load(), LastAckedIndex: p.lastAcked.Load(),
 		Size: p.size, CacheBytes: p.cfg.CacheBytes, CachedBytes: uint64(p.cache.len()) * cacheBlock,
 		Counters: p.counters(),
@@ -57,7 +58,7 @@ func (p *Proxy) Status() ProxyStatus {
 	p.view.mu.Unlock()
 	for _, s := range p.view.snapshot() {
 		s.mu.Lock()
-		st.Servers = append(st.Servers, ProxyServerStatus{HTTP: s.http, ID: s.id, NBD: s.nbdAddr, Up: s.up, State: s.role, Syncing: s.syncing, Applied: s.applied.Load(), Reads: s.reads.Load()})
+		st.Servers = append(st.Servers, ServerStatus{HTTP: s.http, ID: s.id, NBD: s.nbdAddr, Up: s.up, State: s.role, Syncing: s.syncing, Applied: s.applied.Load(), Reads: s.reads.Load()})
 		s.mu.Unlock()
 	}
 	sort.Slice(st.Servers, func(i, j int) bool { return st.Servers[i].HTTP < st.Servers[j].HTTP })
@@ -73,26 +74,26 @@ func (p *Proxy) counters() map[string]uint64 {
 	}
 }
 
-// ProxyAPI serves a proxy's status and metrics over HTTP (keel proxy
+// API serves a proxy's status and metrics over HTTP (keel proxy
 // --http):
 //
-//	GET /v1/status   ProxyStatus
+//	GET /v1/status   Status
 //	GET /metrics     Prometheus metrics
-type ProxyAPI struct {
+type API struct {
 	Listener net.Listener
 	Proxy    *Proxy
 	Log      hclog.Logger
 }
 
-func (a *ProxyAPI) String() string { return "proxy http " + a.Listener.Addr().String() }
+func (a *API) String() string { return "proxy http " + a.Listener.Addr().String() }
 
-func (a *ProxyAPI) Serve(ctx context.Context) error {
+func (a *API) Serve(ctx context.Context) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, a.Proxy.Status())
+		wire.WriteJSON(w, http.StatusOK, a.Proxy.Status())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Proxy.metrics(), promhttp.HandlerOpts{}))
-	return serveHTTP(ctx, a.Listener, mux, a.Log)
+	return wire.ServeHTTP(ctx, a.Listener, mux, a.Log)
 }
 
 // metrics returns a registry reading the proxy's counters at scrape time.

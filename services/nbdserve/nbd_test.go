@@ -1,4 +1,4 @@
-package services_test
+package nbdserve_test
 
 import (
 	"bytes"
@@ -23,7 +23,7 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
-	"github.com/keelstore/keel/services"
+	"github.com/keelstore/keel/services/nbdserve"
 	"github.com/keelstore/keel/supervise"
 )
 
@@ -94,7 +94,7 @@ func goroutines() []string {
 // ours are the frames of code under test (the test package is services_test,
 // which these do not match).
 var ours = []string{
-	"keelstore/keel/nbd.", "keelstore/keel/services.", "keelstore/keel/supervise.",
+	"keelstore/keel/nbd.", "keelstore/keel/services/", "keelstore/keel/supervise.",
 	"keelstore/keel/replica/", "thejerf/suture",
 }
 
@@ -148,7 +148,7 @@ type harness struct {
 const exportName = "test"
 
 // startNBD serves backend on a unix socket the way `keel serve` does: an
-// nbd.Server behind services.NBD under a root supervisor.
+// nbd.Server behind nbdserve.NBD under a root supervisor.
 func startNBD(t *testing.T, backend nbd.Backend, hooks nbd.Hooks) *harness {
 	t.Helper()
 	logger, sink := newLogger(t)
@@ -162,13 +162,13 @@ func startNBD(t *testing.T, backend nbd.Backend, hooks nbd.Hooks) *harness {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	l, _, err := services.Listen("unix:" + sock)
+	l, _, err := nbdserve.Listen("unix:" + sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// As in `keel serve`: the root waits longer than the drain.
 	root := supervise.New("keel", logger, supervise.Policy{StopTimeout: 20 * time.Second})
-	root.Add(services.NewNBD(services.NBDConfig{
+	root.Add(nbdserve.NewNBD(nbdserve.NBDConfig{
 		Listener: l, Server: srv, Log: logger.Named("nbd"), DrainTimeout: 10 * time.Second,
 	}))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -420,7 +420,7 @@ func TestNBDPanicClosesOnlyThatConnection(t *testing.T) {
 	}
 	t.Cleanup(func() { img.Close() })
 	var panics atomic.Int32
-	h := startNBD(t, services.LocalImage{Image: img}, nbd.Hooks{
+	h := startNBD(t, nbdserve.LocalImage{Image: img}, nbd.Hooks{
 		BeforeRequest: func(export string, r nbd.Request) {
 			if r.Offset == magic {
 				panics.Add(1)
@@ -579,7 +579,7 @@ func isSocket(t *testing.T, path string) bool {
 
 func TestListenUnix(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	l, uri, err := services.Listen("unix:" + sock)
+	l, uri, err := nbdserve.Listen("unix:" + sock)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -602,7 +602,7 @@ func TestListenUnix(t *testing.T) {
 func TestListenUnixURIEscapesPath(t *testing.T) {
 	for _, name := range []string{"a b.sock", "a&b=c.sock", "50%.sock", "q?.sock", "plus+.sock"} {
 		sock := filepath.Join(t.TempDir(), name)
-		l, uri, err := services.Listen("unix:" + sock)
+		l, uri, err := nbdserve.Listen("unix:" + sock)
 		if err != nil {
 			t.Fatalf("%q: %v", name, err)
 		}
@@ -635,7 +635,7 @@ func TestListenReplacesStaleSocket(t *testing.T) {
 		t.Fatal("no stale socket file to test with")
 	}
 
-	l, _, err := services.Listen("unix:" + sock)
+	l, _, err := nbdserve.Listen("unix:" + sock)
 	if err != nil {
 		t.Fatalf("Listen over a stale socket: %v", err)
 	}
@@ -651,7 +651,7 @@ func TestListenRefusesLiveSocket(t *testing.T) {
 	}
 	defer live.Close()
 
-	if l, _, err := services.Listen("unix:" + sock); err == nil {
+	if l, _, err := nbdserve.Listen("unix:" + sock); err == nil {
 		l.Close()
 		t.Fatal("Listen took over a socket another listener is serving")
 	}
@@ -668,7 +668,7 @@ func TestListenRefusesRegularFile(t *testing.T) {
 	if err := os.WriteFile(path, []byte("do not delete"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if l, _, err := services.Listen("unix:" + path); err == nil {
+	if l, _, err := nbdserve.Listen("unix:" + path); err == nil {
 		l.Close()
 		t.Fatal("Listen replaced a regular file")
 	}
@@ -678,7 +678,7 @@ func TestListenRefusesRegularFile(t *testing.T) {
 }
 
 func TestListenTCP(t *testing.T) {
-	l, uri, err := services.Listen("127.0.0.1:0")
+	l, uri, err := nbdserve.Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -695,7 +695,7 @@ func TestListenTCP(t *testing.T) {
 
 func TestListenBadAddresses(t *testing.T) {
 	for _, addr := range []string{"", "nope", "127.0.0.1", "127.0.0.1:notaport", "127.0.0.1:99999", "unix:"} {
-		if l, uri, err := services.Listen(addr); err == nil {
+		if l, uri, err := nbdserve.Listen(addr); err == nil {
 			l.Close()
 			t.Errorf("Listen(%q) = %q, nil; want an error", addr, uri)
 		}

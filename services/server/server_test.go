@@ -1,4 +1,4 @@
-package services_test
+package server_test
 
 import (
 	"bytes"
@@ -7,98 +7,22 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/nbd/nbdtest"
 	"github.com/keelstore/keel/replica"
-	"github.com/keelstore/keel/services"
-	"github.com/keelstore/keel/supervise"
+	"github.com/keelstore/keel/services/server/servertest"
+	"github.com/keelstore/keel/services/wire"
 )
 
-// oneNode runs a single-node keel server in-process over real TCP: the Raft
-// service, the HTTP API and NBD with the replicated Volume.
-type oneNode struct {
-	http, nbd, raft string
-	holder          *services.NodeHolder
-}
+func startOneNode(t *testing.T) *servertest.Node { return servertest.StartOne(t, 0) }
 
-func freeAddr(t *testing.T) string {
+func nbdClient(t *testing.T, o *servertest.Node) *nbdtest.Client {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-func startOneNode(t *testing.T) *oneNode {
-	t.Helper()
-	log := hclog.New(&hclog.LoggerOptions{Output: tWriter{t}, Level: hclog.Info})
-	httpL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	nbdL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := &oneNode{http: httpL.Addr().String(), nbd: nbdL.Addr().String(), raft: freeAddr(t), holder: services.NewNodeHolder()}
-	client := services.NewClient(5 * time.Second)
-	const size = 16 << 20
-	cfg := replica.NodeConfig{
-		ID: "n1", Dir: filepath.Join(t.TempDir(), "n1"), RaftAddr: o.raft, Bootstrap: true, Size: size,
-		Self: replica.NodeInfo{HTTP: o.http, NBD: o.nbd},
-		Log:  log.Named("replica"),
-	}
-	srv, err := nbd.NewServer(nbd.ServerConfig{
-		Exports: []nbd.Export{{Name: "keel", Backend: &services.Volume{Holder: o.holder, Client: client, SizeBytes: size, WriteTimeout: 5 * time.Second, Log: log}}},
-		Logger:  log.Named("nbd"),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	root := supervise.New("test", log, supervise.Policy{StopTimeout: 20 * time.Second})
-	root.Add(&services.RaftService{Config: cfg, Holder: o.holder, Log: log})
-	root.Add(&services.API{Listener: httpL, Holder: o.holder, Client: client, Log: log})
-	root.Add(&services.Membership{Holder: o.holder, Client: client, Log: log, Every: 50 * time.Millisecond})
-	root.Add(services.NewNBD(services.NBDConfig{Listener: nbdL, Server: srv, Log: log}))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = root.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			t.Error("server did not stop within 30s")
-		}
-	})
-	// Ready: leader, and registered (so followers could forward to it).
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		n := o.holder.Peek()
-		if n != nil && n.IsLeader() {
-			if _, ok := n.FSM().State().Nodes["n1"]; ok {
-				return o
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("single node did not become a registered leader within 15s")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (o *oneNode) nbdClient(t *testing.T) *nbdtest.Client {
-	t.Helper()
-	c, err := net.Dial("tcp", o.nbd)
+	c, err := net.Dial("tcp", o.NBD)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +48,7 @@ func post(t *testing.T, url, ctype string, body []byte) (int, string) {
 
 func TestVolumeWritesAndFencing(t *testing.T) {
 	o := startOneNode(t)
-	c := o.nbdClient(t)
+	c := nbdClient(t, o)
 	data := bytes.Repeat([]byte{0x5a}, 8192)
 	res, err := c.Do(nbd.Request{Type: nbd.CmdWrite, Cookie: 1, Offset: 4096, Length: 8192}, data)
 	if err != nil || res.Err != 0 {
@@ -145,13 +69,13 @@ func TestVolumeWritesAndFencing(t *testing.T) {
 	if err != nil || res.Err != 0 || !bytes.Equal(res.Data, big) {
 		t.Fatalf("4 MiB read back: %v %v", res.Err, err)
 	}
-	if got := o.holder.Peek().FSM().Applies(); got < 6 {
+	if got := o.Holder().Peek().FSM().Applies(); got < 6 {
 		t.Errorf("the 4 MiB write took %d commands in all, want it split into 1 MiB entries", got)
 	}
 
 	// A writer claims the volume: direct writes are now refused with EPERM
 	// and do not land; reads still work.
-	n := o.holder.Peek()
+	n := o.Holder().Peek()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if r, err := n.Apply(ctx, &replica.Command{Kind: replica.KindClaim, Writer: "proxy"}); err != nil || r.Err != nil {
@@ -169,7 +93,7 @@ func TestVolumeWritesAndFencing(t *testing.T) {
 
 func TestAPIBadInput(t *testing.T) {
 	o := startOneNode(t)
-	base := "http://" + o.http
+	base := "http://" + o.HTTP
 	for _, tc := range []struct {
 		name, path, ctype string
 		body              []byte
@@ -192,8 +116,8 @@ func TestAPIBadInput(t *testing.T) {
 		}
 	}
 	// Still serving.
-	var st services.NodeStatus
-	if err := services.NewClient(5*time.Second).Do(context.Background(), "GET", o.http, "/v1/status", nil, &st); err != nil || st.State != "Leader" {
+	var st wire.NodeStatus
+	if err := wire.NewClient(5*time.Second).Do(context.Background(), "GET", o.HTTP, "/v1/status", nil, &st); err != nil || st.State != "Leader" {
 		t.Fatalf("status after bad input: %+v %v", st, err)
 	}
 }
@@ -203,7 +127,7 @@ func TestAPIBadInput(t *testing.T) {
 func TestRaftPortGarbage(t *testing.T) {
 	o := startOneNode(t)
 	for i := 0; i < 5; i++ {
-		c, err := net.Dial("tcp", o.raft)
+		c, err := net.Dial("tcp", o.Raft)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -215,21 +139,14 @@ func TestRaftPortGarbage(t *testing.T) {
 		io.Copy(io.Discard, c) // the node hangs up
 		c.Close()
 	}
-	cl := o.nbdClient(t)
+	cl := nbdClient(t, o)
 	for i := uint64(0); i < 3; i++ {
 		res, err := cl.Do(nbd.Request{Type: nbd.CmdWrite, Cookie: i, Offset: i * 4096, Length: 4096}, make([]byte, 4096))
 		if err != nil || res.Err != 0 {
 			t.Fatalf("write after raft-port garbage: %v %v", res.Err, err)
 		}
 	}
-	if n := o.holder.Peek(); n == nil || !n.IsLeader() {
+	if n := o.Holder().Peek(); n == nil || !n.IsLeader() {
 		t.Fatal("node lost leadership after raft-port garbage")
 	}
-}
-
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(string(bytes.TrimRight(p, "\n")))
-	return len(p), nil
 }

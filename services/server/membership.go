@@ -1,4 +1,4 @@
-package services
+package server
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // Membership runs on every server and acts while it leads: it keeps the
@@ -17,7 +18,7 @@ import (
 // is still copying.
 type Membership struct {
 	Holder *NodeHolder
-	Client *Client
+	Client *wire.Client
 	Log    hclog.Logger
 	// PromoteLag is how far behind the leader's applied index a non-voter
 	// may be to be promoted. Default 64.

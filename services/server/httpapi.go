@@ -1,4 +1,4 @@
-package services
+package server
 
 import (
 	"context"
@@ -19,6 +19,7 @@ import (
 
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/replica/imagesync"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // API serves a keel server's HTTP API (see api.go for the routes) and is a
@@ -26,7 +27,7 @@ import (
 type API struct {
 	Listener net.Listener
 	Holder   *NodeHolder
-	Client   *Client
+	Client   *wire.Client
 	Resync   *Resyncer
 	Metrics  *prometheus.Registry
 	Log      hclog.Logger
@@ -47,25 +48,7 @@ func (a *API) Serve(ctx context.Context) error {
 	if a.Metrics != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(a.Metrics, promhttp.HandlerOpts{}))
 	}
-	return serveHTTP(ctx, a.Listener, mux, a.Log)
-}
-
-// serveHTTP serves h on l until ctx ends, then shuts the server down
-// (giving requests in flight 5s).
-func serveHTTP(ctx context.Context, l net.Listener, h http.Handler, log hclog.Logger) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(l) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("http server: %w", err)
-	case <-ctx.Done():
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-		<-errc
-		return nil
-	}
+	return wire.ServeHTTP(ctx, a.Listener, mux, a.Log)
 }
 
 // syncHandler serves the image to syncing peers, once the node runs.
@@ -83,16 +66,8 @@ func (a *API) syncHandler() http.Handler {
 	})
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
-}
-
 func writeErr(w http.ResponseWriter, code int, err error) {
-	writeJSON(w, code, apiError{Error: err.Error()})
+	wire.WriteJSON(w, code, wire.ErrorBody{Error: err.Error()})
 }
 
 func (a *API) node(w http.ResponseWriter, r *http.Request) *replica.Node {
@@ -120,7 +95,7 @@ func (a *API) leaderOnly(h func(http.ResponseWriter, *http.Request, *replica.Nod
 		}
 		l, ok := n.Leader()
 		if !ok || l.HTTP == "" || r.Header.Get("X-Keel-Forwarded") != "" {
-			writeJSON(w, http.StatusServiceUnavailable, apiError{Error: "no leader to forward to", NotLeader: true, Leader: l.HTTP})
+			wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: "no leader to forward to", NotLeader: true, Leader: l.HTTP})
 			return
 		}
 		body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
@@ -128,7 +103,7 @@ func (a *API) leaderOnly(h func(http.ResponseWriter, *http.Request, *replica.Nod
 			writeErr(w, http.StatusBadRequest, err)
 			return
 		}
-		req, err := http.NewRequestWithContext(r.Context(), r.Method, baseURL(l.HTTP)+r.URL.RequestURI(), bytesReader(body))
+		req, err := http.NewRequestWithContext(r.Context(), r.Method, wire.BaseURL(l.HTTP)+r.URL.RequestURI(), bytesReader(body))
 		if err != nil {
 			writeErr(w, http.StatusInternalServerError, err)
 			return
@@ -147,9 +122,9 @@ func (a *API) leaderOnly(h func(http.ResponseWriter, *http.Request, *replica.Nod
 	}
 }
 
-func (a *API) status(n *replica.Node) NodeStatus {
+func (a *API) status(n *replica.Node) wire.NodeStatus {
 	st := n.FSM().State()
-	s := NodeStatus{
+	s := wire.NodeStatus{
 		Self:         n.Self(),
 		State:        n.Raft().State().String(),
 		Term:         parseUint(n.Raft().Stats()["term"]),
@@ -178,10 +153,10 @@ func parseUint(s string) uint64 {
 func (a *API) handleStatus(w http.ResponseWriter, r *http.Request) {
 	n := a.Holder.Peek()
 	if n == nil {
-		writeJSON(w, http.StatusOK, NodeStatus{State: "Starting", Sync: a.Resync.Status()})
+		wire.WriteJSON(w, http.StatusOK, wire.NodeStatus{State: "Starting", Sync: a.Resync.Status()})
 		return
 	}
-	writeJSON(w, http.StatusOK, a.status(n))
+	wire.WriteJSON(w, http.StatusOK, a.status(n))
 }
 
 func (a *API) handleCluster(w http.ResponseWriter, r *http.Request) {
@@ -195,12 +170,12 @@ func (a *API) handleCluster(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reg := n.FSM().State().Nodes
-	cs := ClusterStatus{}
+	cs := wire.ClusterStatus{}
 	if l, ok := n.Leader(); ok {
 		cs.Leader = l.ID
 	}
 	servers := cf.Configuration().Servers
-	cs.Members = make([]Member, len(servers))
+	cs.Members = make([]wire.Member, len(servers))
 	var wg sync.WaitGroup
 	for i, srv := range servers {
 		info, ok := reg[string(srv.ID)]
@@ -232,11 +207,11 @@ func (a *API) handleCluster(w http.ResponseWriter, r *http.Request) {
 		}()
 	}
 	wg.Wait()
-	writeJSON(w, http.StatusOK, cs)
+	wire.WriteJSON(w, http.StatusOK, cs)
 }
 
 func (a *API) handleJoin(w http.ResponseWriter, r *http.Request, n *replica.Node) {
-	var req JoinRequest
+	var req wire.JoinRequest
 	if err := decodeBody(r, &req); err != nil {
 		writeErr(w, http.StatusBadRequest, err)
 		return
@@ -277,11 +252,11 @@ func (a *API) handleJoin(w http.ResponseWriter, r *http.Request, n *replica.Node
 		}
 		a.Log.Info("node joined as a non-voter; it becomes a voter once caught up", "id", info.ID, "raft", info.Raft, "http", info.HTTP)
 	}
-	writeJSON(w, http.StatusOK, JoinResponse{Size: n.Image().Size(), Leader: n.ID()})
+	wire.WriteJSON(w, http.StatusOK, wire.JoinResponse{Size: n.Image().Size(), Leader: n.ID()})
 }
 
 func (a *API) handleRemove(w http.ResponseWriter, r *http.Request, n *replica.Node) {
-	var req IDRequest
+	var req wire.IDRequest
 	if err := decodeBody(r, &req); err != nil || req.ID == "" {
 		writeErr(w, http.StatusBadRequest, errors.Join(err, errors.New("remove needs an id")))
 		return
@@ -293,7 +268,7 @@ func (a *API) handleRemove(w http.ResponseWriter, r *http.Request, n *replica.No
 			writeErr(w, http.StatusServiceUnavailable, fmt.Errorf("transferring leadership before removing the leader: %w", err))
 			return
 		}
-		writeJSON(w, http.StatusServiceUnavailable, apiError{Error: "leadership transferred away from the node to remove; retry", NotLeader: true})
+		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: "leadership transferred away from the node to remove; retry", NotLeader: true})
 		return
 	}
 	if err := n.Raft().RemoveServer(raft.ServerID(req.ID), 0, 10*time.Second).Error(); err != nil {
@@ -304,11 +279,11 @@ func (a *API) handleRemove(w http.ResponseWriter, r *http.Request, n *replica.No
 	defer cancel()
 	_, _ = n.Apply(ctx, &replica.Command{Kind: replica.KindForget, Node: replica.NodeInfo{ID: req.ID}})
 	a.Log.Info("node removed", "id", req.ID)
-	writeJSON(w, http.StatusOK, map[string]string{"removed": req.ID})
+	wire.WriteJSON(w, http.StatusOK, map[string]string{"removed": req.ID})
 }
 
 func (a *API) handleTransfer(w http.ResponseWriter, r *http.Request, n *replica.Node) {
-	var req IDRequest
+	var req wire.IDRequest
 	if err := decodeBody(r, &req); err != nil {
 		writeErr(w, http.StatusBadRequest, err)
 		return
@@ -329,7 +304,7 @@ func (a *API) handleTransfer(w http.ResponseWriter, r *http.Request, n *replica.
 		return
 	}
 	l, _ := n.Leader()
-	writeJSON(w, http.StatusOK, map[string]string{"leader": l.ID})
+	wire.WriteJSON(w, http.StatusOK, map[string]string{"leader": l.ID})
 }
 
 // handleApply commits a command forwarded by a follower's Volume.
@@ -345,23 +320,23 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 	}
 	if !n.IsLeader() {
 		l, _ := n.Leader()
-		writeJSON(w, http.StatusServiceUnavailable, apiError{Error: "not the leader", NotLeader: true, Leader: l.HTTP})
+		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: "not the leader", NotLeader: true, Leader: l.HTTP})
 		return
 	}
 	res, err := n.ApplyRaw(data, 10*time.Second)
 	if errors.Is(err, replica.ErrBadCommand) {
-		writeJSON(w, http.StatusBadRequest, ApplyResponse{Refused: refusedBadCommand, Error: err.Error()})
+		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Refused: wire.RefusedBadCommand, Error: err.Error()})
 		return
 	}
 	if err != nil {
-		writeJSON(w, http.StatusServiceUnavailable, apiError{Error: err.Error(), NotLeader: errors.Is(err, replica.ErrNotLeader)})
+		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: err.Error(), NotLeader: errors.Is(err, replica.ErrNotLeader)})
 		return
 	}
-	out := ApplyResponse{Index: res.Index, Epoch: res.Epoch, Duplicate: res.Duplicate}
+	out := wire.ApplyResponse{Index: res.Index, Epoch: res.Epoch, Duplicate: res.Duplicate}
 	if res.Err != nil {
-		out.Refused, out.Error = refusedName(res.Err), res.Err.Error()
+		out.Refused, out.Error = wire.RefusalOf(res.Err), res.Err.Error()
 	}
-	writeJSON(w, http.StatusOK, out)
+	wire.WriteJSON(w, http.StatusOK, out)
 }
 
 func (a *API) handleDigest(w http.ResponseWriter, r *http.Request) {
@@ -381,7 +356,7 @@ func (a *API) handleDigest(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusServiceUnavailable, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, d)
+	wire.WriteJSON(w, http.StatusOK, d)
 }
 
 func decodeBody(r *http.Request, v any) error {

@@ -1,10 +1,9 @@
-package services
+package server
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -12,6 +11,8 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // Volume serves the replicated volume over NBD on any node.
@@ -32,7 +33,7 @@ import (
 // itself overlapped writes in flight.
 type Volume struct {
 	Holder       *NodeHolder
-	Client       *Client
+	Client       *wire.Client
 	SizeBytes    uint64
 	WriteTimeout time.Duration
 	Log          hclog.Logger
@@ -75,20 +76,13 @@ func (v *Volume) ReadAt(p []byte, off uint64) error {
 	return n.Image().ReadAt(p, off)
 }
 
-// maxCommandData bounds the data in one Raft entry. Larger writes (NBD
-// allows 32 MiB) become several entries, committed concurrently, so what
-// one AppendEntries round holds in memory stays bounded (16 entries of at
-// most 1 MiB). NBD promises no atomicity for a write, and the request is
-// answered only once every part is committed.
-const maxCommandData = 1 << 20
-
 func (v *Volume) WriteAt(p []byte, off uint64, fua bool) error {
-	if len(p) <= maxCommandData {
+	if len(p) <= replica.MaxCommandData {
 		return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
 	}
 	var g errgroup.Group
-	for done := 0; done < len(p); done += maxCommandData {
-		part := p[done:min(done+maxCommandData, len(p))]
+	for done := 0; done < len(p); done += replica.MaxCommandData {
+		part := p[done:min(done+replica.MaxCommandData, len(p))]
 		at := off + uint64(done)
 		g.Go(func() error {
 			return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
@@ -116,7 +110,7 @@ func (v *Volume) Extents(off, length uint64) ([]nbd.Extent, error) {
 	if err != nil {
 		return nil, err
 	}
-	return LocalImage{Image: n.Image()}.Extents(off, length)
+	return nbdserve.LocalImage{Image: n.Image()}.Extents(off, length)
 }
 
 func (v *Volume) Cache(off, length uint64) error { return nil }
@@ -146,7 +140,7 @@ func (v *Volume) apply(c *replica.Command) error {
 			last = err
 			continue
 		}
-		return refusal(res)
+		return wire.NBDError(res.Err)
 	}
 }
 
@@ -168,68 +162,12 @@ func (v *Volume) applyVia(ctx context.Context, n *replica.Node, data []byte) (re
 	if err != nil {
 		return replica.Result{}, err
 	}
-	if r.Refused == "" && r.Error != "" {
+	if r.Refused == wire.NotRefused && r.Error != "" {
 		return replica.Result{}, errors.New(r.Error)
 	}
-	res := replica.Result{Index: r.Index, Epoch: r.Epoch, Duplicate: r.Duplicate}
-	if r.Refused != "" {
-		res.Err = refusedError(r.Refused, r.Error)
-	}
+	res := replica.Result{Index: r.Index, Epoch: r.Epoch, Duplicate: r.Duplicate, Err: r.Refused.Err(r.Error)}
 	if err := n.FSM().WaitApplied(ctx, r.Index); err != nil {
 		return replica.Result{}, fmt.Errorf("committed at index %d but not yet applied here: %w", r.Index, err)
 	}
 	return res, nil
-}
-
-// refusal maps the FSM's deliberate refusals to NBD errors.
-func refusal(res replica.Result) error {
-	switch {
-	case res.Err == nil:
-		return nil
-	case errors.Is(res.Err, replica.ErrStaleEpoch), errors.Is(res.Err, replica.ErrWriterHeld):
-		return fmt.Errorf("%w: %v", nbd.EPERM, res.Err)
-	case errors.Is(res.Err, replica.ErrOutOfRange):
-		return fmt.Errorf("%w: %v", nbd.ENOSPC, res.Err)
-	}
-	return fmt.Errorf("%w: %v", nbd.EIO, res.Err)
-}
-
-// Refusal names as carried in ApplyResponse.Refused.
-const (
-	refusedStaleEpoch  = "stale_epoch"
-	refusedWriterHeld  = "writer_held"
-	refusedOutOfRange  = "out_of_range"
-	refusedBadCommand  = "bad_command"
-	refusedOtherReason = "other"
-)
-
-func refusedName(err error) string {
-	switch {
-	case errors.Is(err, replica.ErrStaleEpoch):
-		return refusedStaleEpoch
-	case errors.Is(err, replica.ErrWriterHeld):
-		return refusedWriterHeld
-	case errors.Is(err, replica.ErrOutOfRange):
-		return refusedOutOfRange
-	case errors.Is(err, replica.ErrBadCommand):
-		return refusedBadCommand
-	}
-	return refusedOtherReason
-}
-
-func refusedError(name, msg string) error {
-	var base error
-	switch name {
-	case refusedStaleEpoch:
-		base = replica.ErrStaleEpoch
-	case refusedWriterHeld:
-		base = replica.ErrWriterHeld
-	case refusedOutOfRange:
-		base = replica.ErrOutOfRange
-	case refusedBadCommand:
-		base = replica.ErrBadCommand
-	default:
-		return errors.New(msg)
-	}
-	return fmt.Errorf("%w (%s)", base, strings.TrimPrefix(msg, base.Error()+": "))
 }

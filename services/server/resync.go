@@ -1,4 +1,4 @@
-package services
+package server
 
 import (
 	"bytes"
@@ -15,6 +15,7 @@ import (
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/replica/imagesync"
 	"github.com/keelstore/keel/replica/rawimage"
+	"github.com/keelstore/keel/services/wire"
 )
 
 func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
@@ -26,14 +27,14 @@ func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
 // parallel. Its progress shows in the node's status.
 type Resyncer struct {
 	Self   string
-	Client *Client
+	Client *wire.Client
 	Log    hclog.Logger
 	// Timeout bounds one resync attempt; raft retries a failed one.
 	// Default 6h.
 	Timeout time.Duration
 
 	mu         sync.Mutex // guards the following
-	status     *SyncStatus
+	status     *wire.SyncStatus
 	totalMoved uint64 // bytes fetched by every resync since start
 	resyncs    uint64 // resyncs finished since start
 }
@@ -47,7 +48,7 @@ func (r *Resyncer) Totals() (moved, count uint64) {
 }
 
 // Status is the current or last resync's progress, nil if none ran.
-func (r *Resyncer) Status() *SyncStatus {
+func (r *Resyncer) Status() *wire.SyncStatus {
 	if r == nil {
 		return nil
 	}
@@ -60,7 +61,7 @@ func (r *Resyncer) Status() *SyncStatus {
 	return &s
 }
 
-func (r *Resyncer) update(f func(s *SyncStatus)) {
+func (r *Resyncer) update(f func(s *wire.SyncStatus)) {
 	r.mu.Lock()
 	f(r.status)
 	r.mu.Unlock()
@@ -75,7 +76,7 @@ func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.S
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	r.mu.Lock()
-	r.status = &SyncStatus{Active: true, Index: st.Index, BytesTotal: img.Size(), Started: time.Now()}
+	r.status = &wire.SyncStatus{Active: true, Index: st.Index, BytesTotal: img.Size(), Started: time.Now()}
 	r.mu.Unlock()
 
 	peers, err := r.upToDatePeers(ctx, st)
@@ -87,7 +88,7 @@ func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.S
 			Peers: peers,
 			Log:   r.Log.Named("sync"),
 			Progress: func(p imagesync.Progress) {
-				r.update(func(s *SyncStatus) {
+				r.update(func(s *wire.SyncStatus) {
 					s.BytesCompared, s.BytesMoved, s.BytesZeroed = p.BytesCompared, p.BytesMoved, p.BytesZeroed
 					s.RateBytesPerSec, s.Peers = p.RateBytesPerSec, p.Peers
 				})
@@ -96,12 +97,12 @@ func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.S
 		if err == nil {
 			r.Log.Info("resync done", "index", st.Index, "moved", stats.Moved, "zeroed", stats.Zeroed,
 				"compared", stats.Compared, "took", stats.Duration.Round(time.Millisecond))
-			r.update(func(s *SyncStatus) {
+			r.update(func(s *wire.SyncStatus) {
 				s.BytesCompared, s.BytesMoved, s.BytesZeroed = stats.Compared, stats.Moved, stats.Zeroed
 			})
 		}
 	}
-	r.update(func(s *SyncStatus) {
+	r.update(func(s *wire.SyncStatus) {
 		s.Active, s.Finished = false, time.Now()
 		if err != nil {
 			s.Error = err.Error()
@@ -138,7 +139,7 @@ func (r *Resyncer) upToDatePeers(ctx context.Context, st replica.State) ([]strin
 		case s.AppliedIndex < st.Index || (s.Sync != nil && s.Sync.Active):
 			errs = append(errs, fmt.Errorf("%s: applied %d, need %d", id, s.AppliedIndex, st.Index))
 		default:
-			peers = append(peers, baseURL(info.HTTP)+"/v1/sync")
+			peers = append(peers, wire.BaseURL(info.HTTP)+"/v1/sync")
 		}
 	}
 	if len(peers) == 0 {

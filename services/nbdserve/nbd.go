@@ -3,7 +3,7 @@
 // local image as an NBD backend, and (later) the Raft node, the proxy and
 // metrics. Each service is a suture Service: Serve(ctx) blocks, owns the
 // goroutines it starts and returns when ctx ends.
-package services
+package nbdserve
 
 import (
 	"context"

@@ -1,0 +1,193 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/thejerf/suture/v4"
+
+	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/supervise"
+)
+
+// Config configures one keel server process: one replica of one volume.
+type Config struct {
+	// Node configures the replica (directory, Raft, snapshots). Its Restore
+	// is set by New (the image resync from peers); Self.HTTP and Self.NBD
+	// should name the listeners below as peers reach them.
+	Node replica.NodeConfig
+	// HTTP serves the API (status, metrics, admin, forwarded writes, image
+	// sync); NBD serves the volume. New takes ownership of both.
+	HTTP, NBD net.Listener
+	// VolumeSize is the size of the image in bytes.
+	VolumeSize uint64
+	// WriteTimeout is how long an NBD write waits for a quorum before it
+	// fails with EIO. Default 10s.
+	WriteTimeout time.Duration
+	// DrainTimeout is how long, on stop, in-flight NBD requests may take.
+	// Default 60s.
+	DrainTimeout time.Duration
+	// MembershipEvery is how often the leader checks for non-voters to
+	// promote and registers itself. Default 500ms.
+	MembershipEvery time.Duration
+	// Client calls other servers' APIs. Default: a client with a 10s
+	// per-request timeout.
+	Client *wire.Client
+	// Log is the server's logger.
+	Log hclog.Logger
+}
+
+func (c *Config) defaults() {
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = 10 * time.Second
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 60 * time.Second
+	}
+	if c.Client == nil {
+		c.Client = wire.NewClient(10 * time.Second)
+	}
+	if c.Log == nil {
+		c.Log = hclog.NewNullLogger()
+	}
+}
+
+// Validate checks the configuration; errors name the bad field.
+func (c Config) Validate() error {
+	if c.HTTP == nil || c.NBD == nil {
+		return errors.New("server: HTTP and NBD listeners are required")
+	}
+	if c.VolumeSize == 0 {
+		return errors.New("server: VolumeSize must be positive")
+	}
+	if c.WriteTimeout != 0 && (c.WriteTimeout < 100*time.Millisecond || c.WriteTimeout > time.Hour) {
+		return fmt.Errorf("server: WriteTimeout %v: must be from 100ms to 1h", c.WriteTimeout)
+	}
+	if c.DrainTimeout < 0 {
+		return fmt.Errorf("server: DrainTimeout %v: must not be negative", c.DrainTimeout)
+	}
+	return c.Node.Validate()
+}
+
+// Server is a keel server's supervision tree:
+//
+//	keel
+//	├── raft (own supervisor: backs off on its own)
+//	│   └── RaftService: opens the replica.Node, publishes it in the holder
+//	├── API: the HTTP API
+//	├── Membership: registration and promotion while leading
+//	└── NBD: the listener, one service per connection, over the Volume
+//
+// Run owns the stop order: NBD first (every request already read is
+// answered while Raft still runs to commit it), then the rest (Raft hands
+// leadership over before it stops).
+type Server struct {
+	cfg    Config
+	holder *NodeHolder
+	resync *Resyncer
+	root   *suture.Supervisor
+	nbdTok suture.ServiceToken
+}
+
+// New builds the tree; Run starts it.
+func New(cfg Config) (*Server, error) {
+	cfg.defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Log
+	s := &Server{cfg: cfg, holder: NewNodeHolder()}
+	s.resync = &Resyncer{Self: cfg.Node.ID, Client: cfg.Client, Log: log.Named("resync")}
+	cfg.Node.Restore = s.resync.Restore
+	if cfg.Node.Log == nil {
+		cfg.Node.Log = log.Named("replica")
+	}
+	srv, err := nbd.NewServer(nbd.ServerConfig{
+		Exports: []nbd.Export{{
+			Name:        "keel",
+			Description: "keel replicated volume (node " + cfg.Node.ID + ")",
+			Backend:     &Volume{Holder: s.holder, Client: cfg.Client, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")},
+		}},
+		Logger:           log.Named("nbd"),
+		DrainTimeout:     cfg.DrainTimeout,
+		MaxInFlightBytes: 64 << 20,
+	})
+	if err != nil {
+		return nil, err
+	}
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
+	raftSup := supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second})
+	raftSup.Add(&RaftService{Config: cfg.Node, Holder: s.holder, Log: log.Named("raft-service")})
+	root.Add(raftSup)
+	root.Add(&API{Listener: cfg.HTTP, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
+		Metrics: NewMetrics(s.holder, s.resync), Log: log.Named("http")})
+	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery})
+	s.nbdTok = root.Add(nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout}))
+	s.root = root
+	s.cfg = cfg
+	return s, nil
+}
+
+// Holder hands out the running replica.Node (tests, tools).
+func (s *Server) Holder() *NodeHolder { return s.holder }
+
+// Run serves until ctx ends, then stops in order (see Server) and returns
+// nil; or it returns the error that ended the tree.
+func (s *Server) Run(ctx context.Context) error {
+	rootCtx, cancelRoot := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelRoot()
+	served := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		select {
+		case <-ctx.Done():
+			s.cfg.Log.Info("stopping: draining NBD connections, then Raft")
+			if err := s.root.RemoveAndWait(s.nbdTok, s.cfg.DrainTimeout+5*time.Second); err != nil {
+				s.cfg.Log.Warn("NBD did not drain in time", "error", err)
+			}
+			cancelRoot()
+		case <-served:
+		}
+	}()
+	err := s.root.Serve(rootCtx)
+	close(served)
+	<-stopped
+	if ctx.Err() != nil {
+		s.cfg.Log.Info("stopped")
+		return nil
+	}
+	return err
+}
+
+// Join asks the member at addr (its HTTP address) to add self as a
+// non-voter, retrying for up to two minutes while the cluster has no
+// leader, and returns the volume size.
+func Join(ctx context.Context, c *wire.Client, addr string, self replica.NodeInfo, log hclog.Logger) (uint64, error) {
+	deadline := time.Now().Add(2 * time.Minute)
+	for attempt := 1; ; attempt++ {
+		var resp wire.JoinResponse
+		err := c.Do(ctx, "POST", addr, "/v1/cluster/join", wire.JoinRequest{Node: self}, &resp)
+		if err == nil {
+			log.Info("joined the cluster as a non-voter", "via", addr, "leader", resp.Leader, "size", resp.Size)
+			return resp.Size, nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return 0, fmt.Errorf("joining via %s: %w", addr, err)
+		}
+		log.Warn("join failed; retrying", "via", addr, "attempt", attempt, "error", err)
+		t := time.NewTimer(time.Second)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
+}
