@@ -1,8 +1,3 @@
-// Package services holds Keel's long-lived supervised services and the code
-// that wires the pieces together: NBD listeners and their connections, the
-// local image as an NBD backend, and (later) the Raft node, the proxy and
-// metrics. Each service is a suture Service: Serve(ctx) blocks, owns the
-// goroutines it starts and returns when ctx ends.
 package nbdserve
 
 import (

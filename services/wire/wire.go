@@ -1,3 +1,11 @@
+// Package wire holds what the servers, the proxy and the CLI say to one
+// another over HTTP: the routes, the status, cluster and apply types, the
+// Client that calls them, and Refusal, the one numeric code for a command
+// the state machine refused with its one mapping to replica's sentinels
+// and to NBD errnos.
+//
+// It imports nbd and replica only; never services/server or
+// services/proxy (both speak it).
 package wire
 
 import (
