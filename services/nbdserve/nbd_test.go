@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"go.uber.org/goleak"
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
@@ -91,13 +92,6 @@ func goroutines() []string {
 	return all[1:] // the first is the caller's
 }
 
-// ours are the frames of code under test (the test package is services_test,
-// which these do not match).
-var ours = []string{
-	"keelstore/keel/nbd.", "keelstore/keel/services/", "keelstore/keel/supervise.",
-	"keelstore/keel/replica/", "thejerf/suture",
-}
-
 func running(frame string) bool {
 	for _, g := range goroutines() {
 		if strings.Contains(g, frame) {
@@ -107,31 +101,11 @@ func running(frame string) bool {
 	return false
 }
 
-// checkNoLeaks fails the test if a goroutine of the code under test is still
-// running a few seconds after everything was stopped.
+// checkNoLeaks fails the test if any goroutine started by it is still
+// running once everything was stopped (goleak retries for a while).
 func checkNoLeaks(t *testing.T) {
 	t.Helper()
-	var leaked []string
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		leaked = leaked[:0]
-		for _, g := range goroutines() {
-			for _, o := range ours {
-				if strings.Contains(g, o) {
-					leaked = append(leaked, g)
-					break
-				}
-			}
-		}
-		if len(leaked) == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Errorf("%d goroutines leaked:\n\n%s", len(leaked), strings.Join(leaked, "\n\n"))
+	goleak.VerifyNone(t)
 }
 
 type harness struct {
