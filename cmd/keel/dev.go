@@ -15,15 +15,113 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/thejerf/suture/v4"
 
 	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/supervise"
 )
 
 // devNode is one server of keel dev.
 type devNode struct {
 	id                   string
 	raft, http, nbd, dir string
-	cmd                  *exec.Cmd
+	child                *devChild
+}
+
+// devChild runs one child process of keel dev as a supervised service:
+// Serve starts it and waits; when it exits on its own (a crash, a kill -9
+// by someone watching failover) Serve returns an error and the supervisor
+// starts it again (backing off if it keeps failing). When Serve's context
+// ends it stops the process with SIGTERM (SIGKILL after stopWait).
+type devChild struct {
+	name     string
+	bin      string
+	args     func() []string // the arguments of the next start
+	stopWait time.Duration
+
+	mu      sync.Mutex // guards the following
+	pid     int
+	starts  int
+	upOnce  bool       // the child came up once: later exits are restarted
+	startup chan error // receives the first exit while not yet up
+}
+
+func newDevChild(name, bin string, stopWait time.Duration, args func() []string) *devChild {
+	return &devChild{name: name, bin: bin, args: args, stopWait: stopWait, startup: make(chan error, 1)}
+}
+
+func (c *devChild) String() string { return c.name }
+
+// up marks the child as having come up: from now on an exit is a failure
+// to restart, not a failure to start.
+func (c *devChild) up() {
+	c.mu.Lock()
+	c.upOnce = true
+	c.mu.Unlock()
+}
+
+func (c *devChild) Serve(ctx context.Context) error {
+	cmd := exec.Command(c.bin, c.args()...)
+	cmd.Stdout = os.Stdout
+	pr, pw := io.Pipe()
+	cmd.Stderr = pw
+	printed := make(chan struct{})
+	go func() { defer close(printed); prefixLines(pr, c.name) }()
+	defer func() { pw.Close(); <-printed }()
+	if err := cmd.Start(); err != nil {
+		return c.failed(fmt.Errorf("starting %s: %w", c.name, err))
+	}
+	c.mu.Lock()
+	c.pid, c.starts = cmd.Process.Pid, c.starts+1
+	starts := c.starts
+	c.mu.Unlock()
+	if starts > 1 {
+		fmt.Fprintf(os.Stderr, "keel dev: %s restarted (pid %d)\n", c.name, cmd.Process.Pid)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		return c.failed(fmt.Errorf("%s exited: %v", c.name, err))
+	case <-ctx.Done():
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		t := time.NewTimer(c.stopWait)
+		defer t.Stop()
+		select {
+		case <-exited:
+		case <-t.C:
+			fmt.Fprintf(os.Stderr, "keel dev: %s did not stop within %v; killing it\n", c.name, c.stopWait)
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		return nil
+	}
+}
+
+// failed reports an exit: while the child never came up it goes to
+// startup (keel dev gives up); afterwards it is logged and returned, so the
+// supervisor restarts the child after a short pause.
+func (c *devChild) failed(err error) error {
+	c.mu.Lock()
+	up := c.upOnce
+	c.mu.Unlock()
+	if !up {
+		select {
+		case c.startup <- err:
+		default:
+		}
+		return suture.ErrDoNotRestart
+	}
+	fmt.Fprintf(os.Stderr, "keel dev: %v; restarting it\n", err)
+	time.Sleep(500 * time.Millisecond) // a child that dies at once is not restarted hot
+	return err
+}
+
+// Pid is the child's current process id.
+func (c *devChild) Pid() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pid
 }
 
 func newDevCmd(g *globalFlags) *cobra.Command {
@@ -37,7 +135,10 @@ a keel proxy in front of them, print the proxy's NBD address to give qemu,
 nbdinfo or fio, and stop everything on Ctrl-C. Each node keeps its image at
 DIR/nN/disk.img; run keel dev again on the same DIR and the volume is as you
 left it. Kill a server (even the leader) while a client writes through the
-proxy: the client sees a stall, not an error.
+proxy: the client sees a stall, not an error, and keel dev starts the server
+again (each child runs under a supervisor; one that keeps failing is
+restarted with a back-off). A child that fails before it first came up
+stops keel dev with its error.
 
 Ports, from --base-port P: proxy NBD P; servers' NBD P+1..P+3, Raft
 P+100.., HTTP P+200..; the proxy's HTTP (status, metrics) P+300.`,
@@ -74,89 +175,80 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 			dir:  filepath.Join(dir, id),
 		})
 	}
-	var wg sync.WaitGroup
+	// The tree: servers under one supervisor, the proxy under the root.
+	// Stopping removes the proxy first (it drains its clients while the
+	// servers can still commit what it read), then the servers.
+	log, err := g.logger("keel-dev")
+	if err != nil {
+		return err
+	}
+	root := supervise.New("keel-dev", log, supervise.Policy{StopTimeout: 80 * time.Second})
+	servers := supervise.New("servers", log, supervise.Policy{StopTimeout: 80 * time.Second})
+	root.Add(servers)
+	treeCtx, stopTree := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopTree()
+	treeDone := root.ServeBackground(treeCtx)
+	var proxyTok *suture.ServiceToken
 	defer func() {
-		for _, n := range nodes {
-			if n.cmd != nil && n.cmd.Process != nil {
-				_ = n.cmd.Process.Signal(syscall.SIGTERM)
-			}
+		if proxyTok != nil {
+			_ = root.RemoveAndWait(*proxyTok, 80*time.Second)
 		}
-		wg.Wait()
+		stopTree()
+		<-treeDone
 		fmt.Fprintln(os.Stderr, "keel dev: all nodes stopped; the volume is in", dir)
 	}()
+	// startOrExit waits until addr accepts connections, or the child
+	// exits before it came up.
+	startOrExit := func(c *devChild, addr string) error {
+		upc := make(chan error, 1)
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		go func() { upc <- waitHTTP(wctx, addr) }()
+		select {
+		case err := <-upc:
+			if err != nil {
+				return fmt.Errorf("%s did not come up: %w", c.name, err)
+			}
+			c.up()
+			return nil
+		case err := <-c.startup:
+			return err
+		}
+	}
 	client := wire.NewClient(2 * time.Second)
 	for i, n := range nodes {
-		args := []string{"--log-level", g.logLevel, "server", "--dir", n.dir, "--id", n.id,
-			"--raft", n.raft, "--http", n.http, "--nbd", n.nbd}
-		if !hasRaftState(n.dir) {
-			if i == 0 {
-				args = append(args, "--bootstrap", "--size", size)
-			} else {
-				args = append(args, "--join", nodes[0].http)
-			}
-		}
 		if err := os.MkdirAll(n.dir, 0o755); err != nil {
 			return err
 		}
-		n.cmd = exec.Command(self, args...)
-		n.cmd.Stdout = os.Stdout
-		pr, pw := io.Pipe()
-		n.cmd.Stderr = pw
-		go prefixLines(pr, n.id)
-		if err := n.cmd.Start(); err != nil {
-			return fmt.Errorf("starting %s: %w", n.id, err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := n.cmd.Wait()
-			pw.Close()
-			if ctx.Err() == nil {
-				fmt.Fprintf(os.Stderr, "keel dev: %s exited: %v; stopping the others\n", n.id, err)
-				stop()
+		n.child = newDevChild(n.id, self, 70*time.Second, func() []string {
+			args := []string{"--log-level", g.logLevel, "server", "--dir", n.dir, "--id", n.id,
+				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd}
+			if !hasRaftState(n.dir) { // a restarted node needs neither
+				if i == 0 {
+					args = append(args, "--bootstrap", "--size", size)
+				} else {
+					args = append(args, "--join", nodes[0].http)
+				}
 			}
-		}()
-		if err := waitHTTP(ctx, client, n.http); err != nil {
-			return fmt.Errorf("%s did not come up: %w", n.id, err)
+			return args
+		})
+		servers.Add(n.child)
+		if err := startOrExit(n.child, n.http); err != nil {
+			return err
 		}
 	}
 	if err := waitVoters(ctx, client, nodes[0].http, 3); err != nil {
 		return err
 	}
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", base)
-	proxy := exec.Command(self, "--log-level", g.logLevel, "proxy", "--listen", proxyAddr,
-		"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev",
-		"--http", fmt.Sprintf("127.0.0.1:%d", base+300))
-	proxy.Stdout = os.Stdout
-	pr, pw := io.Pipe()
-	proxy.Stderr = pw
-	go prefixLines(pr, "proxy")
-	if err := proxy.Start(); err != nil {
-		return fmt.Errorf("starting the proxy: %w", err)
-	}
-	proxyDone := make(chan struct{})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		err := proxy.Wait()
-		close(proxyDone)
-		pw.Close()
-		if ctx.Err() == nil {
-			fmt.Fprintf(os.Stderr, "keel dev: the proxy exited: %v; stopping the servers\n", err)
-			stop()
-		}
-	}()
-	// Stop the proxy first, so that it drains its clients while the
-	// servers can still commit what it read.
-	defer func() {
-		_ = proxy.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-proxyDone:
-		case <-time.After(70 * time.Second):
-			_ = proxy.Process.Kill()
-		}
-	}()
-	if err := waitHTTP(ctx, client, proxyAddr); err != nil {
+	proxy := newDevChild("proxy", self, 70*time.Second, func() []string {
+		return []string{"--log-level", g.logLevel, "proxy", "--listen", proxyAddr,
+			"--servers", nodes[0].http + "," + nodes[1].http + "," + nodes[2].http, "--writer", "keel-dev",
+			"--http", fmt.Sprintf("127.0.0.1:%d", base+300)}
+	})
+	tok := root.Add(proxy)
+	proxyTok = &tok
+	if err := startOrExit(proxy, proxyAddr); err != nil {
 		return fmt.Errorf("the proxy did not come up: %w", err)
 	}
 	fmt.Printf(`
@@ -171,8 +263,10 @@ keel dev: a three-node cluster is running, with a proxy in front.
     keel cluster status --http %s
     keel verify --http %s
     curl http://127.0.0.1:%d/v1/status     (the proxy: leader, epoch, cache)
-  Ctrl-C stops everything.
-`, proxyAddr, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, proxyAddr, proxyAddr, proxyAddr, nodes[0].http, nodes[0].http, base+300)
+  Kill a server (kill -9 PID, pids: n1 %d  n2 %d  n3 %d): the proxy's clients
+  see a stall, and keel dev starts it again. Ctrl-C stops everything.
+`, proxyAddr, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, proxyAddr, proxyAddr, proxyAddr, nodes[0].http, nodes[0].http, base+300,
+		nodes[0].child.Pid(), nodes[1].child.Pid(), nodes[2].child.Pid())
 	<-ctx.Done()
 	return nil
 }
@@ -185,7 +279,7 @@ func prefixLines(r io.Reader, id string) {
 	}
 }
 
-func waitHTTP(ctx context.Context, c *wire.Client, addr string) error {
+func waitHTTP(ctx context.Context, addr string) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		conn, err := net.DialTimeout("tcp", addr, time.Second)
