@@ -2,6 +2,7 @@ package replica_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"testing"
@@ -176,7 +177,9 @@ func TestQuorumLossRefusesWrites(t *testing.T) {
 	c.Partition([]string{l.ID()}, others)
 	c.Partition([]string{others[0]}, []string{others[1]})
 	start := time.Now()
-	_, err := l.ApplyRaw(write(0, 0, 0, 4096, []byte("lost")).Encode(nil), 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	_, err := l.Apply(ctx, write(0, 0, 0, 4096, []byte("lost")))
+	cancel()
 	if err == nil {
 		t.Fatal("a write was acknowledged without a quorum")
 	}
@@ -251,7 +254,7 @@ func TestDirLockedAndFatalImage(t *testing.T) {
 	c := replicatest.New(t, 1, replicatest.Options{})
 	n := c.Node("n1")
 	_, tr := raft.NewInmemTransport("x")
-	_, err := replica.OpenNode(replica.NodeConfig{ID: "n1", Dir: n.Dir(), Transport: tr})
+	_, err := replica.OpenNode(context.Background(), replica.NodeConfig{ID: "n1", Dir: n.Dir(), Transport: tr})
 	if !errors.Is(err, replica.ErrDirLocked) {
 		t.Errorf("second node on the same dir: %v, want ErrDirLocked", err)
 	}
@@ -263,7 +266,7 @@ func TestDirLockedAndFatalImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	fatal := make(chan error, 1)
-	f := replica.NewFSM(replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { fatal <- e }}, replica.State{})
+	f := replica.NewFSM(context.Background(), replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { fatal <- e }}, replica.State{})
 	img.Close()
 	returned := make(chan struct{})
 	go func() {

@@ -104,7 +104,7 @@ func (c *Cluster) Start(id string, bootstrap bool) *replica.Node {
 	if c.config != nil {
 		c.config(&cfg)
 	}
-	n, err := replica.OpenNode(cfg)
+	n, err := replica.OpenNode(context.Background(), cfg)
 	if err != nil {
 		c.t.Fatalf("starting %s: %v", id, err)
 	}
