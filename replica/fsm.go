@@ -70,8 +70,9 @@ type FSMConfig struct {
 	// Log is the FSM's logger.
 	Log hclog.Logger
 	// OnFatal is called when the image cannot be written. The FSM then
-	// never returns from Apply, so the entry is never counted as applied
-	// and no later entry is applied either: the node must stop.
+	// does not return from that Apply until it is stopped, and applies
+	// nothing after it (nor takes a snapshot), so the entry is never counted
+	// as applied: the node must stop.
 	OnFatal func(error)
 	// Restore makes the local image match the cluster's for a snapshot
 	// received from the leader (metadata only): it returns once the image
@@ -98,6 +99,7 @@ type FSM struct {
 	appliedIdx atomic.Uint64
 	applies    atomic.Uint64 // commands applied since start (tests, metrics)
 	bytes      atomic.Uint64 // bytes written, trimmed or zeroed since start
+	failed     atomic.Bool   // an image write failed: apply nothing more
 
 	notifyMu sync.Mutex
 	notify   chan struct{} // closed and replaced on every apply
@@ -113,10 +115,14 @@ type FSM struct {
 	pullFailed bool          // the pull ended without a complete image (node stopping)
 }
 
-// ErrStopping is returned for commands that arrive while an image pull is
-// abandoned because the node stops: they are not applied (the node replays
-// them after its next start, once the pull has finished).
+// ErrStopping is the result of commands the FSM does not apply because the
+// node stops: an image pull was abandoned, or an image write failed. They
+// are not counted as applied (the node replays them after its next start).
 var ErrStopping = errors.New("replica: node stopping before its image was complete")
+
+// ErrImageFailed: an image write failed earlier, so the FSM takes no
+// snapshot (it would claim the lost write).
+var ErrImageFailed = errors.New("replica: the image could not be written; the node must stop")
 
 var _ raft.FSM = (*FSM)(nil)
 
@@ -146,48 +152,63 @@ func (f *FSM) Apply(l *raft.Log) any {
 		f.advance(l.Index)
 		return Result{Index: l.Index, Err: err}
 	}
-	if !f.awaitPull() {
-		return Result{Index: l.Index, Err: ErrStopping}
+	if f.failed.Load() || !f.awaitPull() {
+		return f.halt(l.Index)
 	}
 	f.applies.Add(1)
 	f.mu.Lock()
 	res, eff := decide(f.st, l.Index, &c)
-	f.carryOut(l.Index, &c, eff)
+	if err := f.carryOut(l.Index, &c, eff); err != nil {
+		f.mu.Unlock()
+		f.fatal(err)
+		return f.halt(l.Index)
+	}
 	f.index = l.Index
 	f.mu.Unlock()
 	f.advance(l.Index)
 	return res
 }
 
-// carryOut does to the image what decide said, and halts the node if it
-// cannot: an entry is never counted as applied without its write.
-func (f *FSM) carryOut(index uint64, c *Command, eff effect) {
+// carryOut does to the image what decide said.
+func (f *FSM) carryOut(index uint64, c *Command, eff effect) error {
 	if eff.note != "" {
 		f.log.Info(eff.note, "index", index, "kind", c.Kind)
 	}
 	var err error
 	switch eff.kind {
 	case effectNone:
-		return
+		return nil
 	case effectWrite:
 		err = f.img.WriteAt(eff.data, eff.offset, false)
 	case effectZero:
 		err = f.img.Zero(eff.offset, eff.length, eff.noHole, false, false)
 	}
 	if err != nil {
-		f.fatal(fmt.Errorf("applying %v of %d bytes at %d (index %d): %w", c.Kind, eff.length, eff.offset, index, err))
+		return fmt.Errorf("applying %v of %d bytes at %d (index %d): %w", c.Kind, eff.length, eff.offset, index, err)
 	}
 	f.bytes.Add(eff.length)
+	return nil
 }
 
-// fatal reports an image failure and never returns: the entry must not
-// count as applied, and nothing after it may be applied.
+// fatal reports an image failure: from now on nothing is applied and no
+// snapshot taken, so the lost write is never counted as applied.
 func (f *FSM) fatal(err error) {
+	f.failed.Store(true)
 	f.log.Error("IMAGE WRITE FAILED: this node stops applying; it must not serve", "error", err)
 	if f.cfg.OnFatal != nil {
 		f.cfg.OnFatal(err)
 	}
-	select {} // the node is being stopped; never apply past a lost write
+}
+
+// halt answers an entry the FSM will not apply (the image failed, or an
+// image pull was abandoned) without counting it as applied. After a
+// failure it holds raft's FSM goroutine until Stop, so raft applies
+// nothing further while the node is being stopped.
+func (f *FSM) halt(index uint64) Result {
+	if f.failed.Load() {
+		<-f.ctx.Done()
+	}
+	return Result{Index: index, Err: ErrStopping}
 }
 
 func (f *FSM) advance(index uint64) {
@@ -248,6 +269,9 @@ func (f *FSM) Paused(fn func(st State) error) error {
 // Snapshot captures the metadata; the image itself is made durable by
 // Persist. It implements raft.FSM.
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
+	if f.failed.Load() {
+		return nil, ErrImageFailed
+	}
 	if !f.awaitPull() {
 		return nil, ErrStopping
 	}
