@@ -163,8 +163,10 @@ func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Hea
 	if err != nil {
 		return err
 	}
-	for k, v := range hdr {
-		req.Header[k] = v
+	for k, vs := range hdr {
+		for _, v := range vs {
+			req.Header.Add(k, v)
+		}
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", ctype)
