@@ -1,9 +1,19 @@
-// Package replica owns the replicated volume: the Raft state machine that
-// applies writes to a plain raw image (fsm.go), the commands carried in the
-// Raft log (command.go), writer epochs and exactly-once request ids, the
-// metadata-only snapshots (the image is the snapshot), the log stores, and a
-// Node that runs it all (node.go). It imports no Keel package but
-// replica/rawimage and replica/imagesync.
+// Package replica owns the replicated volume: the commands carried in the
+// Raft log (command.go), the state machine's decisions on them, with no I/O
+// (decide.go: writer epochs and fencing, claims and takeovers, the
+// exactly-once request-id window, range checks, the member registry), the
+// raft.FSM that carries those decisions out on a plain raw image and takes
+// metadata-only snapshots (fsm.go: the image is the snapshot), the log
+// stores (logstore.go), and a Node that runs it all (node.go) with the one
+// way to commit a command from any member, Node.Propose.
+//
+// Every goroutine the package starts belongs to a Node (or an FSM) and ends
+// by its Close; the package tests check that with goleak.
+//
+// It imports no Keel package but replica/rawimage and replica/imagesync, and
+// must never import services/, cmd/ or chaos/: forwarding to the leader
+// crosses the network through the Forwarder interface, which the server
+// implements.
 package replica
 
 import (

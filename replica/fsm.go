@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,8 +18,10 @@ import (
 
 // The state machine: every committed command is applied to the raw image
 // (writes, trims, zeroes) or to the small metadata state (writer epoch,
-// exactly-once request ids, the member registry). The image is the bulk of
-// the state and is never copied into a snapshot; see snapshot.go.
+// exactly-once request ids, the member registry). What a command does is
+// decided in decide.go without I/O; this file carries it out. The image is
+// the bulk of the state and is never copied into a snapshot (see
+// FSM.Snapshot and FSM.Restore).
 
 // Errors an applied command can answer with. They are results, not
 // failures of the node: the command was committed and deliberately refused.
@@ -34,11 +35,6 @@ var (
 	// ErrOutOfRange: the command reaches past the end of the image.
 	ErrOutOfRange = errors.New("replica: range outside the image")
 )
-
-// maxApplied bounds the exactly-once table of one writer. A writer that
-// never advances AckedBelow would otherwise grow it without end; past this
-// the oldest ids are forgotten (and logged).
-const maxApplied = 1 << 20
 
 // State is the metadata of the volume, as stored in a snapshot.
 type State struct {
@@ -74,8 +70,9 @@ type FSMConfig struct {
 	// Log is the FSM's logger.
 	Log hclog.Logger
 	// OnFatal is called when the image cannot be written. The FSM then
-	// never returns from Apply, so the entry is never counted as applied
-	// and no later entry is applied either: the node must stop.
+	// does not return from that Apply until it is stopped, and applies
+	// nothing after it (nor takes a snapshot), so the entry is never counted
+	// as applied: the node must stop.
 	OnFatal func(error)
 	// Restore makes the local image match the cluster's for a snapshot
 	// received from the leader (metadata only): it returns once the image
@@ -85,59 +82,63 @@ type FSMConfig struct {
 	Restore func(ctx context.Context, st State) error
 }
 
-// FSM is the volume's raft.FSM.
+// FSM is the volume's raft.FSM: it decodes each committed entry once,
+// lets decide (decide.go) rule on it, and carries the effect out on the
+// image.
 type FSM struct {
 	cfg FSMConfig
 	img *rawimage.File
 	log hclog.Logger
 
 	// mu is held for writing by Apply and by anything that needs the image
-	// and the state not to move (Hash); readers of the state take it for
+	// and the state not to move (Paused); readers of the state take it for
 	// reading.
 	mu         sync.RWMutex
-	st         State // guarded by mu (Applied is kept in applied)
-	applied    map[uint64]struct{}
+	st         *fsmState // guarded by mu
+	index      uint64    // guarded by mu: the last index applied to st
 	appliedIdx atomic.Uint64
 	applies    atomic.Uint64 // commands applied since start (tests, metrics)
 	bytes      atomic.Uint64 // bytes written, trimmed or zeroed since start
+	failed     atomic.Bool   // an image write failed: apply nothing more
 
 	notifyMu sync.Mutex
 	notify   chan struct{} // closed and replaced on every apply
 
+	// ctx ends the background image pull; stop cancels it, and pulls
+	// tracks the pull goroutine so Stop can wait for it.
+	ctx   context.Context
+	stop  context.CancelFunc
+	pulls sync.WaitGroup
+
 	pullMu     sync.Mutex    // guards the following
 	pull       chan struct{} // non-nil while an image pull runs; closed when it ends
 	pullFailed bool          // the pull ended without a complete image (node stopping)
-	stopCtx    context.Context
-	stopPull   context.CancelFunc
 }
 
-// ErrStopping is returned for commands that arrive while an image pull is
-// abandoned because the node stops: they are not applied (the node replays
-// them after its next start, once the pull has finished).
+// ErrStopping is the result of commands the FSM does not apply because the
+// node stops: an image pull was abandoned, or an image write failed. They
+// are not counted as applied (the node replays them after its next start).
 var ErrStopping = errors.New("replica: node stopping before its image was complete")
+
+// ErrImageFailed: an image write failed earlier, so the FSM takes no
+// snapshot (it would claim the lost write).
+var ErrImageFailed = errors.New("replica: the image could not be written; the node must stop")
 
 var _ raft.FSM = (*FSM)(nil)
 
 // NewFSM returns an FSM starting from st (the latest local snapshot's
-// state, or a fresh one).
-func NewFSM(cfg FSMConfig, st State) *FSM {
+// state, or a fresh one). ctx bounds the image pulls it runs in the
+// background after a Restore; Stop ends them too and waits for them.
+func NewFSM(ctx context.Context, cfg FSMConfig, st State) *FSM {
 	f := &FSM{cfg: cfg, img: cfg.Image, log: cfg.Log, notify: make(chan struct{})}
-	f.stopCtx, f.stopPull = context.WithCancel(context.Background())
+	f.ctx, f.stop = context.WithCancel(ctx)
 	f.setState(st)
 	return f
 }
 
 func (f *FSM) setState(st State) {
-	if st.Nodes == nil {
-		st.Nodes = map[string]NodeInfo{}
-	}
-	f.applied = make(map[uint64]struct{}, len(st.Applied))
-	for _, id := range st.Applied {
-		f.applied[id] = struct{}{}
-	}
-	st.Applied = nil
-	st.Size = f.img.Size()
-	f.st = st
+	f.st = newFSMState(st, f.img.Size())
+	f.index = st.Index
 	f.appliedIdx.Store(st.Index)
 }
 
@@ -151,136 +152,63 @@ func (f *FSM) Apply(l *raft.Log) any {
 		f.advance(l.Index)
 		return Result{Index: l.Index, Err: err}
 	}
-	if !f.awaitPull() {
-		return Result{Index: l.Index, Err: ErrStopping}
+	if f.failed.Load() || !f.awaitPull() {
+		return f.halt(l.Index)
 	}
 	f.applies.Add(1)
 	f.mu.Lock()
-	res := f.applyLocked(l.Index, &c)
-	f.st.Index = l.Index
+	res, eff := decide(f.st, l.Index, &c)
+	if err := f.carryOut(l.Index, &c, eff); err != nil {
+		f.mu.Unlock()
+		f.fatal(err)
+		return f.halt(l.Index)
+	}
+	f.index = l.Index
 	f.mu.Unlock()
 	f.advance(l.Index)
 	return res
 }
 
-func (f *FSM) applyLocked(index uint64, c *Command) Result {
-	res := Result{Index: index, Epoch: f.st.Epoch}
-	switch c.Kind {
-	case KindClaim:
-		if f.st.Writer != "" && f.st.Writer != c.Writer && !c.Takeover {
-			res.Err = fmt.Errorf("%w: %q holds it (epoch %d)", ErrWriterHeld, f.st.Writer, f.st.Epoch)
-			return res
-		}
-		// Every claim starts a new exactly-once table: writes of the
-		// earlier epoch are fenced from here on, so their request ids can
-		// never come back, and a restarted writer numbers its requests
-		// from 1 again.
-		f.applied = map[uint64]struct{}{}
-		f.st.AckedBelow = 0
-		if f.st.Writer != "" && f.st.Writer != c.Writer {
-			f.log.Info("writer fenced by takeover", "old", f.st.Writer, "new", c.Writer, "epoch", index)
-		}
-		f.st.Writer, f.st.Epoch = c.Writer, index
-		res.Epoch = index
-		return res
-	case KindRelease:
-		if c.Epoch == f.st.Epoch && f.st.Writer != "" {
-			f.st.Writer = ""
-			f.applied = map[uint64]struct{}{}
-			f.st.AckedBelow = 0
-		}
-		return res
-	case KindRegister:
-		f.st.Nodes[c.Node.ID] = c.Node
-		return res
-	case KindForget:
-		delete(f.st.Nodes, c.Node.ID)
-		return res
-	}
-
-	// Writes, trims and zeroes.
-	// Fencing: with no writer only epoch 0 (direct clients) may write;
-	// with one, only its epoch.
-	if (f.st.Writer == "" && c.Epoch != 0) || (f.st.Writer != "" && c.Epoch != f.st.Epoch) {
-		res.Err = fmt.Errorf("%w: write epoch %d, current epoch %d (writer %q)", ErrStaleEpoch, c.Epoch, f.st.Epoch, f.st.Writer)
-		return res
-	}
-	if c.Offset > f.st.Size || c.Length > f.st.Size-c.Offset {
-		res.Err = fmt.Errorf("%w: %d bytes at %d, image is %d", ErrOutOfRange, c.Length, c.Offset, f.st.Size)
-		return res
-	}
-	if c.Epoch != 0 && c.ReqID != 0 {
-		if c.ReqID < f.st.AckedBelow {
-			res.Duplicate = true
-			return res
-		}
-		if _, ok := f.applied[c.ReqID]; ok {
-			res.Duplicate = true
-			return res
-		}
+// carryOut does to the image what decide said.
+func (f *FSM) carryOut(index uint64, c *Command, eff effect) error {
+	if eff.note != "" {
+		f.log.Info(eff.note, "index", index, "kind", c.Kind)
 	}
 	var err error
-	switch c.Kind {
-	case KindWrite:
-		err = f.img.WriteAt(c.Data, c.Offset, false)
-	case KindTrim:
-		// Zero, not Trim: rawimage's Trim does nothing where holes cannot
-		// be punched, and every replica must end byte-identical.
-		err = f.img.Zero(c.Offset, c.Length, false, false, false)
-	case KindZero:
-		err = f.img.Zero(c.Offset, c.Length, c.ZeroFlags&ZeroNoHole != 0, false, false)
+	switch eff.kind {
+	case effectNone:
+		return nil
+	case effectWrite:
+		err = f.img.WriteAt(eff.data, eff.offset, false)
+	case effectZero:
+		err = f.img.Zero(eff.offset, eff.length, eff.noHole, false, false)
 	}
 	if err != nil {
-		f.fatal(fmt.Errorf("applying %v of %d bytes at %d (index %d): %w", c.Kind, c.Length, c.Offset, index, err))
+		return fmt.Errorf("applying %v of %d bytes at %d (index %d): %w", c.Kind, eff.length, eff.offset, index, err)
 	}
-	if c.Epoch != 0 && c.ReqID != 0 {
-		f.recordLocked(c.ReqID, c.AckedBelow)
-	}
-	f.bytes.Add(c.Length)
-	return res
+	f.bytes.Add(eff.length)
+	return nil
 }
 
-// recordLocked notes reqID as applied and forgets ids below ackedBelow.
-func (f *FSM) recordLocked(reqID, ackedBelow uint64) {
-	f.applied[reqID] = struct{}{}
-	if ackedBelow > f.st.AckedBelow {
-		f.st.AckedBelow = ackedBelow
-		for id := range f.applied {
-			if id < ackedBelow {
-				delete(f.applied, id)
-			}
-		}
-	}
-	if len(f.applied) > maxApplied {
-		ids := f.appliedSorted()
-		cut := ids[len(ids)-maxApplied]
-		f.log.Warn("writer does not advance its acknowledged id; forgetting old request ids", "below", cut)
-		f.st.AckedBelow = cut
-		for _, id := range ids {
-			if id < cut {
-				delete(f.applied, id)
-			}
-		}
-	}
-}
-
-func (f *FSM) appliedSorted() []uint64 {
-	ids := make([]uint64, 0, len(f.applied))
-	for id := range f.applied {
-		ids = append(ids, id)
-	}
-	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
-	return ids
-}
-
-// fatal reports an image failure and never returns: the entry must not
-// count as applied, and nothing after it may be applied.
+// fatal reports an image failure: from now on nothing is applied and no
+// snapshot taken, so the lost write is never counted as applied.
 func (f *FSM) fatal(err error) {
+	f.failed.Store(true)
 	f.log.Error("IMAGE WRITE FAILED: this node stops applying; it must not serve", "error", err)
 	if f.cfg.OnFatal != nil {
 		f.cfg.OnFatal(err)
 	}
-	select {} // the node is being stopped; never apply past a lost write
+}
+
+// halt answers an entry the FSM will not apply (the image failed, or an
+// image pull was abandoned) without counting it as applied. After a
+// failure it holds raft's FSM goroutine until Stop, so raft applies
+// nothing further while the node is being stopped.
+func (f *FSM) halt(index uint64) Result {
+	if f.failed.Load() {
+		<-f.ctx.Done()
+	}
+	return Result{Index: index, Err: ErrStopping}
 }
 
 func (f *FSM) advance(index uint64) {
@@ -325,12 +253,8 @@ func (f *FSM) State() State {
 }
 
 func (f *FSM) stateLocked() State {
-	st := f.st
-	st.Nodes = make(map[string]NodeInfo, len(f.st.Nodes))
-	for k, v := range f.st.Nodes {
-		st.Nodes[k] = v
-	}
-	st.Applied = f.appliedSorted()
+	st := f.st.state()
+	st.Index = f.index
 	return st
 }
 
@@ -345,6 +269,9 @@ func (f *FSM) Paused(fn func(st State) error) error {
 // Snapshot captures the metadata; the image itself is made durable by
 // Persist. It implements raft.FSM.
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
+	if f.failed.Load() {
+		return nil, ErrImageFailed
+	}
 	if !f.awaitPull() {
 		return nil, ErrStopping
 	}
@@ -376,9 +303,13 @@ func (f *FSM) Pulling() bool {
 	return f.pull != nil
 }
 
-// Stop abandons a running image pull so raft can shut down; commands that
-// were waiting for it are not applied.
-func (f *FSM) Stop() { f.stopPull() }
+// Stop abandons a running image pull so raft can shut down, and waits for
+// the pull's goroutine to return; commands that were waiting for it are
+// not applied.
+func (f *FSM) Stop() {
+	f.stop()
+	f.pulls.Wait()
+}
 
 type fsmSnapshot struct {
 	st  State
@@ -439,31 +370,41 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.pullMu.Lock()
 	f.pull, f.pullFailed = done, false
 	f.pullMu.Unlock()
+	f.pulls.Add(1)
 	go func() {
+		defer f.pulls.Done()
 		defer close(done)
-		backoff := time.Second
-		for attempt := 1; ; attempt++ {
-			err := f.cfg.Restore(f.stopCtx, st)
-			if err == nil {
-				f.advance(st.Index)
-				f.log.Info("restored from snapshot", "index", st.Index, "writer", st.Writer, "epoch", st.Epoch, "attempts", attempt)
-				return
-			}
-			if f.stopCtx.Err() != nil {
-				f.pullMu.Lock()
-				f.pullFailed = true
-				f.pullMu.Unlock()
-				return
-			}
-			f.log.Error("pulling the image for a snapshot failed; retrying", "index", st.Index, "attempt", attempt, "error", err, "retry_in", backoff)
-			select {
-			case <-time.After(backoff):
-			case <-f.stopCtx.Done():
-			}
-			backoff = min(2*backoff, 30*time.Second)
-		}
+		f.pullImage(st)
 	}()
 	return nil
+}
+
+// pullImage runs the configured Restore until it succeeds or f.ctx ends
+// (then the pull is marked failed and waiting applies give up).
+func (f *FSM) pullImage(st State) {
+	backoff := time.Second
+	for attempt := 1; ; attempt++ {
+		err := f.cfg.Restore(f.ctx, st)
+		if err == nil {
+			f.advance(st.Index)
+			f.log.Info("restored from snapshot", "index", st.Index, "writer", st.Writer, "epoch", st.Epoch, "attempts", attempt)
+			return
+		}
+		if f.ctx.Err() != nil {
+			f.pullMu.Lock()
+			f.pullFailed = true
+			f.pullMu.Unlock()
+			return
+		}
+		f.log.Error("pulling the image for a snapshot failed; retrying", "index", st.Index, "attempt", attempt, "error", err, "retry_in", backoff)
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-f.ctx.Done():
+			t.Stop()
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
 }
 
 // ReadState decodes a snapshot's metadata.

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -104,8 +105,23 @@ type NodeConfig struct {
 	Restore func(ctx context.Context, img *rawimage.File, st State) error
 	// OnFatal is called when the image cannot be written (see FSMConfig).
 	OnFatal func(error)
+	// Forwarder carries a command proposed on a node that is not the
+	// leader to the leader (see Node.Propose). Nil: Propose on a follower
+	// fails with ErrNotLeader.
+	Forwarder Forwarder
 	// Log is the node's logger.
 	Log hclog.Logger
+}
+
+// Forwarder sends a command to the leader and returns the leader's result
+// for it: what Apply returned there, including a refusal in Result.Err.
+// An error means the outcome is unknown (not delivered, not answered, or
+// the leader was not the leader any more); the caller may retry, which is
+// safe for writes with a request id and for absolute overwrites. Forward
+// must give up when ctx ends and should let the leader know ctx's
+// deadline. The server package implements it over HTTP.
+type Forwarder interface {
+	Forward(ctx context.Context, leader NodeInfo, c *Command) (Result, error)
 }
 
 func (c *NodeConfig) defaults() {
@@ -187,21 +203,32 @@ type Node struct {
 	trans  raft.Transport
 	fsm    *FSM
 	raft   *raft.Raft
-	stop   chan struct{} // closed by Close: ends the snapshot trigger
-	done   chan struct{}
+
+	// ctx is the node's lifetime: cancelled by Close, it ends everything
+	// the node runs in the background (the snapshot trigger, an image
+	// pull), and wg tracks the node's own goroutines.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 
 	resyncing atomic.Bool // the image is being pulled from peers: not readable
 }
 
-// OpenNode opens or creates the node's directory and starts Raft.
-func OpenNode(cfg NodeConfig) (_ *Node, err error) {
+// OpenNode opens or creates the node's directory and starts Raft. ctx
+// bounds the opening (which finishes an interrupted image resync before
+// Raft starts, and that can take long); the node then runs until Close,
+// whatever becomes of ctx.
+func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	cfg.defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	n := &Node{cfg: cfg, log: cfg.Log}
+	n.ctx, n.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
+			n.cancel()
+			n.fsmStop()
 			n.closeResources()
 		}
 	}()
@@ -229,7 +256,7 @@ func OpenNode(cfg NodeConfig) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	n.fsm = NewFSM(FSMConfig{
+	n.fsm = NewFSM(n.ctx, FSMConfig{
 		Image:   n.img,
 		Log:     cfg.Log.Named("fsm"),
 		OnFatal: cfg.OnFatal,
@@ -239,7 +266,7 @@ func OpenNode(cfg NodeConfig) (_ *Node, err error) {
 		// A resync was interrupted: the image is not yet what the snapshot
 		// promises. Finish it before raft counts on it.
 		n.log.Warn("an interrupted image resync must finish before this node starts", "index", st.Index)
-		if err := n.restore(context.Background(), st); err != nil {
+		if err := n.restore(ctx, st); err != nil {
 			return nil, err
 		}
 	}
@@ -295,21 +322,23 @@ func OpenNode(cfg NodeConfig) (_ *Node, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("replica: starting raft: %w", err)
 	}
-	n.stop, n.done = make(chan struct{}), make(chan struct{})
-	go n.snapshotByBytes()
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		n.snapshotByBytes(n.ctx)
+	}()
 	return n, nil
 }
 
 // snapshotByBytes asks for a snapshot whenever SnapshotBytes have been
-// applied since the last one.
-func (n *Node) snapshotByBytes() {
-	defer close(n.done)
+// applied since the last one, until ctx ends.
+func (n *Node) snapshotByBytes(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	last := n.fsm.AppliedBytes()
 	for {
 		select {
-		case <-n.stop:
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
@@ -461,34 +490,62 @@ func (n *Node) Leader() (NodeInfo, bool) {
 	return info, true
 }
 
-// Apply commits a command through Raft and returns its result. Only the
-// leader can; others get ErrNotLeader. It returns once the command is
-// committed on a quorum and applied here, or fails: ErrNotLeader when
-// leadership was lost (the command may or may not have been committed).
+// Propose commits a command through the leader, wherever it is, and
+// returns its result once this node has applied it too, so a caller on
+// any node reads its own writes. On the leader it is Apply; elsewhere the
+// command goes to the leader through the configured Forwarder. ctx bounds
+// the whole call, and its deadline travels with a forwarded command. A
+// refusal by the state machine (ErrStaleEpoch, ErrWriterHeld,
+// ErrOutOfRange) is a result, in Result.Err; an error means the command
+// may or may not have been committed.
+func (n *Node) Propose(ctx context.Context, c *Command) (Result, error) {
+	if n.IsLeader() {
+		return n.Apply(ctx, c)
+	}
+	leader, ok := n.Leader()
+	if !ok {
+		return Result{}, ErrNoLeader
+	}
+	if n.cfg.Forwarder == nil {
+		return Result{}, fmt.Errorf("%w: leader is %s and no forwarder is configured", ErrNotLeader, leader.ID)
+	}
+	res, err := n.cfg.Forwarder.Forward(ctx, leader, c)
+	if err != nil {
+		return Result{}, fmt.Errorf("replica: forwarding %v to leader %s: %w", c.Kind, leader.ID, err)
+	}
+	if err := n.fsm.WaitApplied(ctx, res.Index); err != nil {
+		return Result{}, fmt.Errorf("replica: %v committed at index %d but not yet applied here: %w", c.Kind, res.Index, err)
+	}
+	return res, nil
+}
+
+// Apply commits a command through Raft on this node, which must be the
+// leader (others get ErrNotLeader; Propose forwards instead). It returns
+// once the command is committed on a quorum and applied here, or fails:
+// ErrNotLeader when leadership was lost (the command may or may not have
+// been committed), ErrNoLeader when Raft could not take the command before
+// ctx's deadline. Without a deadline Raft waits as long as it leads.
 func (n *Node) Apply(ctx context.Context, c *Command) (Result, error) {
 	if !n.IsLeader() {
 		return Result{}, ErrNotLeader
 	}
-	timeout := 10 * time.Second
+	var timeout time.Duration // 0: raft waits to enqueue as long as it must
 	if d, ok := ctx.Deadline(); ok {
-		timeout = time.Until(d)
+		if timeout = time.Until(d); timeout <= 0 {
+			return Result{}, fmt.Errorf("%w: %w", ErrNoLeader, context.DeadlineExceeded)
+		}
 	}
-	return n.ApplyRaw(c.Encode(nil), timeout)
-}
-
-// ApplyRaw is Apply for an encoded command (forwarded from a follower).
-func (n *Node) ApplyRaw(data []byte, timeout time.Duration) (Result, error) {
-	if _, err := Decode(data); err != nil {
-		return Result{}, err
+	if err := ctx.Err(); err != nil {
+		return Result{}, fmt.Errorf("replica: apply: %w", err)
 	}
-	f := n.raft.Apply(data, timeout)
+	f := n.raft.Apply(c.Encode(nil), timeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
 			errors.Is(err, raft.ErrLeadershipTransferInProgress) || errors.Is(err, raft.ErrRaftShutdown) {
-			return Result{}, fmt.Errorf("%w: %v", ErrNotLeader, err)
+			return Result{}, fmt.Errorf("%w: %w", ErrNotLeader, err)
 		}
 		if errors.Is(err, raft.ErrEnqueueTimeout) {
-			return Result{}, fmt.Errorf("%w: %v", ErrNoLeader, err)
+			return Result{}, fmt.Errorf("%w: %w", ErrNoLeader, err)
 		}
 		return Result{}, fmt.Errorf("replica: apply: %w", err)
 	}
@@ -515,16 +572,14 @@ func (n *Node) WaitLeader(ctx context.Context) (NodeInfo, error) {
 	}
 }
 
-// Close stops the node: leadership is handed over first when this node
-// leads a cluster of more than one, then Raft stops and the stores close.
+// Close stops the node: its background work ends and is waited for (an
+// image pull in progress must not hold Raft's shutdown), leadership is
+// handed over when this node leads a cluster of more than one, then Raft
+// stops and the stores close.
 func (n *Node) Close() error {
-	if n.stop != nil {
-		close(n.stop)
-		<-n.done
-	}
-	if n.fsm != nil {
-		n.fsm.Stop() // an image pull in progress must not hold raft's shutdown
-	}
+	n.cancel()
+	n.wg.Wait()
+	n.fsmStop()
 	if n.raft != nil {
 		if n.IsLeader() && n.voters() > 1 {
 			if err := n.raft.LeadershipTransfer().Error(); err != nil {
@@ -536,6 +591,12 @@ func (n *Node) Close() error {
 		}
 	}
 	return n.closeResources()
+}
+
+func (n *Node) fsmStop() {
+	if n.fsm != nil {
+		n.fsm.Stop()
+	}
 }
 
 func (n *Node) voters() int {

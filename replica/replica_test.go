@@ -2,6 +2,7 @@ package replica_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"testing"
@@ -144,6 +145,61 @@ func TestExactlyOnce(t *testing.T) {
 	}
 }
 
+// Propose on a follower goes through the leader and returns only once the
+// follower has applied the command: it reads its own write at once. A
+// refusal comes back as the state machine's sentinel.
+func TestProposeOnFollowerReadsItsWrites(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	l := c.WaitLeader()
+	var f *replica.Node
+	for _, id := range []string{"n1", "n2", "n3"} {
+		if id != l.ID() {
+			f = c.Node(id)
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := uint64(0); i < 10; i++ {
+		data := bytes.Repeat([]byte{byte(i + 1)}, 4096)
+		res, err := f.Propose(ctx, write(0, 0, 0, i*4096, data))
+		if err != nil || res.Err != nil {
+			t.Fatalf("propose on follower %s: %v / %v", f.ID(), err, res.Err)
+		}
+		if f.FSM().AppliedIndex() < res.Index {
+			t.Fatalf("follower answered before applying index %d (applied %d)", res.Index, f.FSM().AppliedIndex())
+		}
+		if got := readImage(t, f, i*4096, 4096); !bytes.Equal(got, data) {
+			t.Fatalf("follower does not read its own write %d", i)
+		}
+	}
+	claim, err := f.Propose(ctx, &replica.Command{Kind: replica.KindClaim, Writer: "w"})
+	if err != nil || claim.Err != nil || claim.Epoch == 0 {
+		t.Fatalf("claim through follower: %+v, %v", claim, err)
+	}
+	if res, err := f.Propose(ctx, write(0, 0, 0, 0, []byte("x"))); err != nil || !errors.Is(res.Err, replica.ErrStaleEpoch) {
+		t.Errorf("direct write through follower while held: %+v, %v; want ErrStaleEpoch", res, err)
+	}
+	// The caller's deadline travels with the command: an expired one is
+	// refused by the leader before anything is proposed, on the leader and
+	// through a follower alike.
+	expired, cancelExpired := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancelExpired()
+	last := l.Raft().LastIndex()
+	for _, n := range []*replica.Node{l, f} {
+		if _, err := n.Propose(expired, write(claim.Epoch, 1, 0, 0, []byte("late"))); !errors.Is(err, replica.ErrNoLeader) {
+			t.Errorf("propose on %s with an expired deadline: %v, want ErrNoLeader", n.ID(), err)
+		}
+	}
+	if got := l.Raft().LastIndex(); got != last {
+		t.Errorf("a command with an expired deadline reached the log (last index %d, was %d)", got, last)
+	}
+	c.WaitConverged()
+	if got := readImage(t, f, 0, 4); bytes.Equal(got, []byte("late")) {
+		t.Error("a command with an expired deadline was applied")
+	}
+}
+
 func TestLeaderLossAndReturn(t *testing.T) {
 	c := replicatest.New(t, 3, replicatest.Options{})
 	old := c.WaitLeader()
@@ -176,7 +232,9 @@ func TestQuorumLossRefusesWrites(t *testing.T) {
 	c.Partition([]string{l.ID()}, others)
 	c.Partition([]string{others[0]}, []string{others[1]})
 	start := time.Now()
-	_, err := l.ApplyRaw(write(0, 0, 0, 4096, []byte("lost")).Encode(nil), 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	_, err := l.Apply(ctx, write(0, 0, 0, 4096, []byte("lost")))
+	cancel()
 	if err == nil {
 		t.Fatal("a write was acknowledged without a quorum")
 	}
@@ -251,7 +309,7 @@ func TestDirLockedAndFatalImage(t *testing.T) {
 	c := replicatest.New(t, 1, replicatest.Options{})
 	n := c.Node("n1")
 	_, tr := raft.NewInmemTransport("x")
-	_, err := replica.OpenNode(replica.NodeConfig{ID: "n1", Dir: n.Dir(), Transport: tr})
+	_, err := replica.OpenNode(context.Background(), replica.NodeConfig{ID: "n1", Dir: n.Dir(), Transport: tr})
 	if !errors.Is(err, replica.ErrDirLocked) {
 		t.Errorf("second node on the same dir: %v, want ErrDirLocked", err)
 	}
@@ -263,12 +321,11 @@ func TestDirLockedAndFatalImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	fatal := make(chan error, 1)
-	f := replica.NewFSM(replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { fatal <- e }}, replica.State{})
+	f := replica.NewFSM(context.Background(), replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { fatal <- e }}, replica.State{})
 	img.Close()
-	returned := make(chan struct{})
+	returned := make(chan any, 1)
 	go func() {
-		f.Apply(&raft.Log{Index: 1, Data: write(0, 0, 0, 0, []byte("x")).Encode(nil)})
-		close(returned)
+		returned <- f.Apply(&raft.Log{Index: 1, Data: write(0, 0, 0, 0, []byte("x")).Encode(nil)})
 	}()
 	select {
 	case err := <-fatal:
@@ -285,5 +342,16 @@ func TestDirLockedAndFatalImage(t *testing.T) {
 	}
 	if f.AppliedIndex() != 0 {
 		t.Error("failed entry counted as applied")
+	}
+	if _, err := f.Snapshot(); !errors.Is(err, replica.ErrImageFailed) {
+		t.Errorf("snapshot after a failed write: %v, want ErrImageFailed", err)
+	}
+	// Stopping releases raft's FSM goroutine, without counting the entry.
+	f.Stop()
+	if res := (<-returned).(replica.Result); !errors.Is(res.Err, replica.ErrStopping) {
+		t.Errorf("failed Apply answered %+v after Stop, want ErrStopping", res)
+	}
+	if f.AppliedIndex() != 0 {
+		t.Error("failed entry counted as applied after Stop")
 	}
 }

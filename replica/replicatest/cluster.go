@@ -6,6 +6,7 @@ package replicatest
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -98,13 +99,14 @@ func (c *Cluster) Start(id string, bootstrap bool) *replica.Node {
 		Restore: func(_ context.Context, img *rawimage.File, st replica.State) error {
 			return c.restoreFromPeer(id, img, st)
 		},
-		OnFatal: func(err error) { c.t.Errorf("node %s: fatal: %v", id, err) },
+		OnFatal:   func(err error) { c.t.Errorf("node %s: fatal: %v", id, err) },
+		Forwarder: forwarder{c: c, from: id},
 	}
 	fastConfig(&cfg)
 	if c.config != nil {
 		c.config(&cfg)
 	}
-	n, err := replica.OpenNode(cfg)
+	n, err := replica.OpenNode(context.Background(), cfg)
 	if err != nil {
 		c.t.Fatalf("starting %s: %v", id, err)
 	}
@@ -158,6 +160,26 @@ func (c *Cluster) restoreFromPeer(id string, dstImg *rawimage.File, st replica.S
 	c.Moved[id] += moved
 	c.mu.Unlock()
 	return nil
+}
+
+// forwarder is the in-process stand-in for the server's HTTP forwarding:
+// it applies on the leader node directly, unless a partition cuts the two.
+type forwarder struct {
+	c    *Cluster
+	from string
+}
+
+// ErrUnreachable: a forwarded command could not reach the leader.
+var ErrUnreachable = errors.New("replicatest: leader unreachable")
+
+func (f forwarder) Forward(ctx context.Context, leader replica.NodeInfo, cmd *replica.Command) (replica.Result, error) {
+	f.c.mu.Lock()
+	l, cut := f.c.nodes[leader.ID], f.c.cut[pair(f.from, leader.ID)]
+	f.c.mu.Unlock()
+	if l == nil || cut {
+		return replica.Result{}, fmt.Errorf("%w: %s from %s", ErrUnreachable, leader.ID, f.from)
+	}
+	return l.Apply(ctx, cmd)
 }
 
 // Node returns node id.

@@ -307,8 +307,22 @@ func (a *API) handleTransfer(w http.ResponseWriter, r *http.Request, n *replica.
 	wire.WriteJSON(w, http.StatusOK, map[string]string{"leader": l.ID})
 }
 
-// handleApply commits a command forwarded by a follower's Volume.
+// handleApply commits a command forwarded by a follower (Forwarder) or
+// sent by a proxy, within the caller's deadline (wire.TimeoutHeader; a
+// caller that sends none is bounded by Raft alone: leadership lost or
+// shutdown ends the wait).
 func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	if h := r.Header.Get(wire.TimeoutHeader); h != "" {
+		ms, err := strconv.ParseUint(h, 10, 32)
+		if err != nil || ms == 0 {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("%s %q: want a positive number of milliseconds", wire.TimeoutHeader, h))
+			return
+		}
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(ms)*time.Millisecond)
+		defer cancel()
+	}
 	n := a.node(w, r)
 	if n == nil {
 		return
@@ -318,16 +332,17 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
+	c, err := replica.Decode(data)
+	if err != nil {
+		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Refused: wire.RefusedBadCommand, Error: err.Error()})
+		return
+	}
 	if !n.IsLeader() {
 		l, _ := n.Leader()
 		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: "not the leader", NotLeader: true, Leader: l.HTTP})
 		return
 	}
-	res, err := n.ApplyRaw(data, 10*time.Second)
-	if errors.Is(err, replica.ErrBadCommand) {
-		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Refused: wire.RefusedBadCommand, Error: err.Error()})
-		return
-	}
+	res, err := n.Apply(ctx, &c)
 	if err != nil {
 		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: err.Error(), NotLeader: errors.Is(err, replica.ErrNotLeader)})
 		return
@@ -337,6 +352,29 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 		out.Refused, out.Error = wire.RefusalOf(res.Err), res.Err.Error()
 	}
 	wire.WriteJSON(w, http.StatusOK, out)
+}
+
+// Forwarder is replica.Forwarder over the leader's POST /v1/apply (the
+// other end of handleApply). The leader's refusal crosses as a
+// wire.Refusal and comes back as replica's sentinel in Result.Err.
+type Forwarder struct {
+	Client *wire.Client
+}
+
+var _ replica.Forwarder = (*Forwarder)(nil)
+
+func (f *Forwarder) Forward(ctx context.Context, leader replica.NodeInfo, c *replica.Command) (replica.Result, error) {
+	if leader.HTTP == "" {
+		return replica.Result{}, fmt.Errorf("%w: leader %s has not registered its HTTP address", replica.ErrNoLeader, leader.ID)
+	}
+	r, err := f.Client.Apply(ctx, leader.HTTP, c.Encode(nil))
+	if err != nil {
+		return replica.Result{}, err
+	}
+	if r.Refused == wire.NotRefused && r.Error != "" {
+		return replica.Result{}, fmt.Errorf("leader %s: %s", leader.ID, r.Error)
+	}
+	return replica.Result{Index: r.Index, Epoch: r.Epoch, Duplicate: r.Duplicate, Err: r.Refused.Err(r.Error)}, nil
 }
 
 func (a *API) handleDigest(w http.ResponseWriter, r *http.Request) {

@@ -70,7 +70,7 @@ type RaftService struct {
 func (s *RaftService) String() string { return "raft " + s.Config.ID }
 
 func (s *RaftService) Serve(ctx context.Context) error {
-	n, err := replica.OpenNode(s.Config)
+	n, err := replica.OpenNode(ctx, s.Config)
 	if err != nil {
 		if errors.Is(err, replica.ErrDirLocked) {
 			// Not something a restart fixes: stop the process.

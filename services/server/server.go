@@ -20,7 +20,8 @@ import (
 // Config configures one keel server process: one replica of one volume.
 type Config struct {
 	// Node configures the replica (directory, Raft, snapshots). Its Restore
-	// is set by New (the image resync from peers); Self.HTTP and Self.NBD
+	// (the image resync from peers) and Forwarder (writes to the leader's
+	// API) are set by New; Self.HTTP and Self.NBD
 	// should name the listeners below as peers reach them.
 	Node replica.NodeConfig
 	// HTTP serves the API (status, metrics, admin, forwarded writes, image
@@ -106,6 +107,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{cfg: cfg, holder: NewNodeHolder()}
 	s.resync = &Resyncer{Self: cfg.Node.ID, Client: cfg.Client, Log: log.Named("resync")}
 	cfg.Node.Restore = s.resync.Restore
+	cfg.Node.Forwarder = &Forwarder{Client: cfg.Client}
 	if cfg.Node.Log == nil {
 		cfg.Node.Log = log.Named("replica")
 	}
@@ -113,7 +115,7 @@ func New(cfg Config) (*Server, error) {
 		Exports: []nbd.Export{{
 			Name:        "keel",
 			Description: "keel replicated volume (node " + cfg.Node.ID + ")",
-			Backend:     &Volume{Holder: s.holder, Client: cfg.Client, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")},
+			Backend:     &Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")},
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,

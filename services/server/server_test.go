@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -148,5 +149,49 @@ func TestRaftPortGarbage(t *testing.T) {
 	}
 	if n := o.Holder().Peek(); n == nil || !n.IsLeader() {
 		t.Fatal("node lost leadership after raft-port garbage")
+	}
+}
+
+// POST /v1/apply applies within the caller's deadline, which wire.Client
+// sends as Keel-Timeout-Ms; a malformed one is refused before anything is
+// proposed.
+func TestApplyCarriesDeadline(t *testing.T) {
+	o := startOneNode(t)
+	n := o.Holder().Peek()
+	cmd := (&replica.Command{Kind: replica.KindWrite, Offset: 0, Data: []byte("deadline")}).Encode(nil)
+	for _, h := range []string{"abc", "0", "-5"} {
+		req, err := http.NewRequest(http.MethodPost, "http://"+o.HTTP+"/v1/apply", bytes.NewReader(cmd))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set(wire.TimeoutHeader, h)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(b), wire.TimeoutHeader) {
+			t.Errorf("%s %q: %d %s, want 400 naming the header", wire.TimeoutHeader, h, resp.StatusCode, b)
+		}
+	}
+	last := n.Raft().LastIndex()
+	expired, cancelExpired := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancelExpired()
+	if _, err := wire.NewClient(5*time.Second).Apply(expired, o.HTTP, cmd); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("apply with an expired deadline: %v, want DeadlineExceeded", err)
+	}
+	if got := n.Raft().LastIndex(); got != last {
+		t.Errorf("refused requests reached the log: last index %d, was %d", got, last)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r, err := wire.NewClient(5*time.Second).Apply(ctx, o.HTTP, cmd)
+	if err != nil || r.Refused != wire.NotRefused || r.Index <= last {
+		t.Fatalf("apply within a deadline: %+v %v", r, err)
+	}
+	got := make([]byte, 8)
+	if err := n.Image().ReadAt(got, 0); err != nil || string(got) != "deadline" {
+		t.Errorf("image holds %q (%v) after the apply", got, err)
 	}
 }

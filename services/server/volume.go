@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -18,10 +17,11 @@ import (
 // Volume serves the replicated volume over NBD on any node.
 //
 // Reads come from this node's image. Writes, trims and zeroes become Raft
-// commands: on the leader they are applied directly; on a follower they are
-// forwarded to the leader's HTTP API, and the follower answers only once it
-// has applied the command itself, so a client connected to a follower reads
-// its own writes. Either way a write is acknowledged only after it is
+// commands proposed through replica.Node.Propose: on the leader they are
+// applied directly; on a follower they are forwarded to the leader's HTTP
+// API (Forwarder), and the follower answers only once it has applied the
+// command itself, so a client connected to a follower reads its own
+// writes. Either way a write is acknowledged only after it is
 // committed on a quorum (and so durable in the quorum's logs, which is why
 // FLUSH and FUA need no further work). Without a leader, writes wait up to
 // WriteTimeout and then fail with EIO; reads keep working.
@@ -33,7 +33,6 @@ import (
 // itself overlapped writes in flight.
 type Volume struct {
 	Holder       *NodeHolder
-	Client       *wire.Client
 	SizeBytes    uint64
 	WriteTimeout time.Duration
 	Log          hclog.Logger
@@ -115,11 +114,12 @@ func (v *Volume) Extents(off, length uint64) ([]nbd.Extent, error) {
 
 func (v *Volume) Cache(off, length uint64) error { return nil }
 
-// apply commits c through the leader, wherever it is, within WriteTimeout.
+// apply commits c through the leader, wherever it is, within WriteTimeout,
+// trying again while the node is not running or the leader cannot be
+// reached; a refusal by the state machine is the answer, not retried.
 func (v *Volume) apply(c *replica.Command) error {
 	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
 	defer cancel()
-	data := c.Encode(nil)
 	var last error
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
@@ -135,39 +135,11 @@ func (v *Volume) apply(c *replica.Command) error {
 			last = err
 			continue
 		}
-		res, err := v.applyVia(ctx, n, data)
+		res, err := n.Propose(ctx, c)
 		if err != nil {
 			last = err
 			continue
 		}
 		return wire.NBDError(res.Err)
 	}
-}
-
-// applyVia applies data on the leader (this node or, forwarded, another)
-// and waits until this node has applied it too.
-func (v *Volume) applyVia(ctx context.Context, n *replica.Node, data []byte) (replica.Result, error) {
-	if n.IsLeader() {
-		d := 10 * time.Second
-		if dl, ok := ctx.Deadline(); ok {
-			d = time.Until(dl)
-		}
-		return n.ApplyRaw(data, d)
-	}
-	leader, ok := n.Leader()
-	if !ok || leader.HTTP == "" {
-		return replica.Result{}, replica.ErrNoLeader
-	}
-	r, err := v.Client.Apply(ctx, leader.HTTP, data)
-	if err != nil {
-		return replica.Result{}, err
-	}
-	if r.Refused == wire.NotRefused && r.Error != "" {
-		return replica.Result{}, errors.New(r.Error)
-	}
-	res := replica.Result{Index: r.Index, Epoch: r.Epoch, Duplicate: r.Duplicate, Err: r.Refused.Err(r.Error)}
-	if err := n.FSM().WaitApplied(ctx, r.Index); err != nil {
-		return replica.Result{}, fmt.Errorf("committed at index %d but not yet applied here: %w", r.Index, err)
-	}
-	return res, nil
 }

@@ -17,6 +17,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,7 +32,7 @@ import (
 //	POST /v1/cluster/join                 JoinRequest -> JoinResponse (any member; forwarded to the leader)
 //	POST /v1/cluster/remove               {"id": ...}
 //	POST /v1/cluster/transfer-leadership  {"id": ...} (empty id: any voter)
-//	POST /v1/apply                        internal: an encoded command -> ApplyResponse (leader only)
+//	POST /v1/apply                        internal: an encoded command -> ApplyResponse (leader only; header Keel-Timeout-Ms)
 //	POST /v1/verify/digest?min_index=N    replica.Digest at a stable applied index
 //	GET  /v1/sync/hashes, /v1/sync/range  image sync source (replica/imagesync)
 //	GET  /metrics                         Prometheus metrics
@@ -97,6 +98,11 @@ type IDRequest struct {
 	ID string `json:"id"`
 }
 
+// TimeoutHeader, on POST /v1/apply, says how many milliseconds the caller
+// waits for the answer; the leader applies the command within that time.
+// Client.Apply sets it from its context's deadline.
+const TimeoutHeader = "Keel-Timeout-Ms"
+
 // ApplyResponse is the result of a forwarded command.
 type ApplyResponse struct {
 	Index     uint64 `json:"index"`
@@ -144,6 +150,10 @@ func BaseURL(addr string) string {
 
 // Do sends a request and decodes a JSON answer into out (when not nil).
 func (c *Client) Do(ctx context.Context, method, addr, path string, in, out any) error {
+	return c.do(ctx, method, addr, path, nil, in, out)
+}
+
+func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Header, in, out any) error {
 	var body io.Reader
 	ctype := "application/json"
 	switch v := in.(type) {
@@ -160,6 +170,11 @@ func (c *Client) Do(ctx context.Context, method, addr, path string, in, out any)
 	req, err := http.NewRequestWithContext(ctx, method, BaseURL(addr)+path, body)
 	if err != nil {
 		return err
+	}
+	for k, vs := range hdr {
+		for _, v := range vs {
+			req.Header.Add(k, v)
+		}
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", ctype)
@@ -205,10 +220,19 @@ func (c *Client) Cluster(ctx context.Context, addr string) (ClusterStatus, error
 	return s, err
 }
 
-// Apply forwards an encoded command to the leader at addr.
+// Apply forwards an encoded command to the leader at addr, telling it
+// ctx's deadline (TimeoutHeader).
 func (c *Client) Apply(ctx context.Context, addr string, cmd []byte) (ApplyResponse, error) {
 	var r ApplyResponse
-	err := c.Do(ctx, http.MethodPost, addr, "/v1/apply", cmd, &r)
+	var hdr http.Header
+	if d, ok := ctx.Deadline(); ok {
+		ms := time.Until(d).Milliseconds()
+		if ms <= 0 {
+			return r, fmt.Errorf("POST %s/v1/apply: %w", addr, context.DeadlineExceeded)
+		}
+		hdr = http.Header{TimeoutHeader: {strconv.FormatInt(ms, 10)}}
+	}
+	err := c.do(ctx, http.MethodPost, addr, "/v1/apply", hdr, cmd, &r)
 	return r, err
 }
 
