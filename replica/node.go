@@ -212,6 +212,9 @@ type Node struct {
 	wg     sync.WaitGroup
 
 	resyncing atomic.Bool // the image is being pulled from peers: not readable
+
+	readMu   sync.Mutex    // serialises the barrier of ReadBarrier
+	readTerm atomic.Uint64 // the term whose every earlier entry the image holds (leader)
 }
 
 // OpenNode opens or creates the node's directory and starts Raft. ctx
@@ -476,6 +479,57 @@ func (n *Node) Self() NodeInfo {
 
 // IsLeader reports whether this node is the leader now.
 func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// ReadBarrier returns once a read of this node's image sees every write
+// the cluster acknowledged before the call, as far as this node can tell.
+// A leader elected a moment ago may hold committed entries it has not
+// applied yet (it was a follower a moment ago): the first read of each
+// term waits for a raft barrier, which is applied after every earlier
+// entry; later reads of the term cost one atomic load (the leader applies
+// a write before it is acknowledged). On a follower it returns at once: a
+// follower's reads see the writes made through it (Propose waits for the
+// local apply), not necessarily those made elsewhere.
+//
+// An error means the barrier could not be committed before ctx ended or
+// leadership was lost; the caller decides whether to read anyway.
+func (n *Node) ReadBarrier(ctx context.Context) error {
+	if !n.IsLeader() {
+		return nil
+	}
+	term := n.raft.CurrentTerm()
+	if n.readTerm.Load() == term {
+		return nil
+	}
+	n.readMu.Lock()
+	defer n.readMu.Unlock()
+	if n.readTerm.Load() == term {
+		return nil // another reader's barrier covered this term
+	}
+	timeout := 10 * time.Second
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = time.Until(dl)
+	}
+	if timeout <= 0 {
+		return context.DeadlineExceeded
+	}
+	f := n.raft.Barrier(timeout)
+	errc := make(chan error, 1)
+	go func() { errc <- f.Error() }() // ends with the barrier (at most timeout)
+	select {
+	case err := <-errc:
+		if err != nil {
+			return fmt.Errorf("replica: read barrier: %w", err)
+		}
+		// Still the same term: everything committed before the barrier,
+		// which includes every entry of earlier terms, is applied.
+		if n.raft.CurrentTerm() == term {
+			n.readTerm.Store(term)
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
 
 // Leader returns the leader's registry entry, if there is a leader.
 func (n *Node) Leader() (NodeInfo, bool) {

@@ -355,3 +355,44 @@ func TestDirLockedAndFatalImage(t *testing.T) {
 		t.Error("failed entry counted as applied after Stop")
 	}
 }
+
+// A leader elected after the old one died may hold committed entries it
+// has not applied yet; ReadBarrier returns only once its image holds every
+// write acknowledged before the call, and costs nothing more in that term.
+func TestReadBarrierOnNewLeader(t *testing.T) {
+	c := replicatest.New(t, 3, replicatest.Options{})
+	old := c.WaitLeader()
+	var want [][]byte
+	for i := uint64(0); i < 32; i++ {
+		data := bytes.Repeat([]byte{byte(i + 1)}, 64<<10)
+		mustApply(t, c, write(0, 0, 0, i*(64<<10), data))
+		want = append(want, data)
+	}
+	c.Stop(old.ID())
+	l := c.WaitLeader()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	before := l.Raft().LastIndex()
+	if err := l.ReadBarrier(ctx); err != nil {
+		t.Fatalf("read barrier on the new leader %s: %v", l.ID(), err)
+	}
+	if l.Raft().LastIndex() <= before {
+		t.Errorf("the first read barrier of the term committed no barrier entry (last index %d, was %d)", l.Raft().LastIndex(), before)
+	}
+	for i, w := range want {
+		if got := readImage(t, l, uint64(i)*(64<<10), 64<<10); !bytes.Equal(got, w) {
+			t.Fatalf("block %d on the new leader after the barrier: not the acknowledged write", i)
+		}
+	}
+	after := l.Raft().LastIndex()
+	if err := l.ReadBarrier(ctx); err != nil || l.Raft().LastIndex() != after {
+		t.Errorf("a second read barrier in the same term: %v, last index %d -> %d (want no new entry)", err, after, l.Raft().LastIndex())
+	}
+	for _, n := range []string{"n1", "n2", "n3"} {
+		if n != l.ID() && n != old.ID() {
+			if err := c.Node(n).ReadBarrier(ctx); err != nil {
+				t.Errorf("read barrier on follower %s: %v", n, err)
+			}
+		}
+	}
+}

@@ -42,13 +42,30 @@ var _ nbd.Backend = (*Volume)(nil)
 
 func (v *Volume) Size() uint64 { return v.SizeBytes }
 
-// readable returns the node once its image can be read: running, and not
-// in the middle of a resync (which leaves the image a mix of old and new
-// ranges). It waits up to WriteTimeout, then fails with EIO.
+// readable returns the node once its image can be read: running, not in
+// the middle of a resync (which leaves the image a mix of old and new
+// ranges), and, on a leader, holding every write committed before the
+// read (replica.Node.ReadBarrier). It waits up to WriteTimeout, then fails
+// with EIO.
 func (v *Volume) readable() (*replica.Node, error) {
-	if n := v.Holder.Peek(); n != nil && !n.Resyncing() {
-		return n, nil // the common case: no timer, no waiting
+	n := v.Holder.Peek()
+	if n == nil || n.Resyncing() {
+		var err error
+		if n, err = v.waitReadable(); err != nil {
+			return nil, err
+		}
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
+	defer cancel()
+	if err := n.ReadBarrier(ctx); err != nil {
+		// No quorum to commit the barrier: reads keep working (promise 2),
+		// from what this node has applied.
+		v.Log.Debug("read without a barrier", "error", err)
+	}
+	return n, nil
+}
+
+func (v *Volume) waitReadable() (*replica.Node, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
 	defer cancel()
 	for {
