@@ -65,6 +65,7 @@ type Result struct {
 	Epoch     uint64 // the writer epoch after the command (Claim: the new one)
 	Duplicate bool   // a request id already applied: nothing done again
 	Err       error  // ErrStaleEpoch, ErrWriterHeld, ErrOutOfRange or nil
+	Writer    string // ErrWriterHeld: the writer that holds the volume
 }
 
 // FSMConfig configures an FSM.
@@ -168,7 +169,7 @@ func (f *FSM) applyLocked(index uint64, c *Command) Result {
 	switch c.Kind {
 	case KindClaim:
 		if f.st.Writer != "" && f.st.Writer != c.Writer && !c.Takeover {
-			res.Err = fmt.Errorf("%w: %q holds it (epoch %d)", ErrWriterHeld, f.st.Writer, f.st.Epoch)
+			res.Err, res.Writer = fmt.Errorf("%w: %q holds it (epoch %d)", ErrWriterHeld, f.st.Writer, f.st.Epoch), f.st.Writer
 			return res
 		}
 		// Every claim starts a new exactly-once table: writes of the
