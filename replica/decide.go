@@ -175,7 +175,7 @@ func decide(st *fsmState, index uint64, c *Command) (Result, effect) {
 func decideClaim(st *fsmState, index uint64, c *Command) (Result, effect) {
 	res := Result{Index: index, Epoch: st.Epoch}
 	if st.Writer != "" && st.Writer != c.Writer && !c.Takeover {
-		res.Err = fmt.Errorf("%w: %q holds it (epoch %d)", ErrWriterHeld, st.Writer, st.Epoch)
+		res.Err, res.Writer = fmt.Errorf("%w: %q holds it (epoch %d)", ErrWriterHeld, st.Writer, st.Epoch), st.Writer
 		return res, effect{}
 	}
 	var eff effect

@@ -61,6 +61,7 @@ type Result struct {
 	Epoch     uint64 // the writer epoch after the command (Claim: the new one)
 	Duplicate bool   // a request id already applied: nothing done again
 	Err       error  // ErrStaleEpoch, ErrWriterHeld, ErrOutOfRange or nil
+	Writer    string // ErrWriterHeld: the writer that holds the volume
 }
 
 // FSMConfig configures an FSM.

@@ -38,12 +38,11 @@ type Proxy struct {
 	ready chan struct{} // closed once size is known
 	size  uint64
 
-	claimMu   sync.Mutex // serializes claims; guards the following
-	epoch     atomic.Uint64
-	fenced    atomic.Pointer[error] // set once a takeover fenced this proxy: writes refused for good
-	heldBy    string                // the other writer, after a refused claim
-	refusedAt time.Time             // when the last claim was refused
-	claimed   bool                  // a claim succeeded once (takeover is done only then)
+	now     func() time.Time // the writer state's clock
+	claimMu sync.Mutex       // one claim (or the release) in flight at a time
+	wmu     sync.Mutex       // guards ws; never held across I/O
+	ws      writerState      // decides claims, fencing and release (writerstate.go)
+	epoch   atomic.Uint64    // ws.epoch, mirrored for the read path
 
 	ids       idWindow
 	lastAcked atomic.Uint64 // log index of the latest acknowledged command (read-your-writes)
@@ -157,6 +156,8 @@ func New(cfg Config) (*Proxy, error) {
 		cache: newBlockCache(cfg.CacheBytes),
 		log:   cfg.Log,
 		ready: make(chan struct{}),
+		now:   time.Now,
+		ws:    newWriterState(cfg.Takeover),
 	}
 	p.view.onEpoch = p.sawEpoch
 	return p, nil
@@ -168,7 +169,8 @@ func (p *Proxy) String() string { return "proxy" }
 
 // Serve polls the servers, claims the volume, and at stop releases it.
 func (p *Proxy) Serve(ctx context.Context) error {
-	vctx, stopView := context.WithCancel(context.Background())
+	// The view outlives ctx by the release, which needs the leader.
+	vctx, stopView := context.WithCancel(context.WithoutCancel(ctx))
 	viewDone := make(chan struct{})
 	go func() { defer close(viewDone); _ = p.view.Serve(vctx) }()
 	defer func() { stopView(); <-viewDone }()
@@ -192,7 +194,7 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	// proxy until it is paused, and only then does the destination write.
 	cctx, cancel := context.WithTimeout(ctx, p.cfg.WriteTimeout)
 	if _, err := p.writerEpoch(cctx, false); err != nil {
-		if p.cfg.Takeover && p.fenced.Load() == nil {
+		if _, fenced := p.writerStatus(); p.cfg.Takeover && fenced == "" {
 			p.log.Info("another writer holds the volume; this proxy takes it over at its first write (--takeover)", "detail", err)
 		} else {
 			p.log.Warn("not the volume's writer: reads are served, writes refused with EPERM", "error", err)
@@ -200,7 +202,7 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	}
 	cancel()
 	<-ctx.Done()
-	p.release()
+	p.release(ctx)
 	return nil
 }
 
@@ -221,59 +223,78 @@ func (p *Proxy) Stats() *Stats { return &p.stats }
 
 // ---- the writer: epoch and request ids ----
 
-// writerEpoch returns the proxy's epoch, claiming the volume first if it
-// does not hold it yet; for a write (atWrite) with --takeover, the first
-// claim is a takeover. A proxy that another writer holds the volume
-// against tries again at most once a second; a fenced one never again.
+// writerEpoch returns the proxy's epoch, claiming the volume first if
+// the writer state says so (writerstate.go decides; this carries it out).
 func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
-	if e := p.epoch.Load(); e != 0 {
-		return e, nil
-	}
-	if f := p.fenced.Load(); f != nil {
-		return 0, *f
+	if a := p.nextAction(atWrite); a.kind != actClaim {
+		return a.result()
 	}
 	p.claimMu.Lock()
 	defer p.claimMu.Unlock()
-	if e := p.epoch.Load(); e != 0 {
-		return e, nil
+	a := p.nextAction(atWrite) // a claim that ended meanwhile may have settled it
+	if a.kind != actClaim {
+		return a.result()
 	}
-	if f := p.fenced.Load(); f != nil {
-		return 0, *f
-	}
-	takeover := atWrite && p.cfg.Takeover && !p.claimed
-	if !takeover && !p.refusedAt.IsZero() && time.Since(p.refusedAt) < time.Second {
-		return 0, fmt.Errorf("%w: the volume is held by writer %s", nbd.EPERM, p.heldBy)
-	}
-	c := replica.Command{Kind: replica.KindClaim, Writer: p.cfg.Writer, Takeover: takeover}
+	c := replica.Command{Kind: replica.KindClaim, Writer: p.cfg.Writer, Takeover: a.takeover}
 	r, err := p.send(ctx, c.Encode(nil))
 	if err != nil {
 		return 0, err
 	}
-	if r.Refused != wire.NotRefused {
-		p.refusedAt, p.heldBy = time.Now(), r.Error
-		if i := strings.Index(r.Error, ": "); i >= 0 {
-			p.heldBy = r.Error[i+2:]
-		}
+	switch r.Refused {
+	case wire.NotRefused:
+	case wire.RefusedWriterHeld:
+		var err error
+		p.writer(func(w *writerState) { err = w.refused(r.Holder, p.now()) })
 		if !p.cfg.Takeover {
-			p.log.Warn("volume held by another writer; writes are refused until it releases it (or start with --takeover)", "detail", r.Error)
+			p.log.Warn("volume held by another writer; writes are refused until it releases it (or start with --takeover)", "holder", r.Holder, "detail", r.Error)
 		}
-		return 0, fmt.Errorf("%w: %s", nbd.EPERM, r.Error)
+		return 0, err
+	default:
+		return 0, wire.NBDError(r.Refused.Err(r.Error))
 	}
-	p.claimed = true
 	p.noteAcked(r.Index) // reads wait for replicas that have seen the claim (and so every earlier write)
-	p.epoch.Store(r.Epoch)
-	p.log.Info("holding the volume", "writer", p.cfg.Writer, "epoch", r.Epoch, "takeover", takeover)
+	p.writer(func(w *writerState) { w.claimedEpoch(r.Epoch) })
+	p.log.Info("holding the volume", "writer", p.cfg.Writer, "epoch", r.Epoch, "takeover", a.takeover)
 	return r.Epoch, nil
+}
+
+// result carries out an action that needs no claim.
+func (a writerAction) result() (uint64, error) {
+	switch a.kind {
+	case actWrite:
+		return a.epoch, nil
+	case actRefuse:
+		return 0, a.err
+	}
+	return 0, fmt.Errorf("proxy: writer action %d has no result", a.kind)
+}
+
+// nextAction asks the writer state what to do for a write (atWrite) or
+// the claim at start.
+func (p *Proxy) nextAction(atWrite bool) writerAction {
+	var a writerAction
+	p.writer(func(w *writerState) { a = w.next(p.now(), atWrite) })
+	return a
+}
+
+// writer runs fn on the writer state, and mirrors its epoch for the read
+// path (holding).
+func (p *Proxy) writer(fn func(w *writerState)) {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	fn(&p.ws)
+	p.epoch.Store(p.ws.epoch)
 }
 
 // fence records that a takeover fenced this proxy: from now on every write
 // is refused, and the cache (which another writer now invalidates) is off.
 func (p *Proxy) fence(detail string) error {
-	err := fmt.Errorf("%w: this proxy was fenced by a takeover (%s)", nbd.EPERM, detail)
-	if p.fenced.CompareAndSwap(nil, &err) {
+	var err error
+	var now bool
+	p.writer(func(w *writerState) { now = w.fenced(detail); err = w.fencedErr() })
+	if now {
 		p.log.Error("fenced: another proxy took the volume over; writes are refused from now on", "detail", detail)
 	}
-	p.epoch.Store(0)
 	return err
 }
 
@@ -281,13 +302,26 @@ func (p *Proxy) fence(detail string) error {
 // than its own: from then on its cache may be stale, and its writes would
 // be refused anyway.
 func (p *Proxy) sawEpoch(writer string, epoch uint64) {
-	if mine := p.epoch.Load(); mine != 0 && epoch > mine {
-		p.fence(fmt.Sprintf("writer %q claimed epoch %d after this proxy's %d", writer, epoch, mine))
+	var detail string
+	var now bool
+	p.writer(func(w *writerState) { detail, now = w.sawEpoch(writer, epoch) })
+	if now {
+		p.log.Error("fenced: another proxy took the volume over; writes are refused from now on", "detail", detail)
 	}
 }
 
 // holding reports whether the proxy is the volume's writer right now.
 func (p *Proxy) holding() bool { return p.epoch.Load() != 0 }
+
+// writerStatus reports the epoch held (0: none) and, once fenced, why.
+func (p *Proxy) writerStatus() (epoch uint64, fenced string) {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	if err := p.ws.fencedErr(); err != nil {
+		fenced = err.Error()
+	}
+	return p.ws.epoch, fenced
+}
 
 func (p *Proxy) noteAcked(index uint64) {
 	for {
@@ -298,21 +332,25 @@ func (p *Proxy) noteAcked(index uint64) {
 	}
 }
 
-// release gives the volume up at stop, so that another proxy may claim it
-// without a takeover.
-func (p *Proxy) release() {
-	e := p.epoch.Load()
+// release gives the volume up at stop (ctx is Serve's, ended), so that
+// another proxy may claim it without a takeover. No claim runs meanwhile
+// or after.
+func (p *Proxy) release(ctx context.Context) {
+	p.claimMu.Lock()
+	defer p.claimMu.Unlock()
+	var e uint64
+	p.writer(func(w *writerState) { e = w.stop() })
 	if e == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	c := replica.Command{Kind: replica.KindRelease, Epoch: e}
-	if _, err := p.send(ctx, c.Encode(nil)); err != nil {
+	if _, err := p.send(rctx, c.Encode(nil)); err != nil {
 		p.log.Warn("could not release the volume; the next proxy needs the same --writer name or --takeover", "error", err)
 		return
 	}
-	p.epoch.Store(0)
+	p.writer(func(w *writerState) { w.released() })
 	p.log.Info("released the volume", "epoch", e)
 }
 

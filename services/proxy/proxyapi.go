@@ -43,14 +43,12 @@ type ServerStatus struct {
 // Status describes the proxy now.
 func (p *Proxy) Status() Status {
 	st := Status{
-		Writer: p.cfg.Writer, Epoch: p.epoch.Load(), LastAckedIndex: p.lastAcked.Load(),
+		Writer: p.cfg.Writer, LastAckedIndex: p.lastAcked.Load(),
 		Size: p.size, CacheBytes: p.cfg.CacheBytes, CachedBytes: uint64(p.cache.len()) * cacheBlock,
 		Counters: p.counters(),
 	}
+	st.Epoch, st.Fenced = p.writerStatus()
 	st.Holding = st.Epoch != 0
-	if f := p.fenced.Load(); f != nil {
-		st.Fenced = (*f).Error()
-	}
 	p.view.mu.Lock()
 	if l := p.view.leader; l != nil {
 		st.Leader = l.http

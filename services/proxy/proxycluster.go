@@ -19,6 +19,11 @@ import (
 // each has applied, and an NBD connection to each for reads. Every server
 // is polled on its own (GET /v1/status), so a hung server delays nobody;
 // while no leader is known the polls run fast.
+//
+// Serve owns every goroutine the view starts: the pollers, the member
+// refresh, the barrier fetches and the closing of NBD connections given
+// up on. It waits for all of them before it returns; outside Serve the
+// view starts none (Barrier fails, connections are closed inline).
 type clusterView struct {
 	api *wire.Client // status and cluster calls: short timeout
 	log hclog.Logger
@@ -28,7 +33,10 @@ type clusterView struct {
 	poll    time.Duration // steady-state poll interval
 	fast    time.Duration // poll interval while no leader is known
 
-	mu      sync.Mutex // guards the following
+	mu      sync.Mutex      // guards the following
+	ctx     context.Context // Serve's, while serving: work the view starts ends with it
+	serving bool            // Serve runs: goroutines may be started in bg
+	bg      sync.WaitGroup  // barrier fetches and connection closes; Serve waits for them
 	servers map[string]*serverState
 	leader  *serverState  // nil while unknown
 	changed chan struct{} // closed and replaced whenever something a waiter may want changes
@@ -57,6 +65,7 @@ type serverState struct {
 	syncing  bool   // resyncing its image: reads would wait
 	size     uint64
 	client   *nbd.Client
+	retire   func(*nbd.Client)  // closes a connection given up on (clusterView.retire)
 	leadCtx  context.Context    // while the leader: cancelled when it stops being one
 	lost     context.CancelFunc // cancels leadCtx
 	downGen  uint64             // counts markDown calls: a poll that straddles one is ignored
@@ -74,9 +83,38 @@ func newClusterView(seeds []string, api *wire.Client, log hclog.Logger, poll, fa
 		kick:    make(chan struct{}),
 	}
 	for _, s := range seeds {
-		v.servers[s] = &serverState{http: s}
+		v.servers[s] = v.newServer(s)
 	}
 	return v
+}
+
+func (v *clusterView) newServer(http string) *serverState {
+	return &serverState{http: http, retire: v.retire}
+}
+
+// errViewStopped answers a Barrier outside the view's Serve.
+var errViewStopped = errors.New("proxy: the cluster view is not running")
+
+// goLocked runs fn in a goroutine that Serve waits for, and reports
+// whether it did (not outside Serve). v.mu must be held.
+func (v *clusterView) goLocked(fn func(ctx context.Context)) bool {
+	if !v.serving {
+		return false
+	}
+	ctx := v.ctx
+	v.bg.Go(func() { fn(ctx) })
+	return true
+}
+
+// retire closes a connection given up on without making the caller (a
+// read) wait for its goodbye; outside Serve it closes it inline.
+func (v *clusterView) retire(c *nbd.Client) {
+	v.mu.Lock()
+	started := v.goLocked(func(context.Context) { c.Close() })
+	v.mu.Unlock()
+	if !started {
+		c.Close()
+	}
 }
 
 // notifyLocked wakes everyone waiting for a change.
@@ -151,10 +189,13 @@ func (v *clusterView) Barrier(ctx context.Context) (uint64, error) {
 	v.mu.Lock()
 	var c *barrierCall
 	switch {
+	case !v.serving:
+		v.mu.Unlock()
+		return 0, errViewStopped
 	case v.barrier == nil:
 		c = &barrierCall{done: make(chan struct{})}
 		v.barrier = c
-		go v.fetchBarrier(c)
+		v.goLocked(func(ctx context.Context) { v.fetchBarrier(ctx, c) })
 	case v.next == nil:
 		c = &barrierCall{done: make(chan struct{})}
 		v.next = c
@@ -170,9 +211,11 @@ func (v *clusterView) Barrier(ctx context.Context) (uint64, error) {
 	}
 }
 
-func (v *clusterView) fetchBarrier(c *barrierCall) {
+// fetchBarrier answers c and then every call queued behind it; ctx is
+// Serve's.
+func (v *clusterView) fetchBarrier(ctx context.Context, c *barrierCall) {
 	for c != nil {
-		c.index, c.err = v.leaderIndex()
+		c.index, c.err = v.leaderIndex(ctx)
 		close(c.done)
 		v.mu.Lock()
 		c, v.barrier, v.next = v.next, v.next, nil
@@ -180,13 +223,13 @@ func (v *clusterView) fetchBarrier(c *barrierCall) {
 	}
 }
 
-func (v *clusterView) leaderIndex() (uint64, error) {
+func (v *clusterView) leaderIndex(ctx context.Context) (uint64, error) {
 	v.mu.Lock()
 	l := v.leader
 	v.mu.Unlock()
 	if l != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		st, err := v.api.Status(ctx, l.http)
+		sctx, cancel := context.WithTimeout(ctx, time.Second)
+		st, err := v.api.Status(sctx, l.http)
 		cancel()
 		if err == nil && st.State == "Leader" {
 			return st.LastLogIndex, nil
@@ -227,17 +270,30 @@ func (v *clusterView) Size(ctx context.Context) (uint64, error) {
 }
 
 // Serve polls every server until ctx ends, and every few seconds asks the
-// leader for the member list so servers added later are found too.
+// leader for the member list so servers added later are found too. It
+// returns once every goroutine it or the view started has ended.
 func (v *clusterView) Serve(ctx context.Context) error {
-	var wg sync.WaitGroup
-	defer wg.Wait()
+	v.mu.Lock()
+	v.ctx, v.serving = ctx, true
+	v.mu.Unlock()
+	var wg sync.WaitGroup // the pollers
+	defer func() {
+		wg.Wait()
+		v.mu.Lock()
+		v.serving = false // no new goroutines in bg from here on
+		v.setLeaderLocked(nil)
+		v.mu.Unlock()
+		v.bg.Wait()
+		for _, s := range v.snapshot() {
+			s.closeClient()
+		}
+	}()
 	started := map[string]bool{}
 	start := func() {
 		for _, s := range v.snapshot() {
 			if !started[s.http] {
 				started[s.http] = true
-				wg.Add(1)
-				go func() { defer wg.Done(); v.pollLoop(ctx, s) }()
+				wg.Go(func() { v.pollLoop(ctx, s) })
 			}
 		}
 	}
@@ -246,9 +302,6 @@ func (v *clusterView) Serve(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			for _, s := range v.snapshot() {
-				s.closeClient()
-			}
 			return nil
 		case <-time.After(wait):
 			if v.refreshMembers(ctx) {
@@ -295,7 +348,7 @@ func (v *clusterView) refreshMembers(ctx context.Context) bool {
 	for _, m := range cs.Members {
 		if m.HTTP != "" && v.servers[m.HTTP] == nil {
 			v.log.Info("found a new server", "id", m.ID, "http", m.HTTP)
-			v.servers[m.HTTP] = &serverState{http: m.HTTP}
+			v.servers[m.HTTP] = v.newServer(m.HTTP)
 		}
 	}
 	return v.leader != nil // until a leader is known, ask again soon
@@ -377,8 +430,12 @@ func (v *clusterView) pollOnce(ctx context.Context, s *serverState) {
 }
 
 // setLeaderLocked makes s (nil: none) the leader; calls in flight to the
-// previous one are cancelled through its lostContext.
+// previous one are cancelled through its lostContext. Outside Serve there
+// is no leader.
 func (v *clusterView) setLeaderLocked(s *serverState) {
+	if !v.serving {
+		s = nil
+	}
 	if old := v.leader; old != nil {
 		old.mu.Lock()
 		if old.lost != nil {
@@ -389,7 +446,7 @@ func (v *clusterView) setLeaderLocked(s *serverState) {
 	v.leader = s
 	if s != nil {
 		s.mu.Lock()
-		s.leadCtx, s.lost = context.WithCancel(context.Background())
+		s.leadCtx, s.lost = context.WithCancel(v.ctx)
 		s.mu.Unlock()
 	}
 	v.notifyLocked()
@@ -401,12 +458,17 @@ func (s *serverState) lostContext() context.Context {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.leadCtx == nil {
-		ctx, cancel := context.WithCancel(context.Background())
-		cancel()
-		return ctx
+		return lostCtx
 	}
 	return s.leadCtx
 }
+
+// lostCtx is the lostContext of a server that never led: cancelled.
+var lostCtx = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
 
 // markDown takes s out of the read rotation until a poll started after
 // this answers.
@@ -476,12 +538,15 @@ func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger) (*nbd.Cli
 		return nil, fmt.Errorf("connecting to %s's NBD at %s: %w", s.http, addr, err)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.client != nil { // someone else won the race
-		go c.Close()
-		return s.client, nil
+	won := s.client
+	if won == nil {
+		s.client = c
 	}
-	s.client = c
+	s.mu.Unlock()
+	if won != nil { // someone else won the race
+		s.retire(c)
+		return won, nil
+	}
 	return c, nil
 }
 
@@ -492,7 +557,7 @@ func (s *serverState) dropClient(c *nbd.Client) {
 		s.markDownLocked()
 	}
 	s.mu.Unlock()
-	go c.Close()
+	s.retire(c)
 }
 
 func (s *serverState) closeClient() {

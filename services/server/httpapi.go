@@ -347,7 +347,7 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: err.Error(), NotLeader: errors.Is(err, replica.ErrNotLeader)})
 		return
 	}
-	out := wire.ApplyResponse{Index: res.Index, Epoch: res.Epoch, Duplicate: res.Duplicate}
+	out := wire.ApplyResponse{Index: res.Index, Epoch: res.Epoch, Duplicate: res.Duplicate, Holder: res.Writer}
 	if res.Err != nil {
 		out.Refused, out.Error = wire.RefusalOf(res.Err), res.Err.Error()
 	}

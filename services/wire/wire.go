@@ -112,6 +112,9 @@ type ApplyResponse struct {
 	// why.
 	Refused Refusal `json:"refused,omitempty"`
 	Error   string  `json:"error,omitempty"`
+	// Holder names the writer that holds the volume when a claim is
+	// refused (RefusedWriterHeld).
+	Holder string `json:"holder,omitempty"`
 }
 
 // ErrorBody is the body of every non-2xx answer.

@@ -1,0 +1,70 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/keelstore/keel/services/wire"
+)
+
+// TestClusterViewServeOwnsBarrierFetches: a barrier fetch hangs on the
+// leader; when the view stops, Serve returns only after the fetch has
+// ended (and answered its waiters), and a Barrier after the stop fails at
+// once instead of starting work nobody waits for.
+func TestClusterViewServeOwnsBarrierFetches(t *testing.T) {
+	var hang atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hang.Load() || r.URL.Path != "/v1/status" {
+			<-r.Context().Done()
+			return
+		}
+		_ = json.NewEncoder(w).Encode(wire.NodeStatus{State: "Leader", LastLogIndex: 7, AppliedIndex: 7, ImageSize: 1 << 20})
+	}))
+	defer srv.Close()
+	v := newClusterView([]string{strings.TrimPrefix(srv.URL, "http://")}, wire.NewClient(0), hclog.NewNullLogger(), time.Hour, 10*time.Millisecond)
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { defer close(served); _ = v.Serve(ctx) }()
+	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer lcancel()
+	if _, err := v.Leader(lctx); err != nil {
+		t.Fatal(err)
+	}
+
+	hang.Store(true) // the barrier's status call to the leader now hangs
+	bctx, bcancel := context.WithTimeout(context.Background(), time.Millisecond)
+	_, err := v.Barrier(bctx) // starts a fetch; this caller gives up at once
+	bcancel()
+	if err == nil {
+		t.Fatal("Barrier answered although the leader hangs")
+	}
+	v.mu.Lock()
+	c := v.barrier
+	v.mu.Unlock()
+	if c == nil {
+		t.Fatal("no barrier fetch running")
+	}
+
+	stop()
+	<-served
+	select {
+	case <-c.done:
+	default:
+		t.Fatal("Serve returned while its barrier fetch still ran")
+	}
+	if _, err := v.Barrier(context.Background()); !errors.Is(err, errViewStopped) {
+		t.Fatalf("Barrier after the stop: %v, want errViewStopped", err)
+	}
+	if l := v.snapshot()[0].lostContext(); l.Err() == nil {
+		t.Error("the leader's context outlives the view")
+	}
+}
