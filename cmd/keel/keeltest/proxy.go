@@ -23,6 +23,9 @@ type ProxyConfig struct {
 	// Flags go after the harness's own (--servers with every node's HTTP
 	// address, --listen, --http, --writer), so a later flag given here wins.
 	Flags []string
+	// GlobalFlags go before the subcommand, after the cluster's
+	// GlobalFlags, e.g. --cpu-profile FILE.
+	GlobalFlags []string
 }
 
 // Proxy is one `keel proxy` over its runs: every run listens on the same
@@ -60,7 +63,7 @@ func (c *Cluster) StartProxy(ctx context.Context, cfg ProxyConfig) (*Proxy, erro
 		if p.HTTP, err = FreeAddr(); err != nil {
 			return nil, err
 		}
-		p.args = append(slices.Clone(c.cfg.GlobalFlags), "proxy", "--servers", strings.Join(c.HTTPAddrs(), ","),
+		p.args = append(slices.Concat(c.cfg.GlobalFlags, cfg.GlobalFlags), "proxy", "--servers", strings.Join(c.HTTPAddrs(), ","),
 			"--listen", p.Listen, "--http", p.HTTP, "--writer", cfg.Name)
 		p.args = append(p.args, cfg.Flags...)
 		if err := p.start(); err != nil {
