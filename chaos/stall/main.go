@@ -60,6 +60,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
 )
@@ -266,9 +267,7 @@ func (r *runner) run(ctx context.Context) int {
 	if cfg.keel == "" {
 		cfg.keel = filepath.Join(cfg.dir, "keel")
 		r.say("building keel: go build -o %s github.com/keelstore/keel/cmd/keel", cfg.keel)
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", cfg.keel, "github.com/keelstore/keel/cmd/keel")
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		if err := cmd.Run(); err != nil {
+		if err := keeltest.Build(ctx, cfg.keel, false); err != nil {
 			fmt.Fprintln(os.Stderr, "stall: building keel (run from inside the keel module, or give --keel):", err)
 			return 2
 		}
@@ -285,8 +284,6 @@ func (r *runner) run(ctx context.Context) int {
 	}
 	r.c = c
 	r.say("work directory %s; volume %s, %d-byte blocks, %d writers, %d readers", cfg.dir, cfg.sizeText, cfg.bs, cfg.writers, cfg.readers)
-	r.say("servers: %s %s", cfg.keel, strings.Join(c.nodes[0].args, " "))
-	r.say("         (n2, n3 with --join %s instead of --bootstrap --size; ports differ)", c.nodes[0].http)
 	r.say("raft: --heartbeat-timeout %v --election-timeout %v --leader-lease-timeout %v; proxy --poll-interval %v --cache %s",
 		cfg.heartbeat, cfg.election, cfg.lease, cfg.proxyPoll, cfg.proxyCache)
 	t0 := time.Now()
@@ -294,12 +291,16 @@ func (r *runner) run(ctx context.Context) int {
 		fmt.Fprintln(os.Stderr, "stall: starting the cluster:", err)
 		return 2
 	}
-	r.say("three voters and the proxy (%s) up after %.1f s", c.proxyAddr, time.Since(t0).Seconds())
+	n1 := c.Nodes()[0]
+	r.say("servers: %s %s", cfg.keel, strings.Join(n1.Args("--bootstrap", "--size", fmt.Sprint(cfg.size)), " "))
+	r.say("         (n2, n3 with --join %s instead of --bootstrap --size; ports differ)", n1.HTTP)
+	r.say("proxy:   %s %s", cfg.keel, strings.Join(c.proxy.Args(), " "))
+	r.say("three voters and the proxy (%s) up after %.1f s", c.proxy.Listen, time.Since(t0).Seconds())
 
 	if cfg.idle > 0 {
 		r.res.IdleBefore = r.watchIdle(ctx, "before the load")
 	}
-	nc, err := nbd.Dial(ctx, "tcp", c.proxyAddr, nbd.ClientConfig{MaxInFlight: cfg.writers + cfg.readers + 4, CloseTimeout: 5 * time.Second})
+	nc, err := nbd.Dial(ctx, "tcp", c.proxy.Listen, nbd.ClientConfig{MaxInFlight: cfg.writers + cfg.readers + 4, CloseTimeout: 5 * time.Second})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "stall: connecting to the proxy:", err)
 		return 2
@@ -354,7 +355,7 @@ func (r *runner) watchIdle(ctx context.Context, when string) *idleResult {
 	v := r.c.view(ctx)
 	res := &idleResult{Seconds: r.cfg.idle.Seconds(), TermBefore: v.term, TermAfter: v.term}
 	if v.leader != nil {
-		res.Leader = v.leader.id
+		res.Leader = v.leader.ID
 	}
 	end := time.Now().Add(r.cfg.idle)
 	for time.Now().Before(end) && ctx.Err() == nil {
@@ -364,9 +365,9 @@ func (r *runner) watchIdle(ctx context.Context, when string) *idleResult {
 		}
 		v := r.c.view(ctx)
 		res.TermAfter = max(res.TermAfter, v.term)
-		if v.leader != nil && v.leader.id != res.Leader {
+		if v.leader != nil && v.leader.ID != res.Leader {
 			res.LeaderChanges++
-			res.Leader = v.leader.id
+			res.Leader = v.leader.ID
 		}
 	}
 	r.say("idle %v %s: term %d -> %d, leader changes %d%s", r.cfg.idle, when, res.TermBefore, res.TermAfter,
@@ -401,11 +402,11 @@ func (r *runner) trial(ctx context.Context, i int) (*trialResult, error) {
 		return t, fmt.Errorf("no single leader among three answering servers before the kill (%d answer)", len(v.st))
 	}
 	victim := v.leader
-	t.Killed = victim.id
+	t.Killed = victim.ID
 
 	// Kill, then watch the survivors for a leader.
 	type election struct {
-		leader *node
+		leader *keeltest.Node
 		term   uint64
 		after  time.Duration
 	}
@@ -413,7 +414,9 @@ func (r *runner) trial(ctx context.Context, i int) (*trialResult, error) {
 	ectx, ecancel := context.WithCancel(ctx)
 	defer ecancel()
 	win := r.ld.open(time.Now())
-	victim.p.kill()
+	if err := victim.Kill(); err != nil {
+		return t, fmt.Errorf("killing %s: %w", victim.ID, err)
+	}
 	go func() {
 		for ectx.Err() == nil {
 			if v := c.view(ectx); v.leader != nil && v.leader != victim {
@@ -434,9 +437,9 @@ func (r *runner) trial(ctx context.Context, i int) (*trialResult, error) {
 		case <-ctx.Done():
 			return t, context.Cause(ctx)
 		case <-limit.C:
-			return t, fmt.Errorf("after killing %s: within %v, new leader %v, client recovered %v", victim.id, cfg.trialTimeout, t.NewLeader != "", t.Recovered != 0)
+			return t, fmt.Errorf("after killing %s: within %v, new leader %v, client recovered %v", victim.ID, cfg.trialTimeout, t.NewLeader != "", t.Recovered != 0)
 		case e := <-electedCh:
-			t.NewLeader, t.TermElected, t.Elected = e.leader.id, e.term, e.after
+			t.NewLeader, t.TermElected, t.Elected = e.leader.ID, e.term, e.after
 			electedCh = nil
 		case <-recCh:
 			t.Recovered = win.recovered // set before recCh was closed
@@ -446,11 +449,11 @@ func (r *runner) trial(ctx context.Context, i int) (*trialResult, error) {
 
 	// Restart the killed node with its flags and wait until it has caught up.
 	rs := time.Now()
-	if err := c.startNode(ctx, victim); err != nil {
-		return t, fmt.Errorf("restarting %s: %w", victim.id, err)
+	if err := victim.Restart(ctx); err != nil {
+		return t, fmt.Errorf("restarting %s: %w", victim.ID, err)
 	}
 	if err := c.waitCaughtUp(ctx, cfg.trialTimeout); err != nil {
-		return t, fmt.Errorf("after restarting %s: %w", victim.id, err)
+		return t, fmt.Errorf("after restarting %s: %w", victim.ID, err)
 	}
 	t.Rejoin = time.Since(rs)
 	w := r.ld.close()
@@ -462,14 +465,14 @@ func (r *runner) trial(ctx context.Context, i int) (*trialResult, error) {
 		extra += fmt.Sprintf("; %d extra election rounds", t.TermElected-t.TermBefore-1)
 	}
 	if t.TermAfter > t.TermElected {
-		extra += fmt.Sprintf("; term moved %d -> %d while %s rejoined", t.TermElected, t.TermAfter, victim.id)
+		extra += fmt.Sprintf("; term moved %d -> %d while %s rejoined", t.TermElected, t.TermAfter, victim.ID)
 	}
 	if t.SpuriousUnderLoad > 0 {
 		extra += fmt.Sprintf("; term moved by %d under steady load before the kill", t.SpuriousUnderLoad)
 	}
 	r.say("trial %2d/%d: %s killed %s (term %d); %s leads after %s; recovery %s; max write %s, max gap %s, max read %s; %s back in %s%s",
-		i, cfg.trials, win.kill.Format("15:04:05.000"), victim.id, t.TermBefore, t.NewLeader, ms(t.Elected), ms(t.Recovered), ms(t.MaxWrite), ms(t.MaxGap), ms(t.MaxRead),
-		victim.id, ms(t.Rejoin), extra)
+		i, cfg.trials, win.kill.Format("15:04:05.000"), victim.ID, t.TermBefore, t.NewLeader, ms(t.Elected), ms(t.Recovered), ms(t.MaxWrite), ms(t.MaxGap), ms(t.MaxRead),
+		victim.ID, ms(t.Rejoin), extra)
 	return t, nil
 }
 
@@ -506,7 +509,7 @@ func (r *runner) verify(ctx context.Context) error {
 		if len(v.st) != 3 || v.leader == nil {
 			return false, nil
 		}
-		a := v.st[v.leader.id].AppliedIndex
+		a := v.st[v.leader.ID].AppliedIndex
 		for _, s := range v.st {
 			if s.AppliedIndex != a {
 				return false, nil
@@ -516,15 +519,15 @@ func (r *runner) verify(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	for _, n := range r.c.nodes {
-		nc, err := nbd.Dial(ctx, "tcp", n.nbd, nbd.ClientConfig{CloseTimeout: 5 * time.Second})
+	for _, n := range r.c.Nodes() {
+		nc, err := nbd.Dial(ctx, "tcp", n.NBD, nbd.ClientConfig{CloseTimeout: 5 * time.Second})
 		if err != nil {
-			return fmt.Errorf("connecting to %s's NBD: %w", n.id, err)
+			return fmt.Errorf("connecting to %s's NBD: %w", n.ID, err)
 		}
 		checked, nbad, bad, err := r.ld.verify(ctx, nc)
 		nc.Close()
-		r.res.Verify = append(r.res.Verify, verifyResult{Via: n.id, Blocks: checked, Bad: nbad, Examples: bad, Error: errString(err)})
-		r.say("verify on %s's NBD: %d blocks, %d wrong%s", n.id, checked, nbad, errSuffix(err))
+		r.res.Verify = append(r.res.Verify, verifyResult{Via: n.ID, Blocks: checked, Bad: nbad, Examples: bad, Error: errString(err)})
+		r.say("verify on %s's NBD: %d blocks, %d wrong%s", n.ID, checked, nbad, errSuffix(err))
 		if err != nil {
 			return err
 		}
@@ -549,12 +552,12 @@ func errSuffix(err error) string {
 // countElections reads the servers' logs: elections started after a
 // heartbeat timeout, and elections won.
 func (r *runner) countElections() {
-	for _, n := range r.c.nodes {
-		b, err := os.ReadFile(n.log)
+	for _, n := range r.c.Nodes() {
+		b, err := os.ReadFile(n.LogPath)
 		if err != nil {
 			continue
 		}
-		e := logCounts{Node: n.id}
+		e := logCounts{Node: n.ID}
 		for _, line := range strings.Split(string(b), "\n") {
 			switch {
 			case strings.Contains(line, "heartbeat timeout reached, starting election"):
@@ -567,7 +570,10 @@ func (r *runner) countElections() {
 		}
 		r.res.Logs = append(r.res.Logs, e)
 	}
-	if b, err := os.ReadFile(r.c.proxyLog); err == nil {
+	if r.c.proxy == nil {
+		return
+	}
+	if b, err := os.ReadFile(r.c.proxy.LogPath); err == nil {
 		e := logCounts{Node: "proxy"}
 		for _, line := range strings.Split(string(b), "\n") {
 			switch {
@@ -593,7 +599,10 @@ func (r *runner) cleanup(rc int) {
 		}
 	}
 	if r.c != nil {
-		r.c.ps.stopAll(15*time.Second, r.c.proxy)
+		if err := r.c.StopAll(); err != nil {
+			fmt.Fprintln(os.Stderr, "stall: stopping:", err)
+		}
+		r.c.Close() // whatever did not stop
 	}
 	if r.cfg.jsonOut != "" && r.res != nil {
 		b, _ := json.MarshalIndent(r.res, "", "  ")

@@ -4,7 +4,8 @@
 // of this file for what those clients will not send: unknown commands,
 // extended headers, garbage, and requests cut off half way.
 //
-// The binary is built once, by the first test that needs it. Every test
+// The binary is built once, by the first test that needs it (keeltest
+// owns the processes, their output and the log scan). Every test
 // starts its own `keel serve` on a unix socket in a fresh directory and stops
 // it with SIGTERM when it ends, asserting a clean exit. Readiness is a
 // completed NBD handshake, never a sleep. Every external command runs under a
@@ -43,6 +44,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"golang.org/x/sys/unix"
 )
 
@@ -60,53 +62,17 @@ const (
 	mib = 1 << 20
 )
 
-// binDir holds the binary TestMain's tests build; TestMain removes it.
-var binDir string
-
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "keel-e2e-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2e:", err)
-		os.Exit(1)
-	}
-	binDir = dir
 	code := m.Run()
-	os.RemoveAll(dir)
+	keeltest.RemoveBinary()
 	os.Exit(code)
 }
-
-var (
-	buildOnce sync.Once
-	builtBin  string
-	buildErr  error
-)
 
 // keelBin returns the binary under test, building it on first use (so that
 // `go test -list` and fuzzing runs do not pay for it).
 func keelBin(t *testing.T) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		if bin := os.Getenv("KEEL_E2E_BIN"); bin != "" {
-			builtBin = bin
-			return
-		}
-		builtBin = filepath.Join(binDir, "keel")
-		args := []string{"build", "-o", builtBin}
-		if os.Getenv("KEEL_E2E_RACE") == "1" {
-			args = append(args, "-race")
-		}
-		args = append(args, ".")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, "go", args...).CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatalf("building keel: %v", buildErr)
-	}
-	return builtBin
+	return keeltest.MustBinary(t)
 }
 
 // ---------------------------------------------------------------------------
@@ -126,11 +92,8 @@ type keelServer struct {
 	sock  string // the unix socket, or "" when listening on TCP
 	tcp   string // HOST:PORT when listening on TCP
 	name  string
-	log   *lineLog // stderr, line by line
-	cmd   *exec.Cmd
+	p     *keeltest.Proc
 
-	exited  chan struct{} // closed when the process has been waited for
-	exitErr error         // valid after exited is closed
 	stopped sync.Once
 }
 
@@ -142,19 +105,13 @@ func startKeel(t *testing.T, o serveOpts) *keelServer {
 	if o.image == "" {
 		o.image = filepath.Join(t.TempDir(), "disk.img")
 	}
-	s := &keelServer{
-		t:      t,
-		image:  o.image,
-		name:   o.name,
-		log:    &lineLog{},
-		exited: make(chan struct{}),
-	}
+	s := &keelServer{t: t, image: o.image, name: o.name}
 	listen := ""
 	if o.tcp {
-		s.tcp = freeTCPAddr(t)
+		s.tcp = keeltest.MustFreeAddr(t)
 		listen = s.tcp
 	} else {
-		s.sock = filepath.Join(shortTempDir(t), "nbd.sock")
+		s.sock = filepath.Join(keeltest.MustSocketDir(t), "nbd.sock")
 		listen = "unix:" + s.sock
 	}
 	args := []string{"serve", "--file", o.image, "--listen", listen}
@@ -167,16 +124,7 @@ func startKeel(t *testing.T, o serveOpts) *keelServer {
 	if o.readOnly {
 		args = append(args, "--read-only")
 	}
-	s.cmd = exec.Command(keelBin(t), args...)
-	s.cmd.Stdout = s.log
-	s.cmd.Stderr = s.log
-	if err := s.cmd.Start(); err != nil {
-		t.Fatalf("start keel: %v", err)
-	}
-	go func() {
-		s.exitErr = s.cmd.Wait()
-		close(s.exited)
-	}()
+	s.p = keeltest.MustStart(t, keeltest.ProcConfig{Name: "keel serve", Args: args})
 	t.Cleanup(s.stop)
 	s.waitReady()
 	return s
@@ -198,41 +146,26 @@ func (s *keelServer) dial() (net.Conn, error) {
 	return net.DialTimeout("unix", s.sock, time.Second)
 }
 
-// freeTCPAddr returns a loopback address with a port nothing listens on at
-// the moment. Another process could take it before keel does; the test then
-// fails rather than waits.
-func freeTCPAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // waitReady polls until a client completes the handshake and a clean
 // NBD_OPT_ABORT, failing fast if the process exits first.
 func (s *keelServer) waitReady() {
 	s.t.Helper()
 	deadline := time.Now().Add(startTimeout)
 	for {
-		select {
-		case <-s.exited:
-			s.t.Fatalf("keel serve exited before it accepted a connection: %v\n%s", s.exitErr, s.log)
-		default:
+		if s.p.Exited() {
+			s.t.Fatalf("keel serve exited before it accepted a connection: %v\n%s", s.p.Err(), s.p.Output())
 		}
 		c, err := s.dial()
 		if err == nil {
 			err = probeHandshake(c)
 			c.Close()
 			if err != nil {
-				s.t.Fatalf("keel serve accepted a connection but the handshake failed: %v\n%s", err, s.log)
+				s.t.Fatalf("keel serve accepted a connection but the handshake failed: %v\n%s", err, s.p.Output())
 			}
 			return
 		}
 		if time.Now().After(deadline) {
-			s.t.Fatalf("keel serve did not accept a connection on %s within %v: %v\n%s", s.uri(), startTimeout, err, s.log)
+			s.t.Fatalf("keel serve did not accept a connection on %s within %v: %v\n%s", s.uri(), startTimeout, err, s.p.Output())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -265,91 +198,42 @@ func probeHandshake(c net.Conn) error {
 // panic or a data race on its stderr. It runs once, from cleanup or a test.
 func (s *keelServer) stop() { s.stopWith(syscall.SIGTERM) }
 
-// stopWith is stop with another signal.
+// stopWith is stop with another signal. The panic and data race scan is
+// MustStart's cleanup, which runs after this one.
 func (s *keelServer) stopWith(sig os.Signal) {
 	s.stopped.Do(func() {
 		t := s.t
 		t.Helper()
-		select {
-		case <-s.exited:
-			t.Errorf("keel serve exited before the test stopped it: %v", s.exitErr)
-		default:
-			s.cmd.Process.Signal(sig)
-			select {
-			case <-s.exited:
-				if s.exitErr != nil {
-					t.Errorf("keel serve after %v: %v (want exit status 0)", sig, s.exitErr)
-				}
-			case <-time.After(stopTimeout):
-				s.cmd.Process.Kill()
-				<-s.exited
-				t.Errorf("keel serve did not exit within %v of %v", stopTimeout, sig)
-			}
+		err := s.p.StopWith(sig, stopTimeout)
+		switch {
+		case errors.Is(err, keeltest.ErrExited):
+			t.Errorf("keel serve exited before the test stopped it: %v", s.p.Err())
+		case errors.Is(err, keeltest.ErrTimeout):
+			t.Errorf("keel serve did not exit within %v of %v", stopTimeout, sig)
+		case err != nil:
+			t.Errorf("keel serve after %v: %v (want exit status 0)", sig, err)
 		}
-		for _, l := range s.log.lines() {
-			if strings.HasPrefix(l, "panic:") || strings.Contains(l, "WARNING: DATA RACE") {
-				t.Errorf("keel serve stderr: %s", l)
-			}
-		}
-		t.Logf("keel serve output:\n%s", s.log)
+		t.Logf("keel serve output:\n%s", s.p.Output())
 	})
 }
 
-// lineLog collects a process's output and counts its lines.
-type lineLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *lineLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *lineLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-// lines returns the complete lines written so far.
-func (l *lineLog) lines() []string {
-	s := l.String()
-	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
-		s = s[:i]
-	} else {
-		return nil
-	}
-	return strings.Split(s, "\n")
-}
+// lines returns the server's complete output lines so far.
+func (s *keelServer) lines() []string { return s.p.Lines() }
 
 // waitLines waits until more than n complete lines exist, then returns them
 // all; it fails the test if none arrives within logTimeout.
-func (l *lineLog) waitLines(t *testing.T, n int) []string {
+func (s *keelServer) waitLines(t *testing.T, n int) []string {
 	t.Helper()
 	deadline := time.Now().Add(logTimeout)
 	for {
-		if ls := l.lines(); len(ls) > n {
+		if ls := s.lines(); len(ls) > n {
 			return ls
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no new line on keel's stderr within %v after line %d:\n%s", logTimeout, n, l)
+			t.Fatalf("no new line on keel's stderr within %v after line %d:\n%s", logTimeout, n, s.p.Output())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// shortTempDir is a directory for sockets: unix socket paths are limited to
-// 108 bytes, and t.TempDir embeds the test's name.
-func shortTempDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "keel")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
 }
 
 // ---------------------------------------------------------------------------
@@ -611,7 +495,7 @@ func TestServeExistingImage(t *testing.T) {
 	})
 	t.Run("with disagreeing --size", func(t *testing.T) {
 		refuses(t, "serve", "--file", img, "--size", "16M",
-			"--listen", "unix:"+filepath.Join(shortTempDir(t), "nbd.sock"))
+			"--listen", "unix:"+filepath.Join(keeltest.MustSocketDir(t), "nbd.sock"))
 	})
 	fi, err := os.Stat(img)
 	if err != nil {
@@ -624,7 +508,7 @@ func TestServeExistingImage(t *testing.T) {
 
 	t.Run("missing file without --size", func(t *testing.T) {
 		refuses(t, "serve", "--file", filepath.Join(t.TempDir(), "absent.img"),
-			"--listen", "unix:"+filepath.Join(shortTempDir(t), "nbd.sock"))
+			"--listen", "unix:"+filepath.Join(keeltest.MustSocketDir(t), "nbd.sock"))
 	})
 }
 
@@ -1476,7 +1360,7 @@ func checkBrokenClients(t *testing.T, cases []brokenClient) {
 	s := startKeel(t, serveOpts{image: img})
 	for _, bc := range cases {
 		t.Run(bc.name, func(t *testing.T) {
-			before := len(s.log.lines())
+			before := len(s.lines())
 			c, err := net.DialTimeout("unix", s.sock, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -1489,13 +1373,13 @@ func checkBrokenClients(t *testing.T, cases []brokenClient) {
 				}
 			}
 			c.Close()
-			s.log.waitLines(t, before)
+			s.waitLines(t, before)
 			// A well-behaved client afterwards proves the server still
 			// serves; lines logged meanwhile count against the broken one.
 			if got := strings.TrimSpace(mustRun(t, toolTimeout, nbdinfo, "--size", s.uri())); got != strconv.Itoa(16*mib) {
 				t.Errorf("nbdinfo --size afterwards = %s", got)
 			}
-			lines := s.log.lines()
+			lines := s.lines()
 			if n := len(lines) - before; n > 3 {
 				t.Errorf("server logged %d lines for one broken client, want about one:\n%s", n, strings.Join(lines[before:], "\n"))
 			} else {
