@@ -33,6 +33,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -845,6 +846,41 @@ func TestClusterDev(t *testing.T) {
 	}
 	if voters != 3 {
 		t.Errorf("keel cluster status lists %d voters, want 3", voters)
+	}
+
+	// A server killed under keel dev is started again; the cluster and the
+	// proxy keep serving (they do not all stop, as they once did).
+	m := regexp.MustCompile(`n2 (\d+)  n3`).FindStringSubmatch(d.Output())
+	if m == nil {
+		t.Fatalf("keel dev did not print the servers' pids:\n%s", d.Output())
+	}
+	n2pid, _ := strconv.Atoi(m[1])
+	if err := syscall.Kill(n2pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill -9 n2 (pid %d): %v", n2pid, err)
+	}
+	mustQemuIO(t, "nbd://"+keeltest.Loopback(base), "write -P 0x6b 2M 64k", "read -P 0x6b 2M 64k")
+	keeltest.MustPoll(t, clusterTimeout, "keel dev restarted n2 and it caught up", func() (bool, string) {
+		if !strings.Contains(d.Output(), "n2 restarted (pid") {
+			return false, "no restart reported yet"
+		}
+		api := wire.NewClient(2 * time.Second)
+		lead, err := api.Status(t.Context(), keeltest.Loopback(base+200))
+		if err != nil {
+			return false, err.Error()
+		}
+		st, err := api.Status(t.Context(), keeltest.Loopback(base+201))
+		if err != nil {
+			return false, err.Error()
+		}
+		return st.AppliedIndex >= lead.AppliedIndex && lead.AppliedIndex > 0, fmt.Sprintf("n2 applied %d, n1 %d", st.AppliedIndex, lead.AppliedIndex)
+	})
+	mustQemuIO(t, "nbd://"+keeltest.Loopback(base+2), "read -P 0x6b 2M 64k")
+	if d.Exited() {
+		t.Fatalf("keel dev exited after one of its servers was killed:\n%s", d.Output())
+	}
+	children = childPIDs(t, d.Pid())
+	if len(children) != 4 {
+		t.Errorf("after the restart keel dev has %d child processes, want 3 servers and a proxy", len(children))
 	}
 
 	if err := d.StopWith(os.Interrupt, 30*time.Second); errors.Is(err, keeltest.ErrTimeout) || errors.Is(err, keeltest.ErrExited) {
