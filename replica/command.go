@@ -3,13 +3,15 @@
 // Raft log (command.go), writer epochs and exactly-once request ids, the
 // metadata-only snapshots (the image is the snapshot), the log stores, and a
 // Node that runs it all (node.go). It imports no Keel package but
-// replica/rawimage and replica/imagesync.
+// replica/rawimage, replica/imagesync and nbd (for nbd.ZeroFlags).
 package replica
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+
+	"github.com/keelstore/keel/nbd"
 )
 
 // A command is the data of one Raft log entry. Layout (big-endian):
@@ -21,6 +23,12 @@ import (
 //	Release:  u8 5 | u64 epoch
 //	Register: u8 6 | u16 len id | id | u16 len raft | raft | u16 len http | http | u16 len nbd | nbd
 //	Forget:   u8 7 | id
+//
+// Zero's flags byte holds nbd.ZeroFlags bits. Only nbd.ZeroNoHole (bit 0,
+// the byte's meaning since the first version) is set in the log: whether a
+// fast zero may go ahead is decided before proposing, and FUA is moot for a
+// command that is durable in a quorum's logs once committed. Apply ignores
+// the other bits.
 //
 // epoch 0 is the "no writer" epoch of clients connected straight to a
 // server: accepted only while no writer holds the volume, and never
@@ -67,9 +75,6 @@ func (k Kind) String() string {
 	return fmt.Sprintf("kind %d", uint8(k))
 }
 
-// ZeroNoHole in a Zero command keeps the range allocated.
-const ZeroNoHole uint8 = 1
-
 // Command is a decoded log entry.
 type Command struct {
 	Kind Kind
@@ -78,9 +83,9 @@ type Command struct {
 	ReqID      uint64
 	AckedBelow uint64 // every reqID below this was answered to the writer's client
 	Offset     uint64
-	Length     uint64 // Trim and Zero; for Write, len(Data)
-	Data       []byte // Write
-	ZeroFlags  uint8  // Zero
+	Length     uint64        // Trim and Zero; for Write, len(Data)
+	Data       []byte        // Write
+	ZeroFlags  nbd.ZeroFlags // Zero: only nbd.ZeroNoHole is carried
 	// Claim.
 	Takeover bool
 	Writer   string
@@ -118,7 +123,7 @@ func (c *Command) Encode(b []byte) []byte {
 			b = be.AppendUint64(b, c.Length)
 		case KindZero:
 			b = be.AppendUint64(b, c.Length)
-			b = append(b, c.ZeroFlags)
+			b = append(b, byte(c.ZeroFlags))
 		}
 	case KindClaim:
 		t := byte(0)
@@ -172,7 +177,7 @@ func Decode(b []byte) (Command, error) {
 				return c, fmt.Errorf("%w: zero length", ErrBadCommand)
 			}
 			c.Length = be.Uint64(rest)
-			c.ZeroFlags = rest[8]
+			c.ZeroFlags = nbd.ZeroFlags(rest[8])
 		}
 	case KindClaim:
 		if len(b) < 2 {

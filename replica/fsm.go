@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
 )
 
@@ -226,9 +227,11 @@ func (f *FSM) applyLocked(index uint64, c *Command) Result {
 	case KindTrim:
 		// Zero, not Trim: rawimage's Trim does nothing where holes cannot
 		// be punched, and every replica must end byte-identical.
-		err = f.img.Zero(c.Offset, c.Length, false, false, false)
+		err = f.img.Zero(c.Offset, c.Length, 0)
 	case KindZero:
-		err = f.img.Zero(c.Offset, c.Length, c.ZeroFlags&ZeroNoHole != 0, false, false)
+		// Only NoHole: every replica must apply it and end identical, so
+		// a zero is never refused here as not fast.
+		err = f.img.Zero(c.Offset, c.Length, c.ZeroFlags&nbd.ZeroNoHole)
 	}
 	if err != nil {
 		f.fatal(fmt.Errorf("applying %v of %d bytes at %d (index %d): %w", c.Kind, c.Length, c.Offset, index, err))

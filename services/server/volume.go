@@ -43,14 +43,20 @@ var _ nbd.Backend = (*Volume)(nil)
 
 func (v *Volume) Size() uint64 { return v.SizeBytes }
 
+// Capabilities: everything. Flush and FUA cost nothing (a write is answered
+// once it is durable in a quorum's logs) and act across connections; Cache
+// is a hint this backend ignores; extents come from this node's image. A
+// fast zero is honoured, see Zero.
+func (v *Volume) Capabilities() nbd.Caps { return nbd.CapsAll }
+
 // readable returns the node once its image can be read: running, and not
 // in the middle of a resync (which leaves the image a mix of old and new
 // ranges). It waits up to WriteTimeout, then fails with EIO.
-func (v *Volume) readable() (*replica.Node, error) {
+func (v *Volume) readable(ctx context.Context) (*replica.Node, error) {
 	if n := v.Holder.Peek(); n != nil && !n.Resyncing() {
 		return n, nil // the common case: no timer, no waiting
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
+	ctx, cancel := context.WithTimeout(ctx, v.WriteTimeout)
 	defer cancel()
 	for {
 		n, err := v.Holder.Get(ctx)
@@ -68,56 +74,62 @@ func (v *Volume) readable() (*replica.Node, error) {
 	}
 }
 
-func (v *Volume) ReadAt(p []byte, off uint64) error {
-	n, err := v.readable()
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off uint64) error {
+	n, err := v.readable(ctx)
 	if err != nil {
 		return err
 	}
 	return n.Image().ReadAt(p, off)
 }
 
-func (v *Volume) WriteAt(p []byte, off uint64, fua bool) error {
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
 	if len(p) <= replica.MaxCommandData {
-		return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
+		return v.apply(ctx, &replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
 	}
 	var g errgroup.Group
 	for done := 0; done < len(p); done += replica.MaxCommandData {
 		part := p[done:min(done+replica.MaxCommandData, len(p))]
 		at := off + uint64(done)
 		g.Go(func() error {
-			return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
+			return v.apply(ctx, &replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
 		})
 	}
 	return g.Wait()
 }
 
-func (v *Volume) Flush() error { return nil }
+func (v *Volume) Flush(context.Context) error { return nil }
 
-func (v *Volume) Trim(off, length uint64, fua bool) error {
-	return v.apply(&replica.Command{Kind: replica.KindTrim, Offset: off, Length: length})
+func (v *Volume) Trim(ctx context.Context, off, length uint64, fua bool) error {
+	return v.apply(ctx, &replica.Command{Kind: replica.KindTrim, Offset: off, Length: length})
 }
 
-func (v *Volume) Zero(off, length uint64, f nbd.ZeroFlags) error {
-	c := &replica.Command{Kind: replica.KindZero, Offset: off, Length: length}
-	if f&nbd.ZeroNoHole != 0 {
-		c.ZeroFlags = replica.ZeroNoHole
-	}
-	return v.apply(c)
+// Zero is always fast, so nbd.ZeroFast needs no check: the command carries
+// no data (a few dozen bytes in the log, whatever the length), and each
+// replica applies it with fallocate, punching a hole or zeroing the range.
+// Even where a replica's filesystem can do neither and writes zeroes, that
+// is the same local work a write of the range would do, without moving the
+// data through the network and the log. So it is always serviced in less
+// time than the corresponding write, which is what the protocol asks of a
+// fast zero. (Refusing in the FSM is not an option: every replica must
+// apply the same command.) FUA needs nothing: committed means durable.
+func (v *Volume) Zero(ctx context.Context, off, length uint64, f nbd.ZeroFlags) error {
+	return v.apply(ctx, &replica.Command{Kind: replica.KindZero, Offset: off, Length: length, ZeroFlags: f & nbd.ZeroNoHole})
 }
 
-func (v *Volume) Extents(off, length uint64) ([]nbd.Extent, error) {
-	n, err := v.readable()
+func (v *Volume) Extents(ctx context.Context, off, length uint64) ([]nbd.Extent, error) {
+	n, err := v.readable(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return nbdserve.LocalImage{Image: n.Image()}.Extents(off, length)
+	return nbdserve.LocalImage{Image: n.Image()}.Extents(ctx, off, length)
 }
 
-func (v *Volume) Cache(off, length uint64) error { return nil }
+func (v *Volume) Cache(context.Context, uint64, uint64) error { return nil }
 
-// apply commits c through the leader, wherever it is, within WriteTimeout.
-func (v *Volume) apply(c *replica.Command) error {
-	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
+// apply commits c through the leader, wherever it is, within WriteTimeout
+// (and while ctx, the NBD connection's, lasts).
+func (v *Volume) apply(ctx context.Context, c *replica.Command) error {
+	ctx, cancel := context.WithTimeout(ctx, v.WriteTimeout)
 	defer cancel()
 	data := c.Encode(nil)
 	var last error
