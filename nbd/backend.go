@@ -16,10 +16,12 @@ import (
 //
 // Every call but Size and Capabilities gets the context of its connection.
 // It is cancelled only when nobody can be answered any more: the connection
-// died (a reply could not be written, or it was closed on the server's side)
-// or a graceful stop ran past the server's DrainTimeout. A graceful stop
-// itself does not cancel it: requests already read are served to the end.
-// Backends pass it down to whatever they wait on.
+// died (a reply could not be written, the client vanished in the middle of a
+// request, or the server closed it after a panic) or a graceful stop ran
+// past the server's DrainTimeout. A graceful stop itself does not cancel it,
+// nor does a client that hangs up between requests (served like
+// NBD_CMD_DISC): requests already read are served to the end. Backends pass
+// it down to whatever they wait on.
 type Backend interface {
 	// Size is the export size in bytes; it does not change while serving.
 	Size() uint64
