@@ -32,13 +32,14 @@ const sparseReadMin = 64 << 10
 const maxLoggedRejects = 10
 
 type conn struct {
-	s   *Server
-	nc  net.Conn
-	br  *bufio.Reader
-	st  *session
-	log hclog.Logger
-	be  Backend
-	exp *Export
+	s    *Server
+	nc   net.Conn
+	br   *bufio.Reader
+	st   *session
+	log  hclog.Logger
+	be   Backend
+	exp  *Export
+	caps Caps // be.Capabilities(), fixed while serving
 	// ctx is what backend calls get: cancelled (with a cause) only when no
 	// answer can be delivered any more (see kill), not by a graceful stop.
 	ctx    context.Context
@@ -86,6 +87,7 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, st *session, log hclog.Lo
 		s: s, nc: nc, br: br, st: st, log: log,
 		be:    st.export.Backend,
 		exp:   st.export,
+		caps:  st.export.Backend.Capabilities(),
 		jobs:  make(chan job),
 		bytes: semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
 	}
@@ -519,7 +521,7 @@ func (c *conn) handleRead(r Request) {
 		return
 	}
 	var extents []Extent
-	if n >= sparseReadMin && r.Flags&CmdFlagDF == 0 && c.exp.Backend.Capabilities().Has(CapExtents) {
+	if n >= sparseReadMin && r.Flags&CmdFlagDF == 0 && c.caps.Has(CapExtents) {
 		if ex, err := c.be.Extents(c.ctx, r.Offset, r.Length); err == nil {
 			extents = clipExtents(ex, r.Length)
 		}
