@@ -10,7 +10,8 @@
 // Every goroutine the package starts belongs to a Node (or an FSM) and ends
 // by its Close; the package tests check that with goleak.
 //
-// It imports no Keel package but replica/rawimage and replica/imagesync, and
+// It imports no Keel package but replica/rawimage, replica/imagesync and nbd
+// (for nbd.ZeroFlags), and
 // must never import services/, cmd/ or chaos/: forwarding to the leader
 // crosses the network through the Forwarder interface, which the server
 // implements.
@@ -20,6 +21,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+
+	"github.com/keelstore/keel/nbd"
 )
 
 // A command is the data of one Raft log entry. Layout (big-endian):
@@ -31,6 +34,12 @@ import (
 //	Release:  u8 5 | u64 epoch
 //	Register: u8 6 | u16 len id | id | u16 len raft | raft | u16 len http | http | u16 len nbd | nbd
 //	Forget:   u8 7 | id
+//
+// Zero's flags byte holds nbd.ZeroFlags bits. Only nbd.ZeroNoHole (bit 0,
+// the byte's meaning since the first version) is set in the log: whether a
+// fast zero may go ahead is decided before proposing, and FUA is moot for a
+// command that is durable in a quorum's logs once committed. Apply ignores
+// the other bits.
 //
 // epoch 0 is the "no writer" epoch of clients connected straight to a
 // server: accepted only while no writer holds the volume, and never
@@ -77,9 +86,6 @@ func (k Kind) String() string {
 	return fmt.Sprintf("kind %d", uint8(k))
 }
 
-// ZeroNoHole in a Zero command keeps the range allocated.
-const ZeroNoHole uint8 = 1
-
 // Command is a decoded log entry.
 type Command struct {
 	Kind Kind
@@ -88,9 +94,9 @@ type Command struct {
 	ReqID      uint64
 	AckedBelow uint64 // every reqID below this was answered to the writer's client
 	Offset     uint64
-	Length     uint64 // Trim and Zero; for Write, len(Data)
-	Data       []byte // Write
-	ZeroFlags  uint8  // Zero
+	Length     uint64        // Trim and Zero; for Write, len(Data)
+	Data       []byte        // Write
+	ZeroFlags  nbd.ZeroFlags // Zero: only nbd.ZeroNoHole is carried
 	// Claim.
 	Takeover bool
 	Writer   string
@@ -128,7 +134,7 @@ func (c *Command) Encode(b []byte) []byte {
 			b = be.AppendUint64(b, c.Length)
 		case KindZero:
 			b = be.AppendUint64(b, c.Length)
-			b = append(b, c.ZeroFlags)
+			b = append(b, byte(c.ZeroFlags))
 		}
 	case KindClaim:
 		t := byte(0)
@@ -182,7 +188,7 @@ func Decode(b []byte) (Command, error) {
 				return c, fmt.Errorf("%w: zero length", ErrBadCommand)
 			}
 			c.Length = be.Uint64(rest)
-			c.ZeroFlags = rest[8]
+			c.ZeroFlags = nbd.ZeroFlags(rest[8])
 		}
 	case KindClaim:
 		if len(b) < 2 {

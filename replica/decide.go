@@ -3,6 +3,8 @@ package replica
 import (
 	"fmt"
 	"sort"
+
+	"github.com/keelstore/keel/nbd"
 )
 
 // The state machine's decisions, with no I/O: decide takes the metadata
@@ -162,7 +164,7 @@ func decide(st *fsmState, index uint64, c *Command) (Result, effect) {
 		// be punched, and every replica must end byte-identical.
 		eff = effect{kind: effectZero, offset: c.Offset, length: length}
 	case KindZero:
-		eff = effect{kind: effectZero, offset: c.Offset, length: length, noHole: c.ZeroFlags&ZeroNoHole != 0}
+		eff = effect{kind: effectZero, offset: c.Offset, length: length, noHole: c.ZeroFlags&nbd.ZeroNoHole != 0}
 	}
 	if exactlyOnce {
 		eff.note = record(st, c.ReqID, c.AckedBelow)

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/cockroachdb/datadriven"
+	"github.com/keelstore/keel/nbd"
 )
 
 // TestDecide runs the stories in testdata/*.txt through decide: each
@@ -82,7 +83,7 @@ func TestDecide(t *testing.T) {
 					d.ScanArgs(t, "len", &c.Length)
 				}
 				if d.HasArg("nohole") {
-					c.ZeroFlags = ZeroNoHole
+					c.ZeroFlags = nbd.ZeroNoHole
 				}
 			case "register":
 				c = Command{Kind: KindRegister}

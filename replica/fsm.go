@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
 )
 
@@ -182,7 +183,13 @@ func (f *FSM) carryOut(index uint64, c *Command, eff effect) error {
 	case effectWrite:
 		err = f.img.WriteAt(eff.data, eff.offset, false)
 	case effectZero:
-		err = f.img.Zero(eff.offset, eff.length, eff.noHole, false, false)
+		// Only NoHole: every replica must apply it and end identical, so
+		// a zero is never refused here as not fast.
+		var flags nbd.ZeroFlags
+		if eff.noHole {
+			flags = nbd.ZeroNoHole
+		}
+		err = f.img.Zero(eff.offset, eff.length, flags)
 	}
 	if err != nil {
 		return fmt.Errorf("applying %v of %d bytes at %d (index %d): %w", c.Kind, eff.length, eff.offset, index, err)
