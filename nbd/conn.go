@@ -56,6 +56,10 @@ type conn struct {
 	workers  sync.WaitGroup
 	stopping atomic.Bool
 	rejects  atomic.Int32
+	// detaching: the stop is a handoff (see Handoff); atBoundary: the
+	// reader stopped between two requests (reader goroutine only).
+	detaching  atomic.Bool
+	atBoundary bool
 
 	panicOnce sync.Once
 	panicVal  *ConnPanic
@@ -118,7 +122,7 @@ func (c *conn) recoverPanic() {
 	}
 }
 
-func (c *conn) serve(ctx context.Context) error {
+func (c *conn) serve(ctx context.Context, h *Handoff) (*Detached, error) {
 	// Backend calls outlive ctx (a graceful stop answers what was read)
 	// but keep its values.
 	c.ctx, c.cancel = context.WithCancelCause(context.WithoutCancel(ctx))
@@ -132,11 +136,22 @@ func (c *conn) serve(ctx context.Context) error {
 			h()
 		}
 	})
+	// A handoff stops reading the same way, and then gives the
+	// connection up instead of closing it.
+	stopDetach := func() bool { return false }
+	if h != nil {
+		stopDetach = afterClose(h.ch, func() {
+			c.detaching.Store(true)
+			c.stopping.Store(true)
+			_ = c.nc.SetReadDeadline(time.Now())
+		})
+	}
 	readErr := func() (err error) {
 		defer c.recoverPanic()
 		return c.readLoop()
 	}()
 	stopRead()
+	stopDetach()
 	close(c.jobs)
 
 	// Every request read gets its answer before the connection closes,
@@ -151,21 +166,71 @@ func (c *conn) serve(ctx context.Context) error {
 		c.kill(errDrainTimeout)
 		<-drained
 	}
+	c.wmu.Lock()
+	werr := c.werr
+	c.wmu.Unlock()
+	if c.panicVal == nil && readErr == nil && werr == nil && c.atBoundary && c.detaching.Load() && c.ctx.Err() == nil {
+		d, err := c.detach()
+		if err == nil {
+			return d, nil
+		}
+		c.log.Warn("could not hand the connection over; closing it (the client reconnects)", "error", err)
+	}
 	c.nc.Close()
 
 	if c.panicVal != nil {
 		panic(c.panicVal)
 	}
 	if readErr != nil {
-		return readErr
+		return nil, readErr
 	}
-	c.wmu.Lock()
-	werr := c.werr
-	c.wmu.Unlock()
 	if werr != nil && !isClosed(werr) {
-		return fmt.Errorf("nbd: writing replies: %w", werr)
+		return nil, fmt.Errorf("nbd: writing replies: %w", werr)
 	}
-	return nil
+	return nil, nil
+}
+
+// detach gives the quiesced connection up: its state, with what the
+// reader had read ahead, and a descriptor of its socket (nc is closed).
+func (c *conn) detach() (*Detached, error) {
+	fc, ok := c.nc.(interface{ File() (*os.File, error) })
+	if !ok {
+		return nil, fmt.Errorf("%w: a %T has no descriptor", ErrNotDetachable, c.nc)
+	}
+	ra, err := c.br.Peek(c.br.Buffered())
+	if err != nil {
+		return nil, fmt.Errorf("%w: read-ahead: %w", ErrNotDetachable, err)
+	}
+	f, err := fc.File()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrNotDetachable, err)
+	}
+	_ = c.nc.Close()
+	st := ConnState{
+		Export: c.exp.Name, Structured: c.st.structured, Extended: c.st.extended,
+		BlockSizeAgreed: c.st.blockSizeAgreed, Flags: c.st.flags, MetaContextID: c.st.metaContextID,
+		BlockSize: c.exp.BlockSize, ReadAhead: append([]byte(nil), ra...),
+	}
+	c.log.Debug("connection quiesced for handoff", "read_ahead", len(ra))
+	return &Detached{File: f, State: st}, nil
+}
+
+// afterClose runs fn once ch is closed, unless the returned stop is
+// called first (stop reports whether it prevented fn).
+func afterClose(ch <-chan struct{}, fn func()) (stop func() bool) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	ran := false
+	go func() {
+		defer close(done)
+		select {
+		case <-ch:
+			ran = true
+			fn()
+		case <-ctx.Done():
+		}
+	}()
+	return func() bool { cancel(); <-done; return !ran }
 }
 
 // readFull reads len(p) bytes. When a graceful stop interrupts it before the
@@ -204,12 +269,14 @@ func (c *conn) readLoop() error {
 	hdr := make([]byte, hdrSize)
 	for {
 		if c.stopping.Load() {
+			c.atBoundary = true
 			return nil
 		}
 		err := c.readFull(hdr, true)
 		switch {
 		case err == nil:
 		case errors.Is(err, errStopped):
+			c.atBoundary = true
 			return nil
 		case err == io.EOF:
 			c.log.Debug("client disconnected")

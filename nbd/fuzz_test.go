@@ -140,7 +140,7 @@ func FuzzTransmission(f *testing.F) {
 		nc := &fakeConn{r: bytes.NewReader(b)}
 		c := newConn(s, nc, bufio.NewReader(nc), st, s.cfg.Logger)
 		done := make(chan error, 1)
-		go func() { done <- c.serve(context.Background()) }()
+		go func() { _, err := c.serve(context.Background(), nil); done <- err }()
 		select {
 		case <-done:
 		case <-time.After(10 * time.Second):

@@ -2,12 +2,14 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -150,11 +152,85 @@ func (s *Server) lookup(name string) *Export {
 // The returned error is nil for a clean end (the client disconnected or
 // sent NBD_CMD_DISC, or ctx ended), otherwise it says what went wrong.
 func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
-	defer nc.Close()
+	_, err := s.ServeConnHandoff(ctx, nc, nil)
+	return err
+}
+
+// Handoff asks a connection served by ServeConnHandoff or ResumeConn to
+// give itself up (Request) so that another process can resume it.
+type Handoff struct {
+	once sync.Once
+	ch   chan struct{}
+}
+
+// NewHandoff returns a Handoff not yet requested.
+func NewHandoff() *Handoff { return &Handoff{ch: make(chan struct{})} }
+
+// Request asks the connection to quiesce at the next request boundary and
+// return as a Detached. Safe to call more than once.
+func (h *Handoff) Request() { h.once.Do(func() { close(h.ch) }) }
+
+// Detached is a connection given up at a request boundary: every request
+// read has been answered, nothing more was read, and State has what a
+// resumed connection needs. The caller owns File (the socket); the
+// net.Conn it came from is closed.
+type Detached struct {
+	File  *os.File
+	State ConnState
+}
+
+// ErrNotDetachable is returned when a connection asked to hand itself
+// over cannot be (no descriptor); it is then closed.
+var ErrNotDetachable = errors.New("nbd: connection cannot be handed over")
+
+// ServeConnHandoff is ServeConn, and once h is requested (h may be nil)
+// the connection is quiesced and returned as a Detached instead of being
+// closed. A connection still in the handshake finishes it first. A
+// connection that ends otherwise (the client left, a stop by ctx) returns
+// a nil Detached.
+func (s *Server) ServeConnHandoff(ctx context.Context, nc net.Conn, h *Handoff) (*Detached, error) {
+	detached := false
+	defer func() {
+		if !detached {
+			nc.Close()
+		}
+	}()
+	d, err := s.serveConn(ctx, nc, h)
+	detached = d != nil
+	return d, err
+}
+
+// ResumeConn serves a connection another Server detached, from its state,
+// straight into transmission (the client sees no handshake). The export
+// is looked up by name; the block sizes the client was told stay as they
+// were. h, when not nil, can detach it again.
+func (s *Server) ResumeConn(ctx context.Context, nc net.Conn, st ConnState, h *Handoff) (*Detached, error) {
+	exp := s.lookup(st.Export)
+	if exp == nil {
+		nc.Close()
+		return nil, fmt.Errorf("nbd: resuming a connection: export %q is not served here", st.Export)
+	}
+	e := *exp
+	e.BlockSize = st.BlockSize
+	ss := &session{
+		export: &e, flags: st.Flags, structured: st.Structured, extended: st.Extended,
+		blockSizeAgreed: st.BlockSizeAgreed, metaContextID: st.MetaContextID,
+	}
+	log := s.cfg.Logger.With("remote", remoteName(nc))
+	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(st.ReadAhead), nc), 64<<10)
+	log.Debug("transmission resumed", "export", e.Name, "read_ahead", len(st.ReadAhead))
+	d, err := newConn(s, nc, br, ss, log).serve(ctx, h)
+	if d == nil {
+		nc.Close()
+	}
+	return d, err
+}
+
+func (s *Server) serveConn(ctx context.Context, nc net.Conn, h *Handoff) (*Detached, error) {
 	log := s.cfg.Logger.With("remote", remoteName(nc))
 
 	if ctx.Err() != nil {
-		return nil
+		return nil, nil
 	}
 	stopHandshake := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Now()) })
 	_ = nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
@@ -166,29 +242,29 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 		switch {
 		case errors.Is(err, errAbort):
 			log.Debug("client aborted the handshake")
-			return nil
+			return nil, nil
 		case stopped:
-			return nil
+			return nil, nil
 		case isClosed(err):
 			log.Info("client disconnected during the handshake", "error", err)
-			return nil
+			return nil, nil
 		}
 		var pe *ProtocolError
 		if errors.As(err, &pe) || errors.Is(err, ErrMalformed) {
 			log.Warn("bad handshake, connection closed", "error", err)
-			return nil
+			return nil, nil
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			log.Warn("handshake timed out, connection closed", "timeout", s.cfg.HandshakeTimeout)
-			return nil
+			return nil, nil
 		}
-		return fmt.Errorf("nbd: handshake: %w", err)
+		return nil, fmt.Errorf("nbd: handshake: %w", err)
 	}
 	_ = nc.SetDeadline(time.Time{})
 	log.Debug("transmission started", "export", st.export.Name, "structured", st.structured, "extended", st.extended)
 
 	c := newConn(s, nc, br, st, log)
-	return c.serve(ctx)
+	return c.serve(ctx, h)
 }
 
 func remoteName(nc net.Conn) string {
