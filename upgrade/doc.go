@@ -9,8 +9,8 @@
 // listeners and the handover socket, prepares whatever it can without
 // disturbing the parent (the proxy connects to the servers and learns the
 // leader) and says READY. In the second the parent stops accepting, hands
-// over each connection (quiesced at a request boundary, with its state as
-// opaque bytes), and then the process state; the child acknowledges each
+// the process state and then each connection (all quiesced at a request
+// boundary first, each with its state as opaque bytes); the child acknowledges each
 // connection before it reads from it, and only after the last one tells
 // tableflip it is ready, which writes the PID file and lets the parent
 // exit. A child that exits, crashes or misses the deadline before that
@@ -24,8 +24,9 @@
 //	byte 1     kind:
 //	           'R' child->parent  ready; payload: pid (4 bytes, big endian), version (rest)
 //	           'F' child->parent  failed to prepare; payload: the reason (text)
+//	           'S' parent->child  the process state (after every connection is quiesced)
 //	           'C' parent->child  a connection; payload: its state; one fd as SCM_RIGHTS
 //	           'A' child->parent  the last connection is the child's; payload empty
-//	           'D' parent->child  no more connections; payload: the process state
+//	           'D' parent->child  no more connections; payload empty
 //	bytes 2..  payload
 package upgrade

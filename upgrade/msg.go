@@ -16,6 +16,7 @@ const (
 	kindConn  = 'C'
 	kindAck   = 'A'
 	kindDone  = 'D'
+	kindState = 'S'
 )
 
 // maxMsg bounds one handover message: a connection's state carries the
@@ -50,10 +51,10 @@ func parseMsg(b []byte) (msg, error) {
 		if len(b) < 6 {
 			return msg{}, fmt.Errorf("%w: READY of %d bytes", ErrBadMessage, len(b))
 		}
-	case kindFail, kindConn, kindDone:
-	case kindAck:
+	case kindFail, kindConn, kindState:
+	case kindAck, kindDone:
 		if len(b) != 2 {
-			return msg{}, fmt.Errorf("%w: ACK with a payload", ErrBadMessage)
+			return msg{}, fmt.Errorf("%w: %q with a payload", ErrBadMessage, b[1])
 		}
 	default:
 		return msg{}, fmt.Errorf("%w: kind %#x", ErrBadMessage, b[1])

@@ -8,17 +8,23 @@ import (
 	"time"
 )
 
+// Conn is one connection handed over: its state (opaque here) and its
+// socket.
+type Conn struct {
+	State []byte
+	File  *os.File
+}
+
 // Handover is what a process gives its child once the child is ready.
 type Handover interface {
-	// HandOver stops accepting new connections (the listeners stay
-	// open), quiesces every connection at a request boundary and passes
-	// its state and descriptor to send. A connection send fails for stays
-	// with the process, which resumes it. send owns nothing: HandOver
-	// closes its descriptor once send returns. HandOver returns the
-	// process state the child gets with the last message.
-	HandOver(ctx context.Context, send func(state []byte, f *os.File) error) ([]byte, error)
-	// Resume accepts again after a failed upgrade.
-	Resume()
+	// Quiesce stops accepting new connections (the listeners stay open)
+	// and quiesces every connection at a request boundary. It returns
+	// the process state for the child and the connections; the session
+	// closes the file of each one the child takes.
+	Quiesce(ctx context.Context) (state []byte, conns []Conn, err error)
+	// Resume, after a failed upgrade, serves again the connections the
+	// child did not take (nil if Quiesce failed) and accepts again.
+	Resume(conns []Conn)
 }
 
 // Child is what the parent learned of a child that took over.
@@ -99,36 +105,31 @@ func parentSession(ctx context.Context, s *sock, done <-chan struct{}, verdict f
 		return child, context.Cause(ctx)
 	}
 
-	var broken error
-	send := func(state []byte, f *os.File) error {
-		if broken != nil {
-			return broken
-		}
-		if err := s.send(msg{kind: kindConn, payload: state}, f); err != nil {
-			broken = err
-			return err
+	state, conns, err := h.Quiesce(ctx)
+	if err == nil {
+		err = s.send(msg{kind: kindState, payload: state}, nil)
+	}
+	for err == nil && len(conns) > 0 {
+		if err = s.send(msg{kind: kindConn, payload: conns[0].State}, conns[0].File); err != nil {
+			break
 		}
 		select {
 		case m := <-msgs:
-			if m.kind == kindAck {
-				return nil
+			if m.kind != kindAck {
+				err = fmt.Errorf("%w: %q instead of an ACK", ErrBadMessage, m.kind)
+				break
 			}
-			broken = fmt.Errorf("%w: %q instead of an ACK", ErrBadMessage, m.kind)
-		case err := <-recvErr:
-			broken = err
+			conns[0].File.Close()
+			conns = conns[1:]
+		case err = <-recvErr:
 		case <-done:
-			broken = gone(verdict())
+			err = gone(verdict())
 		case <-ctx.Done():
-			broken = context.Cause(ctx)
+			err = context.Cause(ctx)
 		}
-		return broken
-	}
-	state, err := h.HandOver(ctx, send)
-	if err == nil {
-		err = broken
 	}
 	if err == nil {
-		err = s.send(msg{kind: kindDone, payload: state}, nil)
+		err = s.send(msg{kind: kindDone}, nil)
 	}
 	if err == nil {
 		select {
@@ -141,35 +142,39 @@ func parentSession(ctx context.Context, s *sock, done <-chan struct{}, verdict f
 			err = context.Cause(ctx)
 		}
 	}
-	h.Resume()
+	h.Resume(conns)
 	return child, err
 }
 
-// childSession runs the child's side: READY, then each connection (ACK
-// first, so that the parent knows the child has it before the child reads
-// a byte of it), until DONE, whose process state it returns.
-func childSession(s *sock, pid int, version string, resume func(state []byte, f *os.File) error) ([]byte, error) {
+// childSession runs the child's side: READY, the process state (given to
+// resumeState), then each connection (ACK first, so that the parent knows
+// the child has it before the child reads a byte of it), until DONE.
+func childSession(s *sock, pid int, version string, resumeState func([]byte) error, resume func(state []byte, f *os.File) error) error {
 	if err := s.send(msg{kind: kindReady, payload: readyPayload(pid, version)}, nil); err != nil {
-		return nil, err
+		return err
 	}
 	for {
 		m, f, err := s.recv()
 		if err != nil {
-			return nil, err
+			return err
 		}
 		switch m.kind {
+		case kindState:
+			if err := resumeState(m.payload); err != nil {
+				return fmt.Errorf("upgrade: taking the process state: %w", err)
+			}
 		case kindConn:
 			if err := s.send(msg{kind: kindAck}, nil); err != nil {
 				f.Close()
-				return nil, err
+				return err
 			}
 			if err := resume(m.payload, f); err != nil {
-				return nil, fmt.Errorf("upgrade: resuming a connection: %w", err)
+				return fmt.Errorf("upgrade: resuming a connection: %w", err)
 			}
 		case kindDone:
-			return m.payload, nil
+			return nil
 		default:
-			return nil, fmt.Errorf("%w: %q from the parent", ErrBadMessage, m.kind)
+			return fmt.Errorf("%w: %q from the parent", ErrBadMessage, m.kind)
 		}
 	}
 }

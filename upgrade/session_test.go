@@ -10,31 +10,34 @@ import (
 )
 
 // fakeHandover hands over n pipe read ends as "connections", each with
-// its index as state, and resumes those send refused.
+// its index as state, and records those it takes back.
 type fakeHandover struct {
 	n       int
 	resumed []string
 	paused  bool
 }
 
-func (h *fakeHandover) HandOver(ctx context.Context, send func([]byte, *os.File) error) ([]byte, error) {
+func (h *fakeHandover) Quiesce(ctx context.Context) ([]byte, []Conn, error) {
 	h.paused = true
+	var conns []Conn
 	for i := range h.n {
 		r, w, err := os.Pipe()
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		w.Close()
-		state := []byte{byte('a' + i)}
-		if err := send(state, r); err != nil {
-			h.resumed = append(h.resumed, string(state))
-		}
-		r.Close()
+		conns = append(conns, Conn{State: []byte{byte('a' + i)}, File: r})
 	}
-	return []byte("proc-state"), nil
+	return []byte("proc-state"), conns, nil
 }
 
-func (h *fakeHandover) Resume() { h.paused = false }
+func (h *fakeHandover) Resume(conns []Conn) {
+	for _, c := range conns {
+		h.resumed = append(h.resumed, string(c.State))
+		c.File.Close()
+	}
+	h.paused = false
+}
 
 // pair runs the parent's side of a session against child, which plays
 // the child over the other end; verdict is what tableflip would say once
@@ -64,12 +67,10 @@ func TestSessionHandsEveryConnectionOver(t *testing.T) {
 	var got []string
 	var state []byte
 	c, err := pair(t, h, func(s *sock) error {
-		var err error
-		state, err = childSession(s, 42, "v2", func(st []byte, f *os.File) error {
+		return childSession(s, 42, "v2", func(b []byte) error { state = b; return nil }, func(st []byte, f *os.File) error {
 			got = append(got, string(st))
 			return f.Close()
 		})
-		return err
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -89,6 +90,9 @@ func TestSessionChildDiesMidwayParentResumes(t *testing.T) {
 			return err
 		}
 		// Take the first connection, then die before acknowledging the second.
+		if m, _, err := s.recv(); err != nil || m.kind != kindState {
+			return errors.New("no state")
+		}
 		m, f, err := s.recv()
 		if err != nil || m.kind != kindConn {
 			return errors.New("no connection")
@@ -142,7 +146,9 @@ func TestMsgCodec(t *testing.T) {
 		{"ack", []byte{1, 'A'}, true},
 		{"ack with payload", []byte{1, 'A', 0}, false},
 		{"conn", []byte{1, 'C', 9, 9}, true},
-		{"done empty", []byte{1, 'D'}, true},
+		{"done", []byte{1, 'D'}, true},
+		{"done with payload", []byte{1, 'D', 0}, false},
+		{"state", []byte{1, 'S', 7}, true},
 		{"fail", append([]byte{1, 'F'}, "why"...), true},
 		{"version 2", []byte{2, 'A'}, false},
 		{"unknown kind", []byte{1, 'Z'}, false},

@@ -111,15 +111,15 @@ func (u *Upgrader) AddListener(network, addr string, l net.Listener) error {
 }
 
 // TakeOver is the child's second phase, called once it is prepared: it
-// tells the parent so and resumes, with resume, each connection the
-// parent hands over, until the parent has none left; it returns the
-// parent's process state. Then call Ready. A first process has nothing to
-// take over: nil, nil.
-func (u *Upgrader) TakeOver(resume func(state []byte, f *os.File) error) ([]byte, error) {
+// tells the parent so, takes the parent's process state (resumeState) and
+// resumes, with resume, each connection the parent hands over, until the
+// parent has none left. Then call Ready. A first process has nothing to
+// take over.
+func (u *Upgrader) TakeOver(resumeState func([]byte) error, resume func(state []byte, f *os.File) error) error {
 	if u.parent == nil {
-		return nil, nil
+		return nil
 	}
-	return childSession(u.parent, os.Getpid(), u.cfg.Version, resume)
+	return childSession(u.parent, os.Getpid(), u.cfg.Version, resumeState, resume)
 }
 
 // Fail tells the parent why this child gives up; it then should exit.
