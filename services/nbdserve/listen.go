@@ -16,14 +16,43 @@ import (
 // left behind by a process that died is removed; one that still answers is
 // an error.
 func Listen(addr string) (net.Listener, string, error) {
+	return ListenWith(addr, nil)
+}
+
+// Listeners opens listeners that a process's successor inherits
+// (*upgrade.Upgrader is one).
+type Listeners interface {
+	// Inherited is the listener the parent passed for network and addr, or nil.
+	Inherited(network, addr string) (net.Listener, error)
+	// Listen returns the inherited listener or a new one.
+	Listen(network, addr string) (net.Listener, error)
+}
+
+// ListenWith is Listen through ls (nil: plain net.Listen): a listener the
+// parent passed is taken as it is.
+func ListenWith(addr string, ls Listeners) (net.Listener, string, error) {
+	listen := net.Listen
+	if ls != nil {
+		listen = ls.Listen
+	}
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
 		if path == "" {
 			return nil, "", fmt.Errorf("listen address %q: unix socket path is empty", addr)
 		}
-		if err := removeStaleSocket(path); err != nil {
-			return nil, "", err
+		var l net.Listener
+		if ls != nil {
+			var err error
+			if l, err = ls.Inherited("unix", path); err != nil {
+				return nil, "", fmt.Errorf("listening on %s: %w", addr, err)
+			}
 		}
-		l, err := net.Listen("unix", path)
+		var err error
+		if l == nil {
+			if err = removeStaleSocket(path); err != nil {
+				return nil, "", err
+			}
+			l, err = listen("unix", path)
+		}
 		if err != nil {
 			return nil, "", fmt.Errorf("listening on %s: %w", addr, err)
 		}
@@ -36,7 +65,7 @@ func Listen(addr string) (net.Listener, string, error) {
 	if _, err := net.LookupPort("tcp", port); err != nil {
 		return nil, "", fmt.Errorf("listen address %q: bad port: %w", addr, err)
 	}
-	l, err := net.Listen("tcp", net.JoinHostPort(host, port))
+	l, err := listen("tcp", net.JoinHostPort(host, port))
 	if err != nil {
 		return nil, "", fmt.Errorf("listening on %s: %w", addr, err)
 	}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/services/nbdserve"
 	"github.com/keelstore/keel/supervise"
+	"github.com/keelstore/keel/upgrade"
 )
 
 // ProcessConfig configures a `keel proxy` process: the Proxy, the NBD
@@ -41,6 +43,13 @@ type ProcessConfig struct {
 	// OnServing, when set, is called with the NBD URI once clients can
 	// connect.
 	OnServing func(uri string)
+	// Upgrader, when set, puts the process under upgrade control
+	// (docs/upgrade.md): listeners are inherited through it, a process
+	// with a parent takes over the parent's connections once ready, and
+	// each receive on Upgrades replaces the process by a fresh start of
+	// its binary. Proxy.Inherited must be Upgrader.HasParent().
+	Upgrader *upgrade.Upgrader
+	Upgrades <-chan struct{}
 }
 
 // Process is a keel proxy's supervision tree:
@@ -104,7 +113,11 @@ func (pr *Process) Run(ctx context.Context) error {
 		root.Add(&API{Listener: cfg.HTTP, Proxy: pr.proxy, Log: log.Named("http")})
 	}
 	rootErr := root.ServeBackground(rootCtx)
+	u := cfg.Upgrader
 	abort := func(err error) error {
+		if u != nil {
+			u.Fail(err) // a child tells its parent, which keeps serving
+		}
 		cancelRoot()
 		<-rootErr
 		if ctx.Err() != nil {
@@ -132,27 +145,101 @@ func (pr *Process) Run(ctx context.Context) error {
 	if err != nil {
 		return abort(err)
 	}
-	l, uri, err := nbdserve.Listen(cfg.Listen)
+	var ls nbdserve.Listeners
+	if u != nil {
+		ls = u
+	}
+	l, uri, err := nbdserve.ListenWith(cfg.Listen, ls)
 	if err != nil {
 		return abort(err)
 	}
-	var nbdTok suture.ServiceToken = root.Add(nbdserve.NewNBD(nbdserve.NBDConfig{Listener: l, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout}))
-	log.Info("proxy serving", "uri", uri, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","))
+	takeOver := u != nil && u.HasParent()
+	nbdSvc := nbdserve.NewNBD(nbdserve.NBDConfig{Listener: l, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout, Paused: takeOver})
+	var nbdTok suture.ServiceToken = root.Add(nbdSvc)
+	if takeOver {
+		// Prepared (the leader is known, the volume's size too): take
+		// the parent's connections, then accept.
+		err := u.TakeOver(func(b []byte) error {
+			if len(b) != 8 {
+				return fmt.Errorf("proxy: parent state of %d bytes, want 8", len(b))
+			}
+			pr.proxy.Adopt(binary.BigEndian.Uint64(b))
+			return nil
+		}, nbdSvc.ResumeConn)
+		if err != nil {
+			return abort(err)
+		}
+		nbdSvc.Resume(nil)
+	}
+	if u != nil {
+		if err := u.Ready(); err != nil {
+			log.Warn("could not announce readiness", "error", err)
+		}
+	}
+	log.Info("proxy serving", "uri", uri, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","), "took_over", takeOver)
 	if cfg.OnServing != nil {
 		cfg.OnServing(uri)
 	}
 
-	select {
-	case <-ctx.Done():
-		log.Info("stopping: draining NBD connections, then releasing the volume")
-		if err := root.RemoveAndWait(nbdTok, cfg.DrainTimeout+5*time.Second); err != nil {
-			log.Warn("NBD did not drain in time", "error", err)
+	for {
+		select {
+		case <-cfg.Upgrades:
+			if u == nil {
+				log.Warn("upgrade requested but the process is not under upgrade control")
+				continue
+			}
+			if err := u.Upgrade(ctx, &handover{nbd: nbdSvc, proxy: pr.proxy}); err != nil {
+				continue // logged and recorded; this process keeps serving
+			}
+			// The child serves every connection; the volume stays claimed
+			// under the writer name it shares (see Proxy.HandOff).
+			if err := root.RemoveAndWait(nbdTok, cfg.DrainTimeout+5*time.Second); err != nil {
+				log.Warn("NBD did not stop in time", "error", err)
+			}
+			cancelRoot()
+			<-rootErr
+			log.Info("stopped after the upgrade")
+			return nil
+		case <-ctx.Done():
+			if u != nil {
+				u.Stop()
+			}
+			return pr.stop(root, nbdTok, cancelRoot, rootErr)
+		case err := <-rootErr:
+			return err
 		}
-		cancelRoot()
-		<-rootErr
-		log.Info("stopped")
-		return nil
-	case err := <-rootErr:
-		return err
 	}
+}
+
+// stop drains NBD, then stops the rest (the proxy releases the volume).
+func (pr *Process) stop(root *suture.Supervisor, nbdTok suture.ServiceToken, cancelRoot func(), rootErr <-chan error) error {
+	cfg, log := pr.cfg, pr.cfg.Log
+	log.Info("stopping: draining NBD connections, then releasing the volume")
+	if err := root.RemoveAndWait(nbdTok, cfg.DrainTimeout+5*time.Second); err != nil {
+		log.Warn("NBD did not drain in time", "error", err)
+	}
+	cancelRoot()
+	<-rootErr
+	log.Info("stopped")
+	return nil
+}
+
+// handover is the proxy process's part in an upgrade: the NBD
+// connections, and the index the child's reads must wait for.
+type handover struct {
+	nbd   *nbdserve.NBD
+	proxy *Proxy
+}
+
+func (h *handover) Quiesce(ctx context.Context) ([]byte, []upgrade.Conn, error) {
+	conns, err := h.nbd.Quiesce(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return binary.BigEndian.AppendUint64(nil, h.proxy.HandOff(true)), conns, nil
+}
+
+func (h *handover) Resume(conns []upgrade.Conn) {
+	h.proxy.HandOff(false)
+	h.nbd.Resume(conns)
 }

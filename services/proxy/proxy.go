@@ -46,6 +46,7 @@ type Proxy struct {
 
 	ids       idWindow
 	lastAcked atomic.Uint64 // log index of the latest acknowledged command (read-your-writes)
+	handedOff atomic.Bool   // a child took over: keep the claim at stop (HandOff)
 	rr        atomic.Uint64 // round robin over readable replicas
 
 	stats Stats
@@ -89,6 +90,12 @@ type Config struct {
 	// leader is known; while none is, every 20ms. Default 200ms; range 10ms
 	// to 10s.
 	PollInterval time.Duration
+	// Inherited: this proxy takes over from its parent in an upgrade
+	// (docs/upgrade.md). It does not claim at start, since the parent
+	// still writes under the same Writer until it has handed over; it
+	// claims at its first write. Adopt gives it the parent's last
+	// acknowledged write before any request is served.
+	Inherited bool
 	// Log is the proxy's logger. Default: discard.
 	Log hclog.Logger
 }
@@ -193,7 +200,9 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	// during a live migration the source VM keeps writing through its
 	// proxy until it is paused, and only then does the destination write.
 	cctx, cancel := context.WithTimeout(ctx, p.cfg.WriteTimeout)
-	if _, err := p.writerEpoch(cctx, false); err != nil {
+	if p.cfg.Inherited {
+		p.log.Info("taking over from the parent process: the volume is claimed at the first write")
+	} else if _, err := p.writerEpoch(cctx, false); err != nil {
 		if _, fenced := p.writerStatus(); p.cfg.Takeover && fenced == "" {
 			p.log.Info("another writer holds the volume; this proxy takes it over at its first write (--takeover)", "detail", err)
 		} else {
@@ -344,6 +353,10 @@ func (p *Proxy) noteAcked(index uint64) {
 func (p *Proxy) release(ctx context.Context) {
 	p.claimMu.Lock()
 	defer p.claimMu.Unlock()
+	if p.handedOff.Load() {
+		p.log.Info("a new process took over under the same writer name: the volume is not released")
+		return
+	}
 	var e uint64
 	p.writer(func(w *writerState) { e = w.stop() })
 	if e == 0 {
@@ -359,6 +372,20 @@ func (p *Proxy) release(ctx context.Context) {
 	p.writer(func(w *writerState) { w.released() })
 	p.log.Info("released the volume", "epoch", e)
 }
+
+// HandOff marks the proxy as handed over to a child in an upgrade (every
+// connection quiesced): at stop it keeps the claim, which the child, under
+// the same Writer, takes on at its first write. It returns the index the
+// child's reads must wait for (Adopt). handed false undoes it (the upgrade
+// failed).
+func (p *Proxy) HandOff(handed bool) uint64 {
+	p.handedOff.Store(handed)
+	return p.lastAcked.Load()
+}
+
+// Adopt makes reads wait for replicas that have applied index, the
+// parent's last acknowledged write.
+func (p *Proxy) Adopt(index uint64) { p.noteAcked(index) }
 
 // idWindow hands out request ids and tracks which are still unanswered:
 // every id below low has been answered to the client.
