@@ -5,6 +5,7 @@
 //	keel cluster   status, add, remove, transfer-leadership
 //	keel verify    check every voter's image is byte-identical
 //	keel serve     one raw image over NBD, standalone (no replication)
+//	keel upgrade   replace a running proxy by a fresh start of its binary
 //
 // Run `keel help` or `keel CMD --help` for the flags of each.
 package main
@@ -17,6 +18,10 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 )
+
+// version is this build's version; set with
+// go build -ldflags "-X main.version=...".
+var version = "dev"
 
 func main() {
 	if err := newRoot().Execute(); err != nil {
@@ -69,7 +74,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
-	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g))
+	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newUpgradeCmd())
 	return root
 }
 

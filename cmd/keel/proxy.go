@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/services/proxy"
+	"github.com/keelstore/keel/upgrade"
 	"github.com/spf13/cobra"
 )
 
@@ -30,6 +31,8 @@ type proxyFlags struct {
 	connect      time.Duration
 	drain        time.Duration
 	http         string
+	pidFile      string
+	upgradeTO    time.Duration
 }
 
 func newProxyCmd(g *globalFlags) *cobra.Command {
@@ -78,6 +81,8 @@ closes the connections (qemu reconnects) and releases the volume.`,
 	fl.DurationVar(&f.connect, "connect-timeout", 60*time.Second, "at start, how long to wait for a server to answer")
 	fl.StringVar(&f.http, "http", "", "serve status (/v1/status) and Prometheus metrics (/metrics) on HOST:PORT; off by default")
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
+	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary without dropping a connection")
+	fl.DurationVar(&f.upgradeTO, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
 	_ = cmd.MarkFlagRequired("servers")
 	return cmd
 }
@@ -105,25 +110,45 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 		host, _ := os.Hostname()
 		writer = host + "/" + f.listen
 	}
+	u, err := upgrade.New(upgrade.Config{PIDFile: f.pidFile, Timeout: f.upgradeTO, Version: version, Log: log.Named("upgrade")})
+	if err != nil {
+		return err
+	}
+	defer u.Stop()
 	var httpL net.Listener
 	if f.http != "" {
-		if httpL, err = net.Listen("tcp", f.http); err != nil {
+		if httpL, err = u.Listen("tcp", f.http); err != nil {
+			u.Fail(err)
 			return fmt.Errorf("--http %s: %w", f.http, err)
 		}
 	}
+	hup := make(chan struct{}, 1)
+	hupSig := make(chan os.Signal, 1)
+	signal.Notify(hupSig, syscall.SIGHUP)
+	defer signal.Stop(hupSig)
+	go func() { // ends with the process: SIGHUP is only ever relayed
+		for range hupSig {
+			select {
+			case hup <- struct{}{}:
+			default:
+			}
+		}
+	}()
 	pr, err := proxy.NewProcess(proxy.ProcessConfig{
 		Proxy: proxy.Config{
 			Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
 			WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
-			PollInterval: f.poll, Log: log.Named("proxy"),
+			PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
 		},
 		Listen: f.listen, ExportName: f.name, HTTP: httpL,
 		ConnectTimeout: f.connect, DrainTimeout: f.drain, Log: log,
+		Upgrader: u, Upgrades: hup,
 	})
 	if err != nil {
 		if httpL != nil {
 			httpL.Close()
 		}
+		u.Fail(err)
 		return proxyFlagError(err)
 	}
 	// The cache is the bulk of the heap: let the garbage collector work

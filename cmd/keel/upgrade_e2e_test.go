@@ -1,0 +1,207 @@
+package main
+
+// End-to-end tests of `keel upgrade` on a proxy: the binary is replaced
+// under load, the client's connection carries over, and a broken binary is
+// refused while the old process keeps serving.
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/keelstore/keel/cmd/keel/keeltest"
+	"github.com/keelstore/keel/upgrade"
+)
+
+// upgradeProxy is a proxy started from its own copy of the binary, so that
+// a test can install another one at that path and upgrade to it.
+type upgradeProxy struct {
+	bin, pidFile, listen string
+	first                *keeltest.Proc
+}
+
+func installBinary(t *testing.T, from, to string) {
+	t.Helper()
+	src, err := os.Open(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	tmp := to + ".new"
+	dst, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, to); err != nil { // the running process keeps its inode
+		t.Fatal(err)
+	}
+}
+
+// buildVersion builds keel with main.version set to v.
+func buildVersion(t *testing.T, v string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "keel-"+v)
+	r := run(t, 3*time.Minute, "go", "build", "-ldflags", "-X main.version="+v, "-o", out, ".")
+	if r.err != nil {
+		t.Fatalf("go build %s: %v\n%s", v, r.err, r.stderr)
+	}
+	return out
+}
+
+func startUpgradeProxy(t *testing.T, c *keeltest.TCluster, bin string, flags ...string) *upgradeProxy {
+	t.Helper()
+	dir := t.TempDir()
+	p := &upgradeProxy{bin: filepath.Join(dir, "keel"), pidFile: filepath.Join(dir, "proxy.pid"), listen: keeltest.MustFreeAddr(t)}
+	installBinary(t, bin, p.bin)
+	args := append([]string{"proxy", "--servers", strings.Join(c.HTTPAddrs(), ","), "--listen", p.listen,
+		"--writer", "vm1", "--pid-file", p.pidFile}, flags...)
+	p.first = keeltest.MustStart(t, keeltest.ProcConfig{Bin: p.bin, Name: "proxy", Args: args})
+	keeltest.MustPoll(t, 60*time.Second, "proxy writes its pid file", func() (bool, string) {
+		pid, err := upgrade.ReadPID(p.pidFile)
+		return err == nil && pid == p.first.Pid(), fmt.Sprint(err)
+	})
+	t.Cleanup(func() { // the last successor is nobody's child here
+		if pid, err := upgrade.ReadPID(p.pidFile); err == nil && pid != p.first.Pid() {
+			_ = syscall.Kill(pid, syscall.SIGTERM)
+			keeltest.MustPoll(t, 60*time.Second, "upgraded proxy stops", func() (bool, string) { return !upgrade.Alive(pid), "" })
+		}
+		if out := p.first.Output(); len(keeltest.CrashLines(out)) > 0 {
+			t.Errorf("proxy log shows a crash:\n%s", strings.Join(keeltest.CrashLines(out), "\n"))
+		}
+	})
+	return p
+}
+
+func (p *upgradeProxy) uri() string { return "nbd://" + p.listen + "/keel" }
+
+func (p *upgradeProxy) pid(t *testing.T) int {
+	t.Helper()
+	pid, err := upgrade.ReadPID(p.pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pid
+}
+
+// upgrade runs `keel upgrade` and returns its result.
+func (p *upgradeProxy) upgrade(t *testing.T) result {
+	t.Helper()
+	return run(t, 2*time.Minute, keeltest.MustBinary(t), "upgrade", "--pid-file", p.pidFile, "--timeout", "90s")
+}
+
+// TestProxyUpgradeUnderLoad upgrades a proxy 20 times, alternating between
+// two builds of different versions, while fio writes and verifies through
+// it: no I/O error, every block verified, and each upgrade is a new
+// process of the other version.
+func TestProxyUpgradeUnderLoad(t *testing.T) {
+	c := newCluster(t, "64M", 3)
+	binA := keeltest.MustBinary(t)
+	binB := buildVersion(t, "upgrade-b")
+	p := startUpgradeProxy(t, c, binA)
+	fio := startFio(t, "upgrades", p.uri(), "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16",
+		"--verify=crc32c", "--verify_backlog=512", "--loops=1000", "--time_based", "--runtime=75s")
+	versions := []string{"upgrade-b", "dev"}
+	for i := range 20 {
+		installBinary(t, []string{binB, binA}[i%2], p.bin)
+		before := p.pid(t)
+		r := p.upgrade(t)
+		if r.err != nil {
+			t.Fatalf("upgrade %d: %v\n%s%s", i+1, r.err, r.stdout, r.stderr)
+		}
+		if want := "(version " + versions[i%2] + ")"; !strings.Contains(r.stdout, want) {
+			t.Fatalf("upgrade %d reported %q, want %s", i+1, r.stdout, want)
+		}
+		if after := p.pid(t); after == before || !upgrade.Alive(after) {
+			t.Fatalf("upgrade %d: pid file names %d (was %d)", i+1, after, before)
+		}
+		select {
+		case <-fio.done:
+			t.Fatalf("fio ended after %d upgrades, before the 20th", i+1)
+		default:
+		}
+		t.Logf("upgrade %d: %s", i+1, strings.TrimSpace(r.stdout))
+	}
+	j := fio.wait(t)
+	if j.Read.IOBytes == 0 {
+		t.Error("fio verified nothing")
+	}
+}
+
+// TestProxyUpgradeRefusesBrokenBinary: a binary that exits at start, or
+// hangs before ready, is refused; the old process keeps serving, its
+// client's connection untouched, and a good binary then upgrades it.
+func TestProxyUpgradeRefusesBrokenBinary(t *testing.T) {
+	c := newCluster(t, "16M", 3)
+	binA := keeltest.MustBinary(t)
+	p := startUpgradeProxy(t, c, binA, "--upgrade-timeout", "5s")
+	dir := t.TempDir()
+	exits := filepath.Join(dir, "exits")
+	hangs := filepath.Join(dir, "hangs")
+	if err := os.WriteFile(exits, []byte("#!/bin/sh\necho broken build >&2\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(hangs, []byte("#!/bin/sh\nexec sleep 600\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A client connected throughout: its session must survive every attempt.
+	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	defer cancel()
+	qio := exec.CommandContext(ctx, tool(t, "qemu-io"), "--image-opts",
+		"driver=nbd,server.type=inet,server.host="+strings.Split(p.listen, ":")[0]+",server.port="+strings.Split(p.listen, ":")[1]+",export=keel")
+	stdin, err := qio.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	qio.Stdout, qio.Stderr = &out, &out
+	if err := qio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintln(stdin, "write -P 0x5a 0 64k")
+	before := p.pid(t)
+	for _, tc := range []struct{ name, bin, want string }{
+		{"exits at start", exits, "exit status 3"},
+		{"hangs before ready", hangs, "timed out"},
+	} {
+		installBinary(t, tc.bin, p.bin)
+		r := p.upgrade(t)
+		if r.err == nil || !strings.Contains(r.stderr, tc.want) {
+			t.Fatalf("%s: keel upgrade = %v, stderr %q; want a failure mentioning %q", tc.name, r.err, r.stderr, tc.want)
+		}
+		if now := p.pid(t); now != before || !upgrade.Alive(before) {
+			t.Fatalf("%s: pid file names %d, old process %d alive=%v", tc.name, now, before, upgrade.Alive(before))
+		}
+		fmt.Fprintln(stdin, "read -P 0x5a 0 64k")
+		t.Logf("%s: refused: %s", tc.name, strings.TrimSpace(r.stderr))
+	}
+	installBinary(t, binA, p.bin)
+	if r := p.upgrade(t); r.err != nil {
+		t.Fatalf("good binary after the broken ones: %v\n%s", r.err, r.stderr)
+	}
+	fmt.Fprintln(stdin, "read -P 0x5a 0 64k")
+	fmt.Fprintln(stdin, "write -P 0x33 64k 64k")
+	fmt.Fprintln(stdin, "read -P 0x33 64k 64k")
+	fmt.Fprintln(stdin, "quit")
+	stdin.Close()
+	if err := qio.Wait(); err != nil {
+		t.Fatalf("qemu-io: %v\n%s", err, out.String())
+	}
+	o := out.String()
+	if strings.Count(o, "read 65536/65536") != 4 || strings.Contains(o, "Pattern verification failed") ||
+		strings.Contains(strings.ToLower(o), "reconnect") || strings.Contains(o, "error") {
+		t.Fatalf("qemu-io session:\n%s", o)
+	}
+}
