@@ -76,7 +76,14 @@ func startUpgradeProxy(t *testing.T, c *keeltest.TCluster, bin string, flags ...
 	t.Cleanup(func() { // the last successor is nobody's child here
 		if pid, err := upgrade.ReadPID(p.pidFile); err == nil && pid != p.first.Pid() {
 			_ = syscall.Kill(pid, syscall.SIGTERM)
-			keeltest.MustPoll(t, 60*time.Second, "upgraded proxy stops", func() (bool, string) { return !upgrade.Alive(pid), "" })
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			if err := keeltest.Poll(ctx, 60*time.Second, 50*time.Millisecond, "upgraded proxy stops", func() (bool, string, error) {
+				return !upgrade.Alive(pid), "", nil
+			}); err != nil {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+				t.Error(err)
+			}
 		}
 		if out := p.first.Output(); len(keeltest.CrashLines(out)) > 0 {
 			t.Errorf("proxy log shows a crash:\n%s", strings.Join(keeltest.CrashLines(out), "\n"))
@@ -197,7 +204,7 @@ func TestProxyUpgradeRefusesBrokenBinary(t *testing.T) {
 	fmt.Fprintln(stdin, "quit")
 	stdin.Close()
 	if err := qio.Wait(); err != nil {
-		t.Fatalf("qemu-io: %v\n%s", err, out.String())
+		t.Fatalf("qemu-io: %v\n%s\nproxy log:\n%s", err, out.String(), p.first.Output())
 	}
 	o := out.String()
 	if strings.Count(o, "read 65536/65536") != 4 || strings.Contains(o, "Pattern verification failed") ||
