@@ -121,7 +121,14 @@ func parentSession(ctx context.Context, s *sock, done <-chan struct{}, verdict f
 			}
 			conns[0].File.Close()
 			conns = conns[1:]
-		case err = <-recvErr:
+		case rerr := <-recvErr:
+			// The child closed its end: it is exiting; say how, if soon.
+			select {
+			case <-done:
+				err = fmt.Errorf("%w: %w (%v)", ErrChildFailed, rerr, verdict())
+			case <-time.After(2 * time.Second):
+				err = fmt.Errorf("%w: %w", ErrChildFailed, rerr)
+			}
 		case <-done:
 			err = gone(verdict())
 		case <-ctx.Done():
