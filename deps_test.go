@@ -82,6 +82,8 @@ type rule struct {
 var rules = []rule{
 	{"nbd imports nothing of Keel's", func(r string) bool { return under(r, "nbd") && !isTestHarness(r) },
 		func(d string) bool { return !under(d, "nbd") }},
+	{"upgrade imports nothing of Keel's", func(r string) bool { return under(r, "upgrade") && !isTestHarness(r) && !under(r, "upgrade/upgradetest") },
+		func(d string) bool { return !under(d, "upgrade") }},
 	{"supervise imports nothing of Keel's", func(r string) bool { return under(r, "supervise") },
 		func(d string) bool { return !under(d, "supervise") }},
 	{"replica imports nothing of services, upgrade, cmd or chaos", func(r string) bool { return under(r, "replica") && !isTestHarness(r) },
@@ -145,6 +147,7 @@ func TestDependencyRulesCatch(t *testing.T) {
 		{"services/server", "chaos/stall"},
 		{"cmd/keel", "cmd/keel/keeltest"},
 		{"supervise", "nbd"},
+		{"upgrade", "nbd"},
 	} {
 		bad, _ := violations([]pkg{{ImportPath: module + "/" + tc.from, Deps: []string{module + "/" + tc.dep, "fmt"}}})
 		if len(bad) == 0 {

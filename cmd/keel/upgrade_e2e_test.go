@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -23,8 +24,8 @@ import (
 // upgradeProxy is a proxy started from its own copy of the binary, so that
 // a test can install another one at that path and upgrade to it.
 type upgradeProxy struct {
-	bin, pidFile, listen string
-	first                *keeltest.Proc
+	bin, pidFile, listen, http string
+	first                      *keeltest.Proc
 }
 
 func installBinary(t *testing.T, from, to string) {
@@ -64,10 +65,11 @@ func buildVersion(t *testing.T, v string) string {
 func startUpgradeProxy(t *testing.T, c *keeltest.TCluster, bin string, flags ...string) *upgradeProxy {
 	t.Helper()
 	dir := t.TempDir()
-	p := &upgradeProxy{bin: filepath.Join(dir, "keel"), pidFile: filepath.Join(dir, "proxy.pid"), listen: keeltest.MustFreeAddr(t)}
+	p := &upgradeProxy{bin: filepath.Join(dir, "keel"), pidFile: filepath.Join(dir, "proxy.pid"),
+		listen: keeltest.MustFreeAddr(t), http: keeltest.MustFreeAddr(t)}
 	installBinary(t, bin, p.bin)
 	args := append([]string{"proxy", "--servers", strings.Join(c.HTTPAddrs(), ","), "--listen", p.listen,
-		"--writer", "vm1", "--pid-file", p.pidFile}, flags...)
+		"--http", p.http, "--writer", "vm1", "--pid-file", p.pidFile}, flags...)
 	p.first = keeltest.MustStart(t, keeltest.ProcConfig{Bin: p.bin, Name: "proxy", Args: args})
 	keeltest.MustPoll(t, 60*time.Second, "proxy writes its pid file", func() (bool, string) {
 		pid, err := upgrade.ReadPID(p.pidFile)
@@ -120,6 +122,11 @@ func TestProxyUpgradeUnderLoad(t *testing.T) {
 	p := startUpgradeProxy(t, c, binA)
 	fio := startFio(t, "upgrades", p.uri(), "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16",
 		"--verify=crc32c", "--verify_backlog=512", "--loops=1000", "--time_based", "--runtime=75s")
+	// Every upgrade below happens with fio's connection live.
+	keeltest.MustPoll(t, 60*time.Second, "fio writes through the proxy", func() (bool, string) {
+		st, err := proxyStatusAt(t, p.http)
+		return err == nil && st.Counters["writes"] > 0, fmt.Sprint(st.Counters, err)
+	})
 	versions := []string{"upgrade-b", "dev"}
 	for i := range 20 {
 		installBinary(t, []string{binB, binA}[i%2], p.bin)
@@ -147,12 +154,100 @@ func TestProxyUpgradeUnderLoad(t *testing.T) {
 	}
 }
 
-// TestProxyUpgradeRefusesBrokenBinary: a binary that exits at start, or
-// hangs before ready, is refused; the old process keeps serving, its
-// client's connection untouched, and a good binary then upgrades it.
+// qemuSession is a long qemu-io session on one NBD connection (no
+// reconnect-delay: a dropped connection would fail every later command).
+type qemuSession struct {
+	t     *testing.T
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	mu    sync.Mutex // guards out
+	out   strings.Builder
+}
+
+func (q *qemuSession) Write(b []byte) (int, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.out.Write(b)
+}
+
+func (q *qemuSession) output() string {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.out.String()
+}
+
+func startQemuSession(t *testing.T, addr string) *qemuSession {
+	t.Helper()
+	host, port, _ := strings.Cut(addr, ":")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	q := &qemuSession{t: t}
+	q.cmd = exec.CommandContext(ctx, tool(t, "qemu-io"), "--image-opts",
+		"driver=nbd,server.type=inet,server.host="+host+",server.port="+port+",export=keel")
+	q.cmd.Stdout, q.cmd.Stderr = q, q
+	var err error
+	if q.stdin, err = q.cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); _ = q.cmd.Wait() })
+	return q
+}
+
+// do runs one command and waits until its output line appears (want, the
+// n-th time it does), failing on any error qemu-io prints.
+func (q *qemuSession) do(cmd, want string) {
+	q.t.Helper()
+	n := strings.Count(q.output(), want) + 1
+	if _, err := fmt.Fprintln(q.stdin, cmd); err != nil {
+		q.t.Fatalf("qemu-io %q: %v\n%s", cmd, err, q.output())
+	}
+	keeltest.MustPoll(q.t, 60*time.Second, "qemu-io "+cmd, func() (bool, string) {
+		o := q.output()
+		if bad := qemuIOTrouble(o); bad != "" {
+			q.t.Fatalf("qemu-io %q: %s\n%s", cmd, bad, o)
+		}
+		return strings.Count(o, want) >= n, o
+	})
+}
+
+// qemuIOTrouble names anything in a qemu-io session's output that is not
+// a command succeeding.
+func qemuIOTrouble(o string) string {
+	l := strings.ToLower(o)
+	for _, s := range []string{"error", "failed", "reconnect", "pattern verification"} {
+		if strings.Contains(l, s) {
+			return s
+		}
+	}
+	return ""
+}
+
+func (q *qemuSession) close() {
+	q.t.Helper()
+	fmt.Fprintln(q.stdin, "quit")
+	q.stdin.Close()
+	if err := q.cmd.Wait(); err != nil {
+		q.t.Fatalf("qemu-io: %v\n%s", err, q.output())
+	}
+	if bad := qemuIOTrouble(q.output()); bad != "" {
+		q.t.Fatalf("qemu-io session: %s\n%s", bad, q.output())
+	}
+}
+
+// TestProxyUpgradeRefusesBrokenBinary: a binary that exits at start, hangs
+// before ready, or crashes right after ready (while the parent hands over)
+// is refused: the old process keeps serving, the pid file still names it,
+// and a qemu-io session on one connection keeps working throughout, until
+// a good binary takes it over.
 func TestProxyUpgradeRefusesBrokenBinary(t *testing.T) {
 	c := newCluster(t, "16M", 3)
 	binA := keeltest.MustBinary(t)
+	crash := filepath.Join(t.TempDir(), "crashchild")
+	if r := run(t, 3*time.Minute, "go", "build", "-o", crash, "../../upgrade/upgradetest/crashchild"); r.err != nil {
+		t.Fatalf("building crashchild: %v\n%s", r.err, r.stderr)
+	}
 	p := startUpgradeProxy(t, c, binA, "--upgrade-timeout", "5s")
 	dir := t.TempDir()
 	exits := filepath.Join(dir, "exits")
@@ -163,25 +258,13 @@ func TestProxyUpgradeRefusesBrokenBinary(t *testing.T) {
 	if err := os.WriteFile(hangs, []byte("#!/bin/sh\nexec sleep 600\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	// A client connected throughout: its session must survive every attempt.
-	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
-	defer cancel()
-	qio := exec.CommandContext(ctx, tool(t, "qemu-io"), "--image-opts",
-		"driver=nbd,server.type=inet,server.host="+strings.Split(p.listen, ":")[0]+",server.port="+strings.Split(p.listen, ":")[1]+",export=keel")
-	stdin, err := qio.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out strings.Builder
-	qio.Stdout, qio.Stderr = &out, &out
-	if err := qio.Start(); err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintln(stdin, "write -P 0x5a 0 64k")
+	q := startQemuSession(t, p.listen)
+	q.do("write -P 0x5a 0 64k", "wrote 65536/65536")
 	before := p.pid(t)
-	for _, tc := range []struct{ name, bin, want string }{
+	for i, tc := range []struct{ name, bin, want string }{
 		{"exits at start", exits, "exit status 3"},
 		{"hangs before ready", hangs, "timed out"},
+		{"crashes right after ready", crash, "exit status 3"},
 	} {
 		installBinary(t, tc.bin, p.bin)
 		r := p.upgrade(t)
@@ -191,24 +274,45 @@ func TestProxyUpgradeRefusesBrokenBinary(t *testing.T) {
 		if now := p.pid(t); now != before || !upgrade.Alive(before) {
 			t.Fatalf("%s: pid file names %d, old process %d alive=%v", tc.name, now, before, upgrade.Alive(before))
 		}
-		fmt.Fprintln(stdin, "read -P 0x5a 0 64k")
+		pat := fmt.Sprintf("0x%02x", 0x10+i)
+		q.do("read -P 0x5a 0 64k", "read 65536/65536")
+		q.do("write -P "+pat+" 1M 64k", "wrote 65536/65536")
+		q.do("read -P "+pat+" 1M 64k", "read 65536/65536")
 		t.Logf("%s: refused: %s", tc.name, strings.TrimSpace(r.stderr))
 	}
 	installBinary(t, binA, p.bin)
 	if r := p.upgrade(t); r.err != nil {
 		t.Fatalf("good binary after the broken ones: %v\n%s", r.err, r.stderr)
 	}
-	fmt.Fprintln(stdin, "read -P 0x5a 0 64k")
-	fmt.Fprintln(stdin, "write -P 0x33 64k 64k")
-	fmt.Fprintln(stdin, "read -P 0x33 64k 64k")
-	fmt.Fprintln(stdin, "quit")
-	stdin.Close()
-	if err := qio.Wait(); err != nil {
-		t.Fatalf("qemu-io: %v\n%s\nproxy log:\n%s", err, out.String(), p.first.Output())
+	q.do("read -P 0x5a 0 64k", "read 65536/65536")
+	q.do("write -P 0x33 64k 64k", "wrote 65536/65536")
+	q.do("read -P 0x33 64k 64k", "read 65536/65536")
+	q.close()
+}
+
+// TestProxyUpgradeQemuIOSession: one qemu-io session, one connection,
+// across 6 proxy upgrades with writes and verified reads between them: it
+// never sees an error or a reconnect.
+func TestProxyUpgradeQemuIOSession(t *testing.T) {
+	c := newCluster(t, "16M", 3)
+	binA := keeltest.MustBinary(t)
+	p := startUpgradeProxy(t, c, binA)
+	q := startQemuSession(t, p.listen)
+	for i := range 6 {
+		pat := fmt.Sprintf("0x%02x", 0x40+i)
+		off := fmt.Sprintf("%dk", 64*i)
+		q.do("write -P "+pat+" "+off+" 64k", "wrote 65536/65536")
+		r := p.upgrade(t)
+		if r.err != nil {
+			t.Fatalf("upgrade %d: %v\n%s", i+1, r.err, r.stderr)
+		}
+		q.do("read -P "+pat+" "+off+" 64k", "read 65536/65536")
 	}
-	o := out.String()
-	if strings.Count(o, "read 65536/65536") != 4 || strings.Contains(o, "Pattern verification failed") ||
-		strings.Contains(strings.ToLower(o), "reconnect") || strings.Contains(o, "error") {
-		t.Fatalf("qemu-io session:\n%s", o)
+	for i := range 6 { // everything written is still there
+		q.do(fmt.Sprintf("read -P 0x%02x %dk 64k", 0x40+i, 64*i), "read 65536/65536")
+	}
+	q.close()
+	if n := strings.Count(p.first.Output(), "connections quiesced for handover: count=1"); n != 6 {
+		t.Errorf("%d upgrades handed qemu-io's connection over, want 6", n)
 	}
 }

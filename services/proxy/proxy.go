@@ -47,6 +47,7 @@ type Proxy struct {
 	ids       idWindow
 	lastAcked atomic.Uint64 // log index of the latest acknowledged command (read-your-writes)
 	handedOff atomic.Bool   // a child took over: keep the claim at stop (HandOff)
+	adopted   atomic.Bool   // took over from a parent under the same writer name (Adopt)
 	rr        atomic.Uint64 // round robin over readable replicas
 
 	stats Stats
@@ -384,8 +385,14 @@ func (p *Proxy) HandOff(handed bool) uint64 {
 }
 
 // Adopt makes reads wait for replicas that have applied index, the
-// parent's last acknowledged write.
-func (p *Proxy) Adopt(index uint64) { p.noteAcked(index) }
+// parent's last acknowledged write. Until its first write claims the
+// volume, such a proxy reads as the writer it succeeds (no barrier at the
+// leader): the parent had no request in flight when it handed over, and
+// index covers every write it acknowledged.
+func (p *Proxy) Adopt(index uint64) {
+	p.noteAcked(index)
+	p.adopted.Store(true)
+}
 
 // idWindow hands out request ids and tracks which are still unanswered:
 // every id below low has been answered to the client.
@@ -627,7 +634,7 @@ func (p *Proxy) onReplica(ctx context.Context, fn func(context.Context, *nbd.Cli
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.ReadTimeout)
 	defer cancel()
 	need := p.lastAcked.Load()
-	if !p.holding() {
+	if !p.holding() && !p.adopted.Load() {
 		// Another proxy may write: read at least what the leader had in
 		// its log when this read began (a destination proxy of a live
 		// migration, before its first write, must see every write the
