@@ -110,6 +110,25 @@ func (u *Upgrader) AddListener(network, addr string, l net.Listener) error {
 	return u.tf.AddListener(network, addr, tl)
 }
 
+// File returns the file the parent passed under name (a copy the caller
+// owns), or nil.
+func (u *Upgrader) File(name string) (*os.File, error) {
+	f, err := u.tf.File(name)
+	if err != nil {
+		return nil, fmt.Errorf("upgrade: inherited file %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// AddFile makes f (a duplicate of it) inherited by the next child under
+// name; the caller keeps f.
+func (u *Upgrader) AddFile(name string, f *os.File) error {
+	if err := u.tf.AddFile(name, f); err != nil {
+		return fmt.Errorf("upgrade: passing %s on: %w", name, err)
+	}
+	return nil
+}
+
 // TakeOver is the child's second phase, called once it is prepared: it
 // tells the parent so, takes the parent's process state (resumeState) and
 // resumes, with resume, each connection the parent hands over, until the
@@ -189,11 +208,14 @@ func (u *Upgrader) upgrade(ctx context.Context, h Handover) (Child, error) {
 		s.Close()
 		return Child{}, fmt.Errorf("passing the handover socket: %w", err)
 	}
-	done := make(chan struct{})
-	var tfErr error
-	go func() { defer close(done); tfErr = u.tf.Upgrade() }() // bounded by Config.Timeout
 	ctx, cancel := context.WithTimeout(ctx, u.cfg.Timeout+5*time.Second)
 	defer cancel()
+	done := make(chan struct{})
+	var tfErr error
+	go func() { // bounded by Config.Timeout
+		defer close(done)
+		tfErr = u.upgradeWhenParentGone(ctx)
+	}()
 	child, err := parentSession(ctx, s, done, func() error { return tfErr }, h)
 	if err != nil {
 		// A child that is still there must not take over later.
@@ -203,6 +225,30 @@ func (u *Upgrader) upgrade(ctx context.Context, h Handover) (Child, error) {
 		<-done
 	}
 	return child, err
+}
+
+// upgradeWhenParentGone is tableflip's Upgrade, once this process's own
+// parent is gone: tableflip refuses an upgrade until its watcher has seen
+// the parent exit, which may lag the exit `keel upgrade` waited for by a
+// moment; that refusal starts no child, so it is retried.
+func (u *Upgrader) upgradeWhenParentGone(ctx context.Context) error {
+	if u.tf.HasParent() {
+		if err := u.tf.WaitForParent(ctx); err != nil {
+			return fmt.Errorf("waiting for the previous process to exit: %w", err)
+		}
+	}
+	for range 100 {
+		err := u.tf.Upgrade()
+		if err == nil || err.Error() != "parent hasn't exited" {
+			return err
+		}
+		select {
+		case <-time.After(10 * time.Millisecond):
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+	return errors.New("tableflip still reports the previous process alive")
 }
 
 // Exit is closed once a child has taken over.

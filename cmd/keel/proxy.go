@@ -122,18 +122,8 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 			return fmt.Errorf("--http %s: %w", f.http, err)
 		}
 	}
-	hup := make(chan struct{}, 1)
-	hupSig := make(chan os.Signal, 1)
-	signal.Notify(hupSig, syscall.SIGHUP)
-	defer signal.Stop(hupSig)
-	go func() { // ends with the process: SIGHUP is only ever relayed
-		for range hupSig {
-			select {
-			case hup <- struct{}{}:
-			default:
-			}
-		}
-	}()
+	hup, stopHup := relaySIGHUP()
+	defer stopHup()
 	pr, err := proxy.NewProcess(proxy.ProcessConfig{
 		Proxy: proxy.Config{
 			Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,

@@ -12,6 +12,7 @@ import (
 
 	"github.com/keelstore/keel/replica/rawimage"
 	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/upgrade"
 )
 
 type serveFlags struct {
@@ -21,6 +22,8 @@ type serveFlags struct {
 	name     string
 	readOnly bool
 	drain    time.Duration
+	pidFile  string
+	upgrade  time.Duration
 }
 
 func newServeCmd(g *globalFlags) *cobra.Command {
@@ -47,6 +50,8 @@ then connections are closed (clients such as qemu reconnect and resend).`,
 	fl.StringVar(&f.name, "name", "keel", "export name (clients asking for the empty name get it too)")
 	fl.BoolVar(&f.readOnly, "read-only", false, "refuse writes, trims and zeroes")
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
+	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary without dropping a connection")
+	fl.DurationVar(&f.upgrade, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
 	_ = cmd.MarkFlagRequired("file")
 	return cmd
 }
@@ -60,30 +65,64 @@ func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
 	if err != nil {
 		return err
 	}
-	img, err := rawimage.Open(f.file, rawimage.Options{Size: size, ReadOnly: f.readOnly})
+	u, err := upgrade.New(upgrade.Config{PIDFile: f.pidFile, Timeout: f.upgrade, Version: version, Log: log.Named("upgrade")})
 	if err != nil {
 		return err
+	}
+	defer u.Stop()
+	fail := func(err error) error { u.Fail(err); return err }
+	img, err := openServeImage(u, f.file, rawimage.Options{Size: size, ReadOnly: f.readOnly})
+	if err != nil {
+		return fail(err)
 	}
 	defer img.Close()
 
-	l, uri, err := nbdserve.Listen(f.listen)
+	l, uri, err := nbdserve.ListenWith(f.listen, u)
 	if err != nil {
-		return err
+		return fail(err)
 	}
+	hup, stopHup := relaySIGHUP()
+	defer stopHup()
 	srv, err := nbdserve.NewStandalone(nbdserve.StandaloneConfig{
 		Image: img, Listener: l, Name: f.name, Description: "keel image " + f.file,
-		ReadOnly: f.readOnly, DrainTimeout: f.drain, Log: log,
+		ReadOnly: f.readOnly, DrainTimeout: f.drain, Log: log, Upgrader: u, Upgrades: hup,
 	})
 	if err != nil {
 		l.Close()
-		return err
+		return fail(err)
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	log.Info("serving", "image", img.Path(), "size", img.Size(), "read_only", f.readOnly, "uri", uri)
+	log.Info("serving", "image", img.Path(), "size", img.Size(), "read_only", f.readOnly, "uri", uri, "took_over", u.HasParent())
 	if err := srv.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "keel serve:", err)
 		return err
 	}
 	return nil
+}
+
+// imageFile is the name the image is passed to an upgrade's child under.
+const imageFile = "keel-image"
+
+// openServeImage opens the image, or takes the one the parent passed (its
+// flock is shared with the parent's), and passes it on to the next child.
+func openServeImage(u *upgrade.Upgrader, path string, opts rawimage.Options) (*rawimage.File, error) {
+	var img *rawimage.File
+	f, err := u.File(imageFile)
+	switch {
+	case err != nil:
+		return nil, err
+	case f != nil:
+		img, err = rawimage.Inherit(f, path, opts.ReadOnly)
+	default:
+		img, err = rawimage.Open(path, opts)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := u.AddFile(imageFile, img.File()); err != nil {
+		img.Close()
+		return nil, err
+	}
+	return img, nil
 }

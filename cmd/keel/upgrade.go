@@ -3,6 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -40,4 +43,30 @@ serving and this command reports why, and exits 1. See docs/upgrade.md.`,
 	cmd.Flags().DurationVar(&timeout, "timeout", 90*time.Second, "how long to wait for the outcome")
 	_ = cmd.MarkFlagRequired("pid-file")
 	return cmd
+}
+
+// relaySIGHUP delivers each SIGHUP (an upgrade request) on the returned
+// channel, coalescing those that arrive while one is pending; stop ends
+// the relay and waits for its goroutine.
+func relaySIGHUP() (<-chan struct{}, func()) {
+	hup := make(chan struct{}, 1)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGHUP)
+	done := make(chan struct{})
+	quit := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-sig:
+				select {
+				case hup <- struct{}{}:
+				default:
+				}
+			case <-quit:
+				return
+			}
+		}
+	}()
+	return hup, func() { signal.Stop(sig); close(quit); <-done }
 }

@@ -345,3 +345,30 @@ func (img *File) Cache(off, length uint64) error {
 	}
 	return nil
 }
+
+// File returns the image's open file, to pass to a process that takes
+// over serving it (Inherit); the image keeps ownership.
+func (img *File) File() *os.File { return img.f }
+
+// Inherit takes over an image another process opened (its File, passed
+// down): the flock belongs to the open file description, which both
+// processes now share, so it stays held while either serves. f must be
+// the image at path; Inherit takes ownership of it.
+func Inherit(f *os.File, path string, readOnly bool) (*File, error) {
+	img := &File{f: f, path: path, readOnly: readOnly}
+	if err := img.lock(); err != nil { // the same description: succeeds
+		f.Close()
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("rawimage: %s: %w", path, err)
+	}
+	if !st.Mode().IsRegular() || st.Size() == 0 {
+		f.Close()
+		return nil, fmt.Errorf("rawimage: inherited %s is not a sized regular file", path)
+	}
+	img.size = uint64(st.Size())
+	return img, nil
+}

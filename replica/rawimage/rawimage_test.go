@@ -584,3 +584,30 @@ func TestSyncAndCache(t *testing.T) {
 		t.Error("data changed across Sync and Cache")
 	}
 }
+
+// TestInheritSharesTheLock: an image passed to another process (here,
+// another File over the same description) is served under the same lock,
+// and a fresh Open is still refused.
+func TestInheritSharesTheLock(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "disk.img")
+	img, err := rawimage.Open(path, rawimage.Options{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	dup, err := syscall.Dup(int(img.File().Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	child, err := rawimage.Inherit(os.NewFile(uintptr(dup), path), path, false)
+	if err != nil {
+		t.Fatalf("Inherit: %v", err)
+	}
+	defer child.Close()
+	if child.Size() != 1<<20 {
+		t.Errorf("inherited size %d, want %d", child.Size(), 1<<20)
+	}
+	if _, err := rawimage.Open(path, rawimage.Options{}); !errors.Is(err, rawimage.ErrLocked) {
+		t.Errorf("Open of an inherited image: %v, want ErrLocked", err)
+	}
+}
