@@ -152,3 +152,35 @@ func Trigger(ctx context.Context, pidFile string, every time.Duration) (Status, 
 		}
 	}
 }
+
+// WritePIDFile writes this process's pid to path, atomically, for a
+// process that is not under upgrade control (New writes it otherwise).
+func WritePIDFile(path string) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("upgrade: PID file: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.WriteString(strconv.Itoa(os.Getpid())); err != nil {
+		tmp.Close()
+		return fmt.Errorf("upgrade: PID file: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("upgrade: PID file: %w", err)
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+// Refusals records upgrade requests a process cannot carry out, so that
+// `keel upgrade` reports the refusal at once instead of waiting.
+type Refusals struct {
+	PIDFile string
+	Reason  string
+	n       int
+}
+
+// Refuse records one refused request.
+func (r *Refusals) Refuse() error {
+	r.n++
+	return writeStatus(StatusPath(r.PIDFile), Status{Pid: os.Getpid(), Attempt: r.n, Error: ErrUpgradeFailed.Error() + ": " + r.Reason})
+}

@@ -222,6 +222,7 @@ func (u *Upgrader) upgrade(ctx context.Context, h Handover) (Child, error) {
 		if child.Pid > 0 {
 			_ = syscall.Kill(child.Pid, syscall.SIGKILL)
 		}
+		cancel()
 		<-done
 	}
 	return child, err

@@ -18,6 +18,7 @@ import (
 	"github.com/keelstore/keel/services/nbdserve"
 	"github.com/keelstore/keel/services/server"
 	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/upgrade"
 )
 
 type serverFlags struct {
@@ -38,6 +39,7 @@ type serverFlags struct {
 	trailingLogs uint64
 	memLimit     string
 	heartbeat    time.Duration
+	pidFile      string
 	election     time.Duration
 	lease        time.Duration
 }
@@ -65,6 +67,7 @@ writes fail with EIO after --write-timeout.`,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g, f) },
 	}
 	fl := cmd.Flags()
+	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here at start (for systemd's PIDFile=); SIGHUP is refused, and keel upgrade reports it")
 	fl.StringVar(&f.dir, "dir", "", "data directory: DIR/disk.img and the Raft state (required)")
 	fl.StringVar(&f.id, "id", "", "this node's id in the cluster, e.g. n1 (required)")
 	fl.StringVar(&f.raftAddr, "raft", "", "HOST:PORT for Raft traffic between servers (required)")
@@ -134,6 +137,34 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if f.pidFile != "" {
+		if err := upgrade.WritePIDFile(f.pidFile); err != nil {
+			httpL.Close()
+			nbdL.Close()
+			return err
+		}
+		// A server cannot be upgraded in place yet (docs/upgrade.md):
+		// SIGHUP is refused, and keel upgrade says so, instead of the
+		// signal's default of ending the process.
+		hup, stopHup := relaySIGHUP()
+		defer stopHup()
+		refusals := &upgrade.Refusals{PIDFile: f.pidFile, Reason: "keel server does not support in-place upgrades yet; restart it (the other two nodes keep the quorum)"}
+		hctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		go func() { // ends with runServer (cancel)
+			for {
+				select {
+				case <-hup:
+					log.Warn("upgrade requested (SIGHUP): not supported by keel server yet; ignored")
+					if err := refusals.Refuse(); err != nil {
+						log.Warn("could not record the refused upgrade", "error", err)
+					}
+				case <-hctx.Done():
+					return
+				}
+			}
+		}()
+	}
 
 	if fresh && f.join != "" {
 		size, err = server.Join(ctx, client, f.join, self, log)
