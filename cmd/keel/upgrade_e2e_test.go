@@ -316,3 +316,42 @@ func TestProxyUpgradeQemuIOSession(t *testing.T) {
 		t.Errorf("%d upgrades handed qemu-io's connection over, want 6", n)
 	}
 }
+
+// TestServeUpgradeQemuIOSession: keel serve upgrades the same way (the
+// image passes down with its lock): one qemu-io session across 3 upgrades
+// sees every write, no error and no reconnect, and a second keel serve on
+// the image is still refused.
+func TestServeUpgradeQemuIOSession(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "keel")
+	installBinary(t, keeltest.MustBinary(t), bin)
+	pidFile, img, listen := filepath.Join(dir, "serve.pid"), filepath.Join(dir, "disk.img"), keeltest.MustFreeAddr(t)
+	first := keeltest.MustStart(t, keeltest.ProcConfig{Bin: bin, Name: "serve",
+		Args: []string{"serve", "--file", img, "--size", "16M", "--listen", listen, "--pid-file", pidFile}})
+	keeltest.MustPoll(t, 30*time.Second, "keel serve writes its pid file", func() (bool, string) {
+		pid, err := upgrade.ReadPID(pidFile)
+		return err == nil && pid == first.Pid(), fmt.Sprint(err)
+	})
+	p := &upgradeProxy{bin: bin, pidFile: pidFile, listen: listen, first: first}
+	t.Cleanup(func() {
+		if pid, err := upgrade.ReadPID(pidFile); err == nil && pid != first.Pid() {
+			_ = syscall.Kill(pid, syscall.SIGTERM)
+		}
+	})
+	q := startQemuSession(t, listen)
+	for i := range 3 {
+		pat := fmt.Sprintf("0x%02x", 0x60+i)
+		q.do(fmt.Sprintf("write -P %s %dk 64k", pat, 64*i), "wrote 65536/65536")
+		if r := p.upgrade(t); r.err != nil {
+			t.Fatalf("upgrade %d: %v\n%s", i+1, r.err, r.stderr)
+		}
+		q.do(fmt.Sprintf("read -P %s %dk 64k", pat, 64*i), "read 65536/65536")
+	}
+	if r := run(t, 30*time.Second, bin, "serve", "--file", img, "--listen", keeltest.MustFreeAddr(t)); r.err == nil || !strings.Contains(r.stderr, "in use by another process") {
+		t.Errorf("a second keel serve on the image: %v %s; want it refused (locked)", r.err, r.stderr)
+	}
+	q.close()
+	if n := strings.Count(first.Output(), "connections quiesced for handover: count=1"); n != 3 {
+		t.Errorf("%d upgrades handed qemu-io's connection over, want 3", n)
+	}
+}
