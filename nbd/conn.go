@@ -35,6 +35,7 @@ type conn struct {
 	s    *Server
 	nc   net.Conn
 	br   *bufio.Reader
+	pre  *prefixReader // a resumed connection's read-ahead not yet in br; nil if none
 	st   *session
 	log  hclog.Logger
 	be   Backend
@@ -138,9 +139,9 @@ func (c *conn) serve(ctx context.Context, h *Handoff) (*Detached, error) {
 	})
 	// A handoff stops reading the same way, and then gives the
 	// connection up instead of closing it.
-	stopDetach := func() bool { return false }
+	stopDetach := func() {}
 	if h != nil {
-		stopDetach = afterClose(h.ch, func() {
+		stopDetach = h.watch(func() {
 			c.detaching.Store(true)
 			c.stopping.Store(true)
 			_ = c.nc.SetReadDeadline(time.Now())
@@ -201,6 +202,13 @@ func (c *conn) detach() (*Detached, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: read-ahead: %w", ErrNotDetachable, err)
 	}
+	ra = append([]byte(nil), ra...)
+	if c.pre != nil {
+		ra = append(ra, c.pre.pre...) // read ahead of br: the stream goes on there
+	}
+	if len(ra) > maxReadAhead {
+		return nil, fmt.Errorf("%w: %d bytes read ahead, more than %d", ErrNotDetachable, len(ra), maxReadAhead)
+	}
 	f, err := fc.File()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrNotDetachable, err)
@@ -209,28 +217,10 @@ func (c *conn) detach() (*Detached, error) {
 	st := ConnState{
 		Export: c.exp.Name, Structured: c.st.structured, Extended: c.st.extended,
 		BlockSizeAgreed: c.st.blockSizeAgreed, Flags: c.st.flags, MetaContextID: c.st.metaContextID,
-		BlockSize: c.exp.BlockSize, ReadAhead: append([]byte(nil), ra...),
+		BlockSize: c.exp.BlockSize, ReadAhead: ra,
 	}
 	c.log.Debug("connection quiesced for handoff", "read_ahead", len(ra))
 	return &Detached{File: f, State: st}, nil
-}
-
-// afterClose runs fn once ch is closed, unless the returned stop is
-// called first (stop reports whether it prevented fn).
-func afterClose(ch <-chan struct{}, fn func()) (stop func() bool) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	ran := false
-	go func() {
-		defer close(done)
-		select {
-		case <-ch:
-			ran = true
-			fn()
-		case <-ctx.Done():
-		}
-	}()
-	return func() bool { cancel(); <-done; return !ran }
 }
 
 // readFull reads len(p) bytes. When a graceful stop interrupts it before the

@@ -38,8 +38,8 @@ const (
 )
 
 // maxReadAhead bounds the read-ahead a state may carry: a connection's
-// read buffer.
-const maxReadAhead = 64 << 10
+// read buffer, plus what is left of the read-ahead it was resumed with.
+const maxReadAhead = 128 << 10
 
 // AppendConnState appends st's encoding to b.
 func AppendConnState(b []byte, st ConnState) []byte {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -105,6 +106,7 @@ func TestHandoffUnderLoad(t *testing.T) {
 
 	handoffs := make(chan *nbd.Handoff, 1)
 	served := make(chan error, 1)
+	var sawReadAhead atomic.Int32
 	go func() {
 		nc, err := l.Accept()
 		if err != nil {
@@ -121,6 +123,9 @@ func TestHandoffUnderLoad(t *testing.T) {
 			if err != nil {
 				break
 			}
+			if len(d.State.ReadAhead) > 0 {
+				sawReadAhead.Add(1)
+			}
 			b := nbd.AppendConnState(nil, d.State) // what crosses the process boundary
 			st, perr := nbd.ParseConnState(b)
 			if perr != nil {
@@ -134,15 +139,15 @@ func TestHandoffUnderLoad(t *testing.T) {
 		served <- err
 	}()
 
-	c, err := nbd.Dial(ctx, "tcp", l.Addr().String(), nbd.ClientConfig{Export: "disk", MetaContext: true})
+	c, err := nbd.Dial(ctx, "tcp", l.Addr().String(), nbd.ClientConfig{Export: "disk", MetaContext: true, MaxInFlight: 64})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var mu sync.Mutex
 	want := make([]byte, size)
 	g, gctx := errgroup.WithContext(ctx)
 	stop := make(chan struct{})
-	for w := range 8 {
+	const workers = 32 // each owns the blocks b with b%workers == w
+	for w := range workers {
 		g.Go(func() error {
 			buf := make([]byte, 4096)
 			for i := 0; ; i++ {
@@ -153,16 +158,14 @@ func TestHandoffUnderLoad(t *testing.T) {
 					return gctx.Err()
 				default:
 				}
-				off := uint64((w*131+i*8)%(size/4096)) * 4096
+				off := uint64((i*workers+w)%(size/4096)) * 4096
 				for j := range buf {
 					buf[j] = byte(w + i + j)
 				}
-				mu.Lock() // one writer per block at a time keeps want exact
 				err := c.WriteAt(gctx, buf, off, false)
 				if err == nil {
 					copy(want[off:], buf)
 				}
-				mu.Unlock()
 				if err != nil {
 					return fmt.Errorf("write at %d: %w", off, err)
 				}
@@ -173,9 +176,14 @@ func TestHandoffUnderLoad(t *testing.T) {
 			}
 		})
 	}
-	for range 30 {
-		h := <-handoffs
-		h.Request()
+	for i := range 30 {
+		select {
+		case h := <-handoffs:
+			h.Request()
+		case err := <-served:
+			close(stop)
+			t.Fatalf("the connection ended after %d handoffs: %v (client: %v)", i, err, g.Wait())
+		}
 	}
 	close(stop)
 	if err := g.Wait(); err != nil {
@@ -191,5 +199,106 @@ func TestHandoffUnderLoad(t *testing.T) {
 	c.Close()
 	if err := <-served; err != nil {
 		t.Fatal(err)
+	}
+	t.Logf("%d of 30 handoffs carried read-ahead", sawReadAhead.Load())
+}
+
+// TestHandoffCarriesReadAhead: requests the reader had already buffered
+// when the handoff stopped it travel in the state and are answered by the
+// server that resumes the connection, in the same stream.
+func TestHandoffCarriesReadAhead(t *testing.T) {
+	for _, h := range modes {
+		t.Run(h.name, func(t *testing.T) {
+			mem := nbdtest.NewMem(1 << 20)
+			handoff := nbd.NewHandoff()
+			var first sync.Once
+			a, err := nbd.NewServer(nbd.ServerConfig{
+				Exports: []nbd.Export{{Name: "disk", Backend: mem}},
+				Hooks:   nbd.Hooks{HeaderRead: func(nbd.Request) { first.Do(handoff.Request) }},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := nbd.NewServer(nbd.ServerConfig{Exports: []nbd.Export{{Name: "disk", Backend: mem}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			served := make(chan error, 1)
+			readAhead := make(chan int, 1)
+			go func() {
+				nc, err := l.Accept()
+				if err != nil {
+					served <- err
+					return
+				}
+				d, err := a.ServeConnHandoff(ctx, nc, handoff)
+				if err != nil || d == nil {
+					served <- fmt.Errorf("not detached: %v", err)
+					return
+				}
+				readAhead <- len(d.State.ReadAhead)
+				rc, err := net.FileConn(d.File)
+				d.File.Close()
+				if err != nil {
+					served <- err
+					return
+				}
+				_, err = b.ResumeConn(ctx, rc, d.State, nil)
+				served <- err
+			}()
+			nc, err := net.Dial("tcp", l.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := nbdtest.NewClient(nc)
+			if err := c.Connect(h.h); err != nil {
+				t.Fatal(err)
+			}
+			// Three writes in one segment: the first header read requests
+			// the handoff, the other two are already in the reader's buffer.
+			var out []byte
+			for i := range 3 {
+				r := nbd.Request{Type: nbd.CmdWrite, Cookie: uint64(i + 1), Offset: uint64(i) * 4096, Length: 4096}
+				if h.h.Extended {
+					r.Flags |= nbd.CmdFlagPayloadLen
+				}
+				out = append(nbd.AppendRequest(out, r, h.h.Extended), bytes.Repeat([]byte{byte(0xa0 + i)}, 4096)...)
+			}
+			if _, err := nc.Write(out); err != nil {
+				t.Fatal(err)
+			}
+			res, err := c.RecvAll(3)
+			if err != nil {
+				t.Fatalf("replies: %v", err)
+			}
+			for _, r := range res {
+				if r.Err != 0 {
+					t.Errorf("request %d: %v", r.Cookie, r.Err)
+				}
+			}
+			if n := <-readAhead; n == 0 {
+				t.Error("the handoff carried no read-ahead; the test did not exercise it")
+			}
+			rd, err := c.Do(nbd.Request{Type: nbd.CmdRead, Cookie: 9, Offset: 0, Length: 3 * 4096}, nil)
+			if err != nil || rd.Err != 0 {
+				t.Fatalf("read after resume: %v %v", err, rd)
+			}
+			for i := range 3 {
+				if !bytes.Equal(rd.Data[i*4096:(i+1)*4096], bytes.Repeat([]byte{byte(0xa0 + i)}, 4096)) {
+					t.Errorf("block %d not what was written", i)
+				}
+			}
+			nc.Close()
+			if err := <-served; err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }

@@ -2,7 +2,6 @@ package nbd
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -159,16 +158,46 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 // Handoff asks a connection served by ServeConnHandoff or ResumeConn to
 // give itself up (Request) so that another process can resume it.
 type Handoff struct {
-	once sync.Once
-	ch   chan struct{}
+	mu        sync.Mutex // guards the following
+	requested bool
+	onRequest func() // the serving connection's stop, once it serves
 }
 
 // NewHandoff returns a Handoff not yet requested.
-func NewHandoff() *Handoff { return &Handoff{ch: make(chan struct{})} }
+func NewHandoff() *Handoff { return &Handoff{} }
 
 // Request asks the connection to quiesce at the next request boundary and
-// return as a Detached. Safe to call more than once.
-func (h *Handoff) Request() { h.once.Do(func() { close(h.ch) }) }
+// return as a Detached: when Request returns, the connection reads no
+// further request. Safe to call more than once, and before the connection
+// is served.
+func (h *Handoff) Request() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.requested {
+		return
+	}
+	h.requested = true
+	if h.onRequest != nil {
+		h.onRequest()
+	}
+}
+
+// watch makes fn the stop a Request runs (at once if already requested);
+// the returned function unregisters it.
+func (h *Handoff) watch(fn func()) (stop func()) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.requested {
+		fn()
+		return func() {}
+	}
+	h.onRequest = fn
+	return func() {
+		h.mu.Lock()
+		h.onRequest = nil
+		h.mu.Unlock()
+	}
+}
 
 // Detached is a connection given up at a request boundary: every request
 // read has been answered, nothing more was read, and State has what a
@@ -217,13 +246,32 @@ func (s *Server) ResumeConn(ctx context.Context, nc net.Conn, st ConnState, h *H
 		blockSizeAgreed: st.BlockSizeAgreed, metaContextID: st.MetaContextID,
 	}
 	log := s.cfg.Logger.With("remote", remoteName(nc))
-	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(st.ReadAhead), nc), 64<<10)
+	pr := &prefixReader{pre: st.ReadAhead, r: nc}
+	c := newConn(s, nc, bufio.NewReaderSize(pr, 64<<10), ss, log)
+	c.pre = pr
 	log.Debug("transmission resumed", "export", e.Name, "read_ahead", len(st.ReadAhead))
-	d, err := newConn(s, nc, br, ss, log).serve(ctx, h)
+	d, err := c.serve(ctx, h)
 	if d == nil {
 		nc.Close()
 	}
 	return d, err
+}
+
+// prefixReader reads pre, then r: a resumed connection's read-ahead, then
+// its socket. What is left of pre when the connection is detached again
+// is read-ahead too.
+type prefixReader struct {
+	pre []byte
+	r   io.Reader
+}
+
+func (p *prefixReader) Read(b []byte) (int, error) {
+	if len(p.pre) > 0 {
+		n := copy(b, p.pre)
+		p.pre = p.pre[n:]
+		return n, nil
+	}
+	return p.r.Read(b)
 }
 
 func (s *Server) serveConn(ctx context.Context, nc net.Conn, h *Handoff) (*Detached, error) {
