@@ -82,7 +82,9 @@ type rule struct {
 var rules = []rule{
 	{"nbd imports nothing of Keel's", func(r string) bool { return under(r, "nbd") && !isTestHarness(r) },
 		func(d string) bool { return !under(d, "nbd") }},
-	{"upgrade imports nothing of Keel's", func(r string) bool { return under(r, "upgrade") && !isTestHarness(r) && !under(r, "upgrade/upgradetest") },
+	{"upgrade imports nothing of Keel's", func(r string) bool {
+		return under(r, "upgrade") && !isTestHarness(r) && !under(r, "upgrade/upgradetest")
+	},
 		func(d string) bool { return !under(d, "upgrade") }},
 	{"supervise imports nothing of Keel's", func(r string) bool { return under(r, "supervise") },
 		func(d string) bool { return !under(d, "supervise") }},
