@@ -43,7 +43,13 @@ func TestProcKilledReportsSignal(t *testing.T) {
 }
 
 func TestProcStopPauseResume(t *testing.T) {
-	p := sh(t, "trap 'echo bye; exit 0' TERM; while :; do sleep 0.05; done")
+	p := sh(t, "trap 'echo bye; exit 0' TERM; echo ready; while :; do sleep 0.05; done")
+	// The trap must be set before the signal comes.
+	if err := Poll(t.Context(), 10*time.Second, 10*time.Millisecond, "ready", func() (bool, string, error) {
+		return strings.Contains(p.Output(), "ready"), "", nil
+	}); err != nil {
+		t.Fatal(err)
+	}
 	if err := p.Pause(); err != nil {
 		t.Fatal(err)
 	}
