@@ -1,0 +1,134 @@
+package main
+
+import (
+	"fmt"
+	"image/color"
+	"io"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgsvg"
+)
+
+// The chart colours: keel's targets (the numerators of the table's ratios)
+// stand out; each peer gets a muted colour of its own.
+var (
+	keelColors = []color.Color{
+		color.RGBA{R: 0x1f, G: 0x6f, B: 0xd0, A: 0xff},
+		color.RGBA{R: 0x0b, G: 0x3d, B: 0x91, A: 0xff},
+		color.RGBA{R: 0x5b, G: 0x9b, B: 0xe8, A: 0xff},
+	}
+	peerColors = []color.Color{
+		color.RGBA{R: 0xe0, G: 0x8a, B: 0x2c, A: 0xff},
+		color.RGBA{R: 0x8c, G: 0x8c, B: 0x8c, A: 0xff},
+		color.RGBA{R: 0x4c, G: 0xa0, B: 0x6a, A: 0xff},
+		color.RGBA{R: 0xb0, G: 0x5a, B: 0x8c, A: 0xff},
+	}
+)
+
+// WriteChart draws t's medians as an SVG bar chart to w: one panel per
+// job (each with the scale of its own unit), one bar per target that ran
+// it, the figure written above each bar.
+func WriteChart(w io.Writer, t *Table) error {
+	if len(t.Rows) == 0 {
+		return fmt.Errorf("keelbench: chart %s: no rows", t.Name)
+	}
+	colors := t.colors()
+	row := make([]*plot.Plot, len(t.Rows))
+	for i, r := range t.Rows {
+		p, err := panel(t, r, colors)
+		if err != nil {
+			return fmt.Errorf("keelbench: chart %s, job %s: %w", t.Name, r.Job, err)
+		}
+		row[i] = p
+	}
+	const panelW, height = 2.6 * vg.Inch, 3.2 * vg.Inch
+	c := vgsvg.New(panelW*vg.Length(len(row)), height)
+	tiles := draw.Tiles{Rows: 1, Cols: len(row), PadX: 4 * vg.Millimeter, PadTop: 2 * vg.Millimeter,
+		PadBottom: 2 * vg.Millimeter, PadLeft: 2 * vg.Millimeter, PadRight: 2 * vg.Millimeter}
+	cs := plot.Align([][]*plot.Plot{row}, tiles, draw.New(c))
+	for i, p := range row {
+		p.Draw(cs[0][i])
+	}
+	if _, err := c.WriteTo(w); err != nil {
+		return fmt.Errorf("keelbench: chart %s: %w", t.Name, err)
+	}
+	return nil
+}
+
+// colors gives each target its bar colour.
+func (t *Table) colors() map[string]color.Color {
+	keel := map[string]bool{}
+	for _, ra := range t.Ratios {
+		keel[ra.Num] = true
+	}
+	m := map[string]color.Color{}
+	k, p := 0, 0
+	for _, tg := range t.Targets {
+		if keel[tg] {
+			m[tg] = keelColors[k%len(keelColors)]
+			k++
+		} else {
+			m[tg] = peerColors[p%len(peerColors)]
+			p++
+		}
+	}
+	return m
+}
+
+func panel(t *Table, r Row, colors map[string]color.Color) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = r.Job
+	p.Y.Label.Text = string(r.Unit) + " (median)"
+	p.Y.Min = 0
+	var names []string
+	var pts plotter.XYs
+	var labels []string
+	top := 0.0
+	for _, tg := range t.Targets {
+		if _, runs := r.Rounds[tg]; !runs {
+			continue
+		}
+		x := float64(len(names))
+		names = append(names, tg)
+		v, ok := r.Median(tg)
+		if !ok {
+			continue
+		}
+		b, err := plotter.NewBarChart(plotter.Values{v}, 0.6*vg.Inch)
+		if err != nil {
+			return nil, err
+		}
+		b.XMin = x
+		b.Color = colors[tg]
+		b.LineStyle.Width = 0
+		p.Add(b)
+		pts = append(pts, plotter.XY{X: x, Y: v})
+		labels = append(labels, FormatValue(v, true, r.Unit))
+		top = max(top, v)
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("no targets")
+	}
+	p.NominalX(names...)
+	p.X.Tick.Label.Rotation = 0.5
+	p.X.Tick.Label.XAlign = draw.XRight
+	if len(pts) > 0 {
+		l, err := plotter.NewLabels(plotter.XYLabels{XYs: pts, Labels: labels})
+		if err != nil {
+			return nil, err
+		}
+		for i := range l.TextStyle {
+			l.TextStyle[i].XAlign = draw.XCenter
+			l.TextStyle[i].YAlign = draw.YBottom
+		}
+		p.Add(l)
+	}
+	p.Y.Max = top * 1.15
+	if p.Y.Max == 0 {
+		p.Y.Max = 1
+	}
+	return p, nil
+}
