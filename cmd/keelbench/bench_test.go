@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"encoding/xml"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"os"
@@ -258,5 +259,99 @@ func TestReportWriteDir(t *testing.T) {
 	}
 	if back.Tables[0].Rows[0].Rounds["qemu-nbd"][0] != nil {
 		t.Errorf("a failed round is not null in JSON")
+	}
+}
+
+func TestProcStat(t *testing.T) {
+	total, idle, err := ParseMachineStat("cpu  100 5 50 800 40 0 5 0 0 0\ncpu0 1 2 3\n")
+	if err != nil || total != 1000 || idle != 840 {
+		t.Errorf("machine: %d %d %v", total, idle, err)
+	}
+	if _, _, err := ParseMachineStat("intr 1 2"); err == nil {
+		t.Errorf("a stat without a cpu line parsed")
+	}
+	v, err := ParseProcStat("4242 (keel (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 12 0 1")
+	if err != nil || v != 300 {
+		t.Errorf("proc stat: %d %v", v, err)
+	}
+	m := ParseStatus("Name:\tkeel\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nRssAnon:\t 512 kB\nRssFile:\t 512 kB\n")
+	if m != (Mem{VmRSS: 1 << 20, VmHWM: 2 << 20, RssAnon: 512 << 10, RssFile: 512 << 10}) {
+		t.Errorf("status: %+v", m)
+	}
+	// 2 CPUs, 10 s of wall time = 2000 jiffies; the machine was idle for
+	// 1000 of them (50% of 200%); n1 used 500 jiffies = 5 s = 50% of a core.
+	a := CPUSnap{Total: 0, Idle: 0, Procs: map[string]uint64{"n1": 100, "gone": 1}}
+	b := CPUSnap{Total: 2000, Idle: 1000, Procs: map[string]uint64{"n1": 600, "new": 5}}
+	u := CPUBetween(a, b, 2)
+	if u.Machine != 100 || u.Procs["n1"] != 50 || len(u.Procs) != 1 {
+		t.Errorf("CPU: %+v", u)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"512": 512, "4k": 4096, "256M": 256 << 20, "1G": 1 << 30, "1GiB": 1 << 30, "2T": 2 << 40} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "M", "-1G", "1.5G", "1X"} {
+		if _, err := ParseSize(in); !errors.Is(err, ErrConfig) {
+			t.Errorf("ParseSize(%q) = %v, want ErrConfig", in, err)
+		}
+	}
+	if FormatSize(384<<20) != "384M" || FormatSize(1<<30) != "1G" || FormatSize(1000) != "1000" {
+		t.Errorf("FormatSize: %s %s %s", FormatSize(384<<20), FormatSize(1<<30), FormatSize(1000))
+	}
+}
+
+func validConfig() Config {
+	return Config{Runtime: 3 * time.Second, Ramp: time.Second, Rounds: 1, Out: "o", LogLevel: "info",
+		NBDServers: KnownNBDServers, Cache: 256 << 20, WSet: 192 << 20}
+}
+
+func TestConfigValidate(t *testing.T) {
+	all := []string{"nbd", "cluster", "proxy"}
+	if err := validConfig().Validate(all); err != nil {
+		t.Fatalf("valid config: %v", err)
+	}
+	for name, mod := range map[string]func(*Config){
+		"--size":        func(c *Config) { c.Size = 1000 },
+		"--runtime":     func(c *Config) { c.Runtime = 0 },
+		"--ramp":        func(c *Config) { c.Ramp = -time.Second },
+		"--rounds":      func(c *Config) { c.Rounds = 0 },
+		"--out":         func(c *Config) { c.Out = "" },
+		"--nbd-servers": func(c *Config) { c.NBDServers = []string{"nbd-server"} },
+		"--wset":        func(c *Config) { c.WSet = c.Cache },
+	} {
+		c := validConfig()
+		mod(&c)
+		err := c.Validate(all)
+		if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	// The working set may exceed a small size only if the proxy suite does not run.
+	c := validConfig()
+	c.Size = 128 << 20
+	if c.Validate([]string{"nbd"}) != nil || c.Validate([]string{"proxy"}) == nil {
+		t.Errorf("--wset above --size: the proxy suite should refuse it, the nbd suite not")
+	}
+}
+
+func TestSchedule(t *testing.T) {
+	jobs := func(tg string) []Job {
+		if tg == "follower" {
+			return []Job{SeqWrite}
+		}
+		return []Job{SeqWrite, RandRead}
+	}
+	var got []string
+	for _, v := range Schedule(2, []string{"cluster", "follower", "nbdkit"}, jobs) {
+		got = append(got, fmt.Sprintf("%d:%s:%s", v.Round, v.Target, v.Job.Name))
+	}
+	want := "0:cluster:seq-write 0:cluster:rand-read 0:follower:seq-write 0:nbdkit:seq-write 0:nbdkit:rand-read " +
+		"1:cluster:seq-write 1:cluster:rand-read 1:follower:seq-write 1:nbdkit:seq-write 1:nbdkit:rand-read"
+	if strings.Join(got, " ") != want {
+		t.Errorf("schedule\n got %s\nwant %s", strings.Join(got, " "), want)
 	}
 }
