@@ -44,18 +44,23 @@ func WriteChart(w io.Writer, t *Table) error {
 		}
 		row[i] = p
 	}
-	const panelW, height = 2.6 * vg.Inch, 3.2 * vg.Inch
+	const panelW, height = 2.6 * vg.Inch, 3.6 * vg.Inch
 	c := vgsvg.New(panelW*vg.Length(len(row)), height)
-	tiles := draw.Tiles{Rows: 1, Cols: len(row), PadX: 4 * vg.Millimeter, PadTop: 2 * vg.Millimeter,
-		PadBottom: 2 * vg.Millimeter, PadLeft: 2 * vg.Millimeter, PadRight: 2 * vg.Millimeter}
-	cs := plot.Align([][]*plot.Plot{row}, tiles, draw.New(c))
-	for i, p := range row {
-		p.Draw(cs[0][i])
-	}
+	drawPanels(draw.New(c), row)
 	if _, err := c.WriteTo(w); err != nil {
 		return fmt.Errorf("keelbench: chart %s: %w", t.Name, err)
 	}
 	return nil
+}
+
+// drawPanels lays the panels out in one row on dc.
+func drawPanels(dc draw.Canvas, row []*plot.Plot) {
+	tiles := draw.Tiles{Rows: 1, Cols: len(row), PadX: 4 * vg.Millimeter, PadTop: 2 * vg.Millimeter,
+		PadBottom: 2 * vg.Millimeter, PadLeft: 2 * vg.Millimeter, PadRight: 2 * vg.Millimeter}
+	cs := plot.Align([][]*plot.Plot{row}, tiles, dc)
+	for i, p := range row {
+		p.Draw(cs[0][i])
+	}
 }
 
 // colors gives each target its bar colour.
@@ -80,7 +85,14 @@ func (t *Table) colors() map[string]color.Color {
 
 func panel(t *Table, r Row, colors map[string]color.Color) (*plot.Plot, error) {
 	p := plot.New()
+	// The title carries the ratios, so that the panel reads alone.
 	p.Title.Text = r.Job
+	for _, ra := range t.Ratios {
+		if v, ok := RatioOf(ra, r.Median); ok {
+			p.Title.Text += "\n" + ra.Head() + " " + FormatRatio(v, true)
+		}
+	}
+	p.Title.TextStyle.Font.Size = 10
 	p.Y.Label.Text = string(r.Unit) + " (median)"
 	p.Y.Min = 0
 	var names []string

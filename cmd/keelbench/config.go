@@ -176,3 +176,11 @@ func Schedule(rounds int, targets []string, jobs func(target string) []Job) []Vi
 	}
 	return vs
 }
+
+// rounds is "1 round", "3 rounds".
+func rounds(n int) string {
+	if n == 1 {
+		return "1 round"
+	}
+	return strconv.Itoa(n) + " rounds"
+}

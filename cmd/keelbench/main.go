@@ -282,4 +282,3 @@ func fsType(dir string) string {
 	}
 	return fmt.Sprintf("fs 0x%x", st.Type)
 }
-

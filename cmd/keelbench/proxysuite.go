@@ -16,8 +16,8 @@ var ProxyTargets = []string{"proxy", "leader", "nbdkit", "keel-serve"}
 // and straight to the leader, warm-cache rand-read through all four.
 func ProxyTable(size int64, c Config, leader string) *Table {
 	t := &Table{Name: "proxy",
-		Title: fmt.Sprintf("proxy: volume %s, proxy --cache %s; rand-read on the first %s, warm; %v per job after %v warm-up; %d rounds, targets in turn; leader %s of 3 voters",
-			FormatSize(size), FormatSize(c.Cache), FormatSize(c.WSet), c.Runtime, c.Ramp, c.Rounds, leader),
+		Title: fmt.Sprintf("proxy: volume %s, proxy --cache %s; rand-read on the first %s, warm; %v per job after %v warm-up; %s, targets in turn; leader %s of 3 voters",
+			FormatSize(size), FormatSize(c.Cache), FormatSize(c.WSet), c.Runtime, c.Ramp, rounds(c.Rounds), leader),
 		Targets: ProxyTargets,
 		Ratios: []Ratio{{Num: "proxy", Den: []string{"leader"}}, {Num: "proxy", Den: []string{"nbdkit"}},
 			{Num: "proxy", Den: []string{"keel-serve"}}},

@@ -29,8 +29,8 @@ func nbdServerArgv(name, keel, img, sock string) []string {
 // and to the better of them.
 func NBDTable(servers []string, size int64, b Config) *Table {
 	t := &Table{Name: "nbd", Targets: servers,
-		Title: fmt.Sprintf("nbd: keel serve against its peers; image %s of random data; %v per job after %v warm-up; %d rounds, targets in turn",
-			FormatSize(size), b.Runtime, b.Ramp, b.Rounds)}
+		Title: fmt.Sprintf("nbd: keel serve against its peers; image %s of random data; %v per job after %v warm-up; %s, targets in turn",
+			FormatSize(size), b.Runtime, b.Ramp, rounds(b.Rounds))}
 	var peers []string
 	for _, s := range servers {
 		if s != "keel" {
@@ -114,8 +114,8 @@ func (b *bench) runNBD(ctx context.Context) error {
 // ClusterTable is the cluster suite's table.
 func ClusterTable(size int64, c Config, leader, follower string) *Table {
 	return &Table{Name: "cluster",
-		Title: fmt.Sprintf("cluster: volume %s; %v per job after %v warm-up; %d rounds, targets in turn; cluster = leader %s of 3 voters, follower = %s",
-			FormatSize(size), c.Runtime, c.Ramp, c.Rounds, leader, follower),
+		Title: fmt.Sprintf("cluster: volume %s; %v per job after %v warm-up; %s, targets in turn; cluster = leader %s of 3 voters, follower = %s",
+			FormatSize(size), c.Runtime, c.Ramp, rounds(c.Rounds), leader, follower),
 		Targets: []string{"cluster", "follower", "keel-serve", "nbdkit"},
 		Ratios: []Ratio{{Num: "cluster", Den: []string{"keel-serve"}}, {Num: "cluster", Den: []string{"nbdkit"}},
 			{Num: "follower", Den: []string{"cluster"}}},
