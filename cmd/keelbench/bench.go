@@ -163,7 +163,11 @@ func cpuLine(u CPUUse) string {
 	for _, n := range names {
 		parts = append(parts, fmt.Sprintf("%s %.0f%%", n, u.Procs[n]))
 	}
-	return fmt.Sprintf("CPU %s; machine %.0f%% of %d00%%", strings.Join(parts, " "), u.Machine, runtime.NumCPU())
+	machine := fmt.Sprintf("machine %.0f%% of %d00%%", u.Machine, runtime.NumCPU())
+	if len(parts) == 0 {
+		return machine
+	}
+	return "CPU " + strings.Join(parts, " ") + "; " + machine
 }
 
 // roundLabel names a job's run in round r (0-based).

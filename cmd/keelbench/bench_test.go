@@ -208,6 +208,16 @@ func TestChart(t *testing.T) {
 	if err := WriteChart(io.Discard, &Table{Name: "empty"}); err == nil {
 		t.Errorf("a chart of no rows drew")
 	}
+	// An interrupted run: rows that no target ran yet still draw.
+	tb := &Table{Name: "cut", Targets: []string{"keel", "nbdkit"}}
+	tb.Row("seq-write", UnitMBps)
+	buf.Reset()
+	if err := WriteChart(&buf, tb); err != nil {
+		t.Fatalf("a chart of an interrupted run: %v", err)
+	}
+	if texts := strings.Join(svgTexts(t, buf.Bytes()), "\n"); !strings.Contains(texts, "nbdkit") {
+		t.Errorf("an empty panel has no target names: %s", texts)
+	}
 }
 
 func TestReportWriteDir(t *testing.T) {

@@ -121,8 +121,8 @@ func panel(t *Table, r Row, colors map[string]color.Color) (*plot.Plot, error) {
 		labels = append(labels, FormatValue(v, true, r.Unit))
 		top = max(top, v)
 	}
-	if len(names) == 0 {
-		return nil, fmt.Errorf("no targets")
+	if len(names) == 0 { // nothing ran (an interrupted run): empty slots
+		names = t.Targets
 	}
 	p.NominalX(names...)
 	p.X.Tick.Label.Rotation = 0.5

@@ -35,7 +35,7 @@ func main() {
 	err := newRoot().ExecuteContext(ctx)
 	stop()
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "keelbench: %v\n", err)
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 }
@@ -67,7 +67,9 @@ results.md and one SVG bar chart per table into --out, fio's JSON into
 The machines are shared and noisy: compare ratios from one run, never
 absolute figures. Every child is stopped when keelbench ends, Ctrl-C too.
 Needs fio, nbdinfo, nbdkit and qemu-nbd (scripts/test installs them).`,
-		SilenceUsage: true,
+		SilenceUsage:  true,
+		SilenceErrors: true, // main prints it
+
 	}
 	fl := root.PersistentFlags()
 	fl.StringVar(&f.size, "size", "", "volume and image size, a whole number of MiB (default 1G; 384M for the proxy suite)")

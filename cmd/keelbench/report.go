@@ -121,7 +121,9 @@ func (r *Report) Markdown() string {
 	}
 	for _, t := range r.Tables {
 		fmt.Fprintf(&b, "\n## %s\n\n", t.Title)
-		fmt.Fprintf(&b, "![%s](%s.svg)\n\n", t.Name, t.Name)
+		if len(t.Rows) > 0 {
+			fmt.Fprintf(&b, "![%s](%s.svg)\n\n", t.Name, t.Name)
+		}
 		b.WriteString("Medians of the rounds:\n\n")
 		b.WriteString(t.MedianGrid().Markdown())
 		if t.NRounds() > 1 {
@@ -171,6 +173,9 @@ func (r *Report) WriteDir(dir string) error {
 		"results.md":   []byte(r.Markdown()),
 	}
 	for _, t := range r.Tables {
+		if len(t.Rows) == 0 {
+			continue
+		}
 		var buf bytes.Buffer
 		if err := WriteChart(&buf, t); err != nil {
 			return err
