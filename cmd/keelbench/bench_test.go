@@ -365,3 +365,66 @@ func TestSchedule(t *testing.T) {
 		t.Errorf("schedule\n got %s\nwant %s", strings.Join(got, " "), want)
 	}
 }
+
+func TestSuiteTables(t *testing.T) {
+	c := validConfig()
+	heads := func(tb *Table) string {
+		var h []string
+		for _, r := range tb.Ratios {
+			h = append(h, r.Head())
+		}
+		return strings.Join(h, " ")
+	}
+	for servers, want := range map[string]string{
+		"keel,nbdkit,qemu-nbd": "keel/nbdkit keel/qemu-nbd keel/best",
+		"keel,qemu-nbd":        "keel/qemu-nbd",
+		"nbdkit,qemu-nbd":      "",
+	} {
+		if got := heads(NBDTable(strings.Split(servers, ","), 1<<30, c)); got != want {
+			t.Errorf("nbd ratios for %s: %q, want %q", servers, got, want)
+		}
+	}
+	if got := heads(ClusterTable(1<<30, c, "n1", "n2")); got != "cluster/keel-serve cluster/nbdkit follower/cluster" {
+		t.Errorf("cluster ratios: %s", got)
+	}
+	pt := ProxyTable(384<<20, c, "n1")
+	if got := heads(pt); got != "proxy/leader proxy/nbdkit proxy/keel-serve" || len(pt.Rows) != 3 {
+		t.Errorf("proxy table: %s, %d rows", got, len(pt.Rows))
+	}
+	if got := len(clusterJobs("follower")); got != 2 {
+		t.Errorf("the follower runs %d jobs, want the 2 write jobs", got)
+	}
+	if proxyWriteJobs("nbdkit") != nil {
+		t.Errorf("nbdkit runs write jobs in the proxy suite")
+	}
+
+	ct := ClusterTable(1<<30, c, "n1", "n2")
+	ct.Row(SeqWrite.Name, UnitMBps).Set("cluster", 0, 320, true)
+	ct.Row(SeqWrite.Name, UnitMBps).Set("keel-serve", 0, 800, true)
+	ct.Row(RandWrite.Name, UnitIOPS).Set("cluster", 0, 4000, true)
+	g := strings.Join(clusterGoals(ct), "\n")
+	for _, want := range []string{">= 300 MB/s: 320.0 MB/s MET", ">= 0.5x keel serve: 0.40x MISSED", "three replicas: 4000 (via a follower -;"} {
+		if !strings.Contains(g, want) {
+			t.Errorf("cluster goals lack %q:\n%s", want, g)
+		}
+	}
+}
+
+func TestCacheUse(t *testing.T) {
+	u := CacheBetween(map[string]uint64{"cache_hits": 10, "cache_misses": 5},
+		map[string]uint64{"cache_hits": 109, "cache_misses": 6, "remote_reads": 1})
+	if got := u.String(); got != "99.00% hits of 100 blocks looked up, 1 remote reads" {
+		t.Errorf("cache use: %s", got)
+	}
+	if got := (CacheUse{}).String(); got != "0.00% hits of 0 blocks looked up, 0 remote reads" {
+		t.Errorf("no lookups: %s", got)
+	}
+}
+
+func TestTopLines(t *testing.T) {
+	out := "File: keel\nType: cpu\n      flat  flat%   sum%        cum   cum%\n     0.5s 50% 50% 0.5s 50%  a\n     0.2s 20% 70% 0.2s 20%  b\n     0.1s 10% 80% 0.1s 10%  c\n"
+	got := TopLines(out, 2)
+	if len(got) != 5 || !strings.HasSuffix(got[4], " b") {
+		t.Errorf("TopLines: %q", got)
+	}
+}

@@ -49,7 +49,8 @@ type Procs interface {
 	// failing early if p exits.
 	WaitNBD(ctx context.Context, p Proc, uri string) error
 	// StartCluster starts three `keel server`s (n1 bootstraps, n2 and n3
-	// join) and returns once all three are voters and one leads.
+	// join) and returns once all three are voters and one leads. On an
+	// error the cluster returned holds the nodes started so far.
 	StartCluster(ctx context.Context, spec ClusterSpec) (*Cluster, error)
 	// StartProxy starts `keel proxy` in front of c and returns once it
 	// serves and holds the volume.
@@ -316,23 +317,23 @@ func (ps *osProcs) StartCluster(ctx context.Context, spec ClusterSpec) (*Cluster
 			argv = append(argv, "--join", c.Nodes[0].HTTP)
 		}
 		if n.Proc, err = ps.Start(id, argv, filepath.Join(spec.LogDir, id+".log")); err != nil {
-			return nil, err
+			return c, err
 		}
 		c.Nodes = append(c.Nodes, n)
 		if err := poll(ctx, n.Proc, time.Minute, func() error {
 			_, err := ps.http.Status(ctx, n.HTTP)
 			return err
 		}); err != nil {
-			return nil, err
+			return c, err
 		}
 		if i == 0 { // n1 must lead before the others join it
 			if _, err := ps.waitVoters(ctx, c, 1); err != nil {
-				return nil, err
+				return c, err
 			}
 		}
 	}
 	if c.Leader, err = ps.waitVoters(ctx, c, 3); err != nil {
-		return nil, err
+		return c, err
 	}
 	return c, nil
 }
