@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	crand "crypto/rand"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -11,7 +12,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/keelstore/keel/services/wire"
 )
@@ -100,7 +100,7 @@ func (b *bench) endSuite(suite string) {
 	b.cpu, b.mem = nil, nil
 }
 
-// run is one fio run of the suite: target names the column, cpu the
+// fio is one fio run of the suite: target names the column, cpu the
 // processes whose CPU is shown (name -> pid); the progress line and the
 // CPU row are written as it ends.
 func (b *bench) fio(ctx context.Context, suite, target, label string, run FioRun, cpu map[string]int) (FioResult, bool) {
@@ -181,9 +181,7 @@ func randomImage(path string, size int64) error {
 		return fmt.Errorf("keelbench: image: %w", err)
 	}
 	var seed [32]byte
-	for i := range seed {
-		seed[i] = byte(time.Now().UnixNano() >> (i % 8))
-	}
+	_, _ = crand.Read(seed[:]) // never fails on Linux
 	src := rand.NewChaCha8(seed)
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < size; off += int64(len(buf)) {

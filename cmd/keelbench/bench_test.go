@@ -428,3 +428,23 @@ func TestTopLines(t *testing.T) {
 		t.Errorf("TopLines: %q", got)
 	}
 }
+
+func TestImages(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+	const size = 3<<20 + 5
+	if err := randomImage(src, size); err != nil {
+		t.Fatal(err)
+	}
+	if err := copyImage(dst, src); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(src)
+	b, _ := os.ReadFile(dst)
+	if len(a) != size || !bytes.Equal(a, b) {
+		t.Fatalf("image %d bytes, copy equal %v", len(a), bytes.Equal(a, b))
+	}
+	if zero := make([]byte, 4096); bytes.Equal(a[1<<20:1<<20+4096], zero) {
+		t.Errorf("a random image holds a zero page")
+	}
+}
