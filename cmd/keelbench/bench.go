@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/keelstore/keel/services/wire"
 )
@@ -28,6 +29,8 @@ type bench struct {
 	fioDir string // Out/fio: fio's JSON
 	logDir string // Out/logs: every child's output
 	keel   string // the keel binary
+	// quietTick is how often waitQuiet samples the CPU (default 1s).
+	quietTick time.Duration
 
 	live []Proc     // the running suite's children, in start order
 	cpu  *Section   // the running suite's CPU figures

@@ -254,8 +254,8 @@ func (b *bench) header(ctx context.Context, suites []string) []string {
 			fsType(b.work), b.work, loadavg()),
 		fmt.Sprintf("%s, %s, %s", first("fio", "--version"), first("nbdkit", "--version"), first("qemu-nbd", "--version")),
 		fmt.Sprintf("keel %s (%s)", b.keel, rev),
-		fmt.Sprintf("suites %s; runtime %v, ramp %v, %d rounds; size %s (proxy %s, --cache %s, --wset %s)",
-			strings.Join(suites, ", "), c.Runtime, c.Ramp, c.Rounds, FormatSize(c.SizeFor("nbd")), FormatSize(c.SizeFor("proxy")),
+		fmt.Sprintf("suites %s; runtime %v, ramp %v, %s; size %s (proxy %s, --cache %s, --wset %s)",
+			strings.Join(suites, ", "), c.Runtime, c.Ramp, rounds(c.Rounds), FormatSize(c.SizeFor("nbd")), FormatSize(c.SizeFor("proxy")),
 			FormatSize(c.Cache), FormatSize(c.WSet)),
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"time"
 )
@@ -74,13 +75,17 @@ func (b *bench) proxyCounters(ctx context.Context, p *ProxyProc) map[string]uint
 // not land on the first read job.
 func (b *bench) waitQuiet(ctx context.Context, procs map[string]int, timeout time.Duration) string {
 	start := time.Now()
-	tick := time.NewTicker(time.Second)
+	every := b.quietTick
+	if every == 0 {
+		every = time.Second
+	}
+	tick := time.NewTicker(every)
 	defer tick.Stop()
 	prev, err := ReadCPU(procs)
 	if err != nil {
 		return err.Error()
 	}
-	calm := 0
+	calm := 0 // ticks in a row under 10%
 	for time.Since(start) < timeout {
 		select {
 		case <-ctx.Done():
@@ -92,7 +97,7 @@ func (b *bench) waitQuiet(ctx context.Context, procs map[string]int, timeout tim
 			return err.Error()
 		}
 		busiest := 0.0
-		for _, v := range CPUBetween(prev, cur, 1).Procs {
+		for _, v := range CPUBetween(prev, cur, runtime.NumCPU()).Procs {
 			busiest = max(busiest, v)
 		}
 		prev = cur
@@ -102,7 +107,7 @@ func (b *bench) waitQuiet(ctx context.Context, procs map[string]int, timeout tim
 			calm = 0
 		}
 		if calm >= 2 {
-			return fmt.Sprintf("quiet after %.0f s", time.Since(start).Seconds())
+			return fmt.Sprintf("quiet after %.1f s", time.Since(start).Seconds())
 		}
 	}
 	return fmt.Sprintf("still busy after %v", timeout)
