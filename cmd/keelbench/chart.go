@@ -12,13 +12,13 @@ import (
 	"gonum.org/v1/plot/vg/vgsvg"
 )
 
-// The chart colours: keel's targets (the numerators of the table's ratios)
-// stand out; each peer gets a muted colour of its own.
+// The chart colours.
 var (
 	keelColors = []color.Color{
 		color.RGBA{R: 0x1f, G: 0x6f, B: 0xd0, A: 0xff},
-		color.RGBA{R: 0x0b, G: 0x3d, B: 0x91, A: 0xff},
 		color.RGBA{R: 0x5b, G: 0x9b, B: 0xe8, A: 0xff},
+		color.RGBA{R: 0x0b, G: 0x3d, B: 0x91, A: 0xff},
+		color.RGBA{R: 0x9c, G: 0xc3, B: 0xf0, A: 0xff},
 	}
 	peerColors = []color.Color{
 		color.RGBA{R: 0xe0, G: 0x8a, B: 0x2c, A: 0xff},
@@ -63,21 +63,22 @@ func drawPanels(dc draw.Canvas, row []*plot.Plot) {
 	}
 }
 
-// colors gives each target its bar colour.
+// Peers are the targets that are not Keel; every other target is one of
+// Keel's (keel serve, a cluster's leader or follower, the proxy).
+var Peers = map[string]bool{"nbdkit": true, "qemu-nbd": true}
+
+// colors gives each target its bar colour: Keel's in blues, each peer its
+// own muted colour.
 func (t *Table) colors() map[string]color.Color {
-	keel := map[string]bool{}
-	for _, ra := range t.Ratios {
-		keel[ra.Num] = true
-	}
 	m := map[string]color.Color{}
 	k, p := 0, 0
 	for _, tg := range t.Targets {
-		if keel[tg] {
-			m[tg] = keelColors[k%len(keelColors)]
-			k++
-		} else {
+		if Peers[tg] {
 			m[tg] = peerColors[p%len(peerColors)]
 			p++
+		} else {
+			m[tg] = keelColors[k%len(keelColors)]
+			k++
 		}
 	}
 	return m
@@ -95,12 +96,20 @@ func panel(t *Table, r Row, colors map[string]color.Color) (*plot.Plot, error) {
 	p.Title.TextStyle.Font.Size = 10
 	p.Y.Label.Text = string(r.Unit) + " (median)"
 	p.Y.Min = 0
+	var runs []string
+	for _, tg := range t.Targets {
+		if _, ok := r.Rounds[tg]; ok {
+			runs = append(runs, tg)
+		}
+	}
+	// The bars share about 1.3 inches of the panel, gaps between them.
+	width := min(0.6*vg.Inch, 1.3*vg.Inch/vg.Length(max(1, len(runs))))
 	var names []string
 	var pts plotter.XYs
 	var labels []string
 	top := 0.0
 	for _, tg := range t.Targets {
-		if _, runs := r.Rounds[tg]; !runs {
+		if _, ok := r.Rounds[tg]; !ok {
 			continue
 		}
 		x := float64(len(names))
@@ -109,7 +118,7 @@ func panel(t *Table, r Row, colors map[string]color.Color) (*plot.Plot, error) {
 		if !ok {
 			continue
 		}
-		b, err := plotter.NewBarChart(plotter.Values{v}, 0.6*vg.Inch)
+		b, err := plotter.NewBarChart(plotter.Values{v}, width)
 		if err != nil {
 			return nil, err
 		}
