@@ -32,6 +32,12 @@ var Suites = []string{"nbd", "cluster", "proxy"}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// After the first Ctrl-C the children are stopped in order; a second
+	// one kills the driver at once (and the kernel its children: Pdeathsig).
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
 	err := newRoot().ExecuteContext(ctx)
 	stop()
 	if err != nil {
