@@ -81,6 +81,10 @@ type NodeConfig struct {
 	// LogStore chooses the log store. Default LogStoreWAL (see the closing
 	// notes of the replicated volume issue for the measurement).
 	LogStore LogStoreKind
+	// LogCacheBytes bounds the memory of the cache of recent entries in
+	// front of the log store (see LogCache). Default DefaultLogCacheBytes
+	// (64 MiB); -1 turns the cache off; otherwise 1 MiB to 4 GiB.
+	LogCacheBytes int64
 	// Transport overrides the TCP transport (tests use raft's in-memory
 	// transport).
 	Transport raft.Transport
@@ -111,6 +115,9 @@ type NodeConfig struct {
 func (c *NodeConfig) defaults() {
 	if c.LogStore == "" {
 		c.LogStore = LogStoreWAL
+	}
+	if c.LogCacheBytes == 0 {
+		c.LogCacheBytes = DefaultLogCacheBytes
 	}
 	if c.HeartbeatTimeout == 0 {
 		c.HeartbeatTimeout = DefaultHeartbeatTimeout
@@ -172,6 +179,9 @@ func (c NodeConfig) Validate() error {
 	if c.LogStore != LogStoreWAL && c.LogStore != LogStoreBolt {
 		return fmt.Errorf("replica: LogStore %q: want %q or %q", c.LogStore, LogStoreWAL, LogStoreBolt)
 	}
+	if err := validLogCacheBytes(c.LogCacheBytes); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -217,6 +227,9 @@ func OpenNode(cfg NodeConfig) (_ *Node, err error) {
 	}
 	if n.stores, err = OpenStores(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log); err != nil {
 		return nil, err
+	}
+	if cfg.LogCacheBytes > 0 {
+		n.stores.Log = NewLogCache(n.stores.Log, cfg.LogCacheBytes)
 	}
 	if n.snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 3, cfg.Log.Named("snapshots")); err != nil {
 		return nil, fmt.Errorf("replica: snapshot store: %w", err)
