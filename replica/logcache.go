@@ -9,8 +9,12 @@ import (
 	"github.com/hashicorp/raft"
 )
 
-// DefaultLogCacheBytes is NodeConfig.LogCacheBytes when it is zero.
-const DefaultLogCacheBytes = 64 << 20
+// DefaultLogCacheBytes is NodeConfig.LogCacheBytes when it is zero. It
+// covers the entries of several AppendEntries rounds of 1 MiB writes at
+// QD8; 64 MiB put the live heap at the server's default 192 MiB memory
+// limit and the collector ran back to back (docs/replication.md, "Log
+// cache").
+const DefaultLogCacheBytes = 16 << 20
 
 // The range NodeConfig.LogCacheBytes may take (besides zero, the default,
 // and -1, no cache): at least one 1 MiB write entry, at most 4 GiB.

@@ -83,7 +83,8 @@ type NodeConfig struct {
 	LogStore LogStoreKind
 	// LogCacheBytes bounds the memory of the cache of recent entries in
 	// front of the log store (see LogCache). Default DefaultLogCacheBytes
-	// (64 MiB); -1 turns the cache off; otherwise 1 MiB to 4 GiB.
+	// (16 MiB); -1 turns the cache off; otherwise 1 MiB to 4 GiB. It
+	// counts against the server's heap limit.
 	LogCacheBytes int64
 	// Transport overrides the TCP transport (tests use raft's in-memory
 	// transport).
