@@ -82,6 +82,11 @@ type NodeConfig struct {
 	// LogStore chooses the log store. Default LogStoreWAL (see the closing
 	// notes of the replicated volume issue for the measurement).
 	LogStore LogStoreKind
+	// LogCacheBytes bounds the memory of the cache of recent entries in
+	// front of the log store (see LogCache). Default DefaultLogCacheBytes
+	// (16 MiB); -1 turns the cache off; otherwise 1 MiB to 4 GiB. It
+	// counts against the server's heap limit.
+	LogCacheBytes int64
 	// Transport overrides the TCP transport (tests use raft's in-memory
 	// transport).
 	Transport raft.Transport
@@ -127,6 +132,9 @@ type Forwarder interface {
 func (c *NodeConfig) defaults() {
 	if c.LogStore == "" {
 		c.LogStore = LogStoreWAL
+	}
+	if c.LogCacheBytes == 0 {
+		c.LogCacheBytes = DefaultLogCacheBytes
 	}
 	if c.HeartbeatTimeout == 0 {
 		c.HeartbeatTimeout = DefaultHeartbeatTimeout
@@ -188,6 +196,9 @@ func (c NodeConfig) Validate() error {
 	if c.LogStore != LogStoreWAL && c.LogStore != LogStoreBolt {
 		return fmt.Errorf("replica: LogStore %q: want %q or %q", c.LogStore, LogStoreWAL, LogStoreBolt)
 	}
+	if err := validLogCacheBytes(c.LogCacheBytes); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -247,6 +258,9 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	}
 	if n.stores, err = OpenStores(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log); err != nil {
 		return nil, err
+	}
+	if cfg.LogCacheBytes > 0 {
+		n.stores.Log = NewLogCache(n.stores.Log, cfg.LogCacheBytes)
 	}
 	if n.snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 3, cfg.Log.Named("snapshots")); err != nil {
 		return nil, fmt.Errorf("replica: snapshot store: %w", err)
