@@ -91,7 +91,7 @@ type FSMConfig struct {
 // lets decide (decide.go) rule on it, and carries the effect out on the
 // image.
 type FSM struct {
-	cfg FSMConfig
+	cfg   FSMConfig
 	img   *rawimage.File
 	log   hclog.Logger
 	level Level
