@@ -656,22 +656,32 @@ func (n *Node) NoteLevel(id string, l Level) {
 }
 
 // RefreshLevels sets the cluster's level to the lowest of this node's and
-// of every other member of the Raft configuration as last noted
-// (NoteLevel); a member never heard from counts as LevelLegacy. The
-// leader's Membership calls it after polling the members' status.
+// of every other member, as last noted (NoteLevel): the members are the
+// Raft configuration's servers and the registry's entries (a joining node
+// is registered before it is added, so its level counts from then on). A
+// member never heard from counts as LevelLegacy. The leader's Membership
+// calls it after polling the members' status.
 func (n *Node) RefreshLevels() (Level, error) {
 	term := n.raft.CurrentTerm()
 	f := n.raft.GetConfiguration()
 	if err := f.Error(); err != nil {
 		return 0, fmt.Errorf("replica: refreshing levels: %w", err)
 	}
+	members := map[string]bool{}
+	for _, s := range f.Configuration().Servers {
+		members[string(s.ID)] = true
+	}
+	for id := range n.fsm.State().Nodes {
+		members[id] = true
+	}
 	low := n.cfg.Level
 	n.levelsMu.Lock()
-	for _, s := range f.Configuration().Servers {
-		if string(s.ID) == n.cfg.ID {
+	defer n.levelsMu.Unlock()
+	for id := range members {
+		if id == n.cfg.ID {
 			continue
 		}
-		l, ok := n.levels[string(s.ID)]
+		l, ok := n.levels[id]
 		if !ok {
 			l = LevelLegacy
 		}
@@ -679,7 +689,6 @@ func (n *Node) RefreshLevels() (Level, error) {
 	}
 	n.clusterLevel.Store(uint32(low))
 	n.levelTerm.Store(term)
-	n.levelsMu.Unlock()
 	return low, nil
 }
 

@@ -80,6 +80,22 @@ func TestMixedLevels(t *testing.T) {
 	if got := c.ShareLevels(); got != replica.CurrentLevel {
 		t.Errorf("new leader's cluster level %d after a refresh", got)
 	}
+
+	// A joining node of a build from before levels (its join request says
+	// none): noted before it is registered and added, it lowers the level
+	// at once, and keeps it low while it is registered.
+	nl.NoteLevel("n9", 0)
+	if got := nl.ClusterLevel(); got != replica.LevelLegacy {
+		t.Errorf("cluster level %d right after a level-1 joiner was noted", got)
+	}
+	mustApply(t, c, &replica.Command{Kind: replica.KindRegister, Node: replica.NodeInfo{ID: "n9", Raft: "n9"}})
+	if got, err := nl.RefreshLevels(); err != nil || got != replica.LevelLegacy {
+		t.Errorf("cluster level %d, %v with a registered level-1 node", got, err)
+	}
+	mustApply(t, c, &replica.Command{Kind: replica.KindForget, Node: replica.NodeInfo{ID: "n9"}})
+	if got, err := nl.RefreshLevels(); err != nil || got != replica.CurrentLevel {
+		t.Errorf("cluster level %d, %v once the level-1 node is forgotten", got, err)
+	}
 }
 
 // The FSM meets entries a newer build wrote: it skips an ignorable one and
