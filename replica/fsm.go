@@ -167,6 +167,10 @@ func (f *FSM) Apply(l *raft.Log) any {
 	}
 	if derr == nil {
 		f.applies.Add(1)
+	} else {
+		// Malformed or skipped as ignorable: worth more than a note.
+		f.log.Error(eff.note, "index", l.Index, "error", derr)
+		eff.note = ""
 	}
 	if err := f.carryOut(l.Index, &c, eff); err != nil {
 		f.mu.Unlock()
@@ -182,7 +186,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 // carryOut does to the image what decide said.
 func (f *FSM) carryOut(index uint64, c *Command, eff effect) error {
 	if eff.note != "" {
-		f.log.Warn(eff.note, "index", index, "kind", c.Kind)
+		f.log.Info(eff.note, "index", index, "kind", c.Kind)
 	}
 	var err error
 	switch eff.kind {
