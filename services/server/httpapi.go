@@ -343,10 +343,14 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c, err := replica.DecodeAt(data, n.Level())
+	if errors.Is(err, replica.ErrUnknownCommand) {
+		// Of a level this build does not know (a newer sender): refused
+		// before it is proposed, a result the sender can act on.
+		wire.WriteJSON(w, http.StatusOK, wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusedUnknownCommand, Error: err.Error()})
+		return
+	}
 	if err != nil {
-		// Malformed, or of a level this build does not know (a newer
-		// sender): refused before it is proposed.
-		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusalOf(err), Error: err.Error()})
+		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusedBadCommand, Error: err.Error()})
 		return
 	}
 	if !n.IsLeader() {

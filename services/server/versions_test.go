@@ -2,7 +2,7 @@ package server_test
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"testing"
 	"time"
 
@@ -33,10 +33,9 @@ func TestServerLevels(t *testing.T) {
 
 	future := (&replica.Command{Kind: 42, Level: replica.CurrentLevel + 1, Body: []byte("x")}).Encode(nil)
 	before := o.Holder().Peek().Raft().LastIndex()
-	code, body := post(t, "http://"+o.HTTP+"/v1/apply", "application/octet-stream", future)
-	var r wire.ApplyResponse
-	if err := json.Unmarshal([]byte(body), &r); err != nil || code != 400 || r.Refused != wire.RefusedUnknownCommand {
-		t.Errorf("apply of a command of level %d: %d %s; want 400 and refusal %d", replica.CurrentLevel+1, code, body, wire.RefusedUnknownCommand)
+	r, err := c.Apply(ctx, o.HTTP, future)
+	if err != nil || r.Refused != wire.RefusedUnknownCommand || !errors.Is(r.Refused.Err(r.Error), replica.ErrUnknownCommand) {
+		t.Errorf("apply of a command of level %d: %+v, %v; want refusal %d", replica.CurrentLevel+1, r, err, wire.RefusedUnknownCommand)
 	}
 	if after := o.Holder().Peek().Raft().LastIndex(); after != before {
 		t.Errorf("the unknown command was proposed: last index %d -> %d", before, after)

@@ -131,8 +131,9 @@ type ApplyResponse struct {
 	Index     uint64        `json:"index"`
 	Epoch     uint64        `json:"epoch"`
 	Duplicate bool          `json:"duplicate,omitempty"`
-	// Refused: the FSM refused the command (a Refusal code); Error says
-	// why.
+	// Refused: the FSM refused the command, or the leader did before
+	// proposing it (RefusedFeatureLevel, RefusedUnknownCommand): a Refusal
+	// code; Error says why.
 	Refused Refusal `json:"refused,omitempty"`
 	Error   string  `json:"error,omitempty"`
 	// Holder names the writer that holds the volume when a claim is
