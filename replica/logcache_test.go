@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/raft"
 
@@ -255,6 +258,7 @@ func TestLogCacheConcurrentGetLog(t *testing.T) {
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
 	errs := make(chan error, 4)
+	var reads atomic.Int64
 	for r := 0; r < 4; r++ {
 		wg.Add(1)
 		go func(r int) {
@@ -273,6 +277,7 @@ func TestLogCacheConcurrentGetLog(t *testing.T) {
 				i := last - uint64(rng.Intn(int(min(last, 64))))
 				var l raft.Log
 				err := c.GetLog(i, &l)
+				reads.Add(1)
 				if errors.Is(err, raft.ErrLogNotFound) {
 					continue
 				}
@@ -292,6 +297,11 @@ func TestLogCacheConcurrentGetLog(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+	// On a loaded machine the readers may not have run yet: let them read
+	// the last window too before stopping them.
+	for deadline := time.Now().Add(10 * time.Second); reads.Load() < 2000 && time.Now().Before(deadline); {
+		runtime.Gosched()
 	}
 	close(stop)
 	wg.Wait()

@@ -148,7 +148,7 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	defer stop()
 
 	if fresh && f.join != "" {
-		size, err = server.Join(ctx, client, f.join, self, log)
+		size, err = server.Join(ctx, client, f.join, self, replica.CurrentLevel, version, log)
 		if err != nil {
 			httpL.Close()
 			nbdL.Close()
@@ -166,7 +166,11 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		HeartbeatTimeout: f.heartbeat, ElectionTimeout: f.election, LeaderLeaseTimeout: f.lease,
 		SnapshotBytes: f.snapBytes, SnapshotThreshold: f.snapEntries, SnapshotInterval: f.snapInterval, TrailingLogs: f.trailingLogs,
 		OnFatal: func(err error) {
-			log.Error("stopping: the image cannot be written; fix the disk, then restart this node", "error", err)
+			if errors.Is(err, replica.ErrUnknownCommand) {
+				log.Error("stopping: the log holds an entry of a newer build; run that build (or newer) on this node", "error", err, "version", version, "level", replica.CurrentLevel)
+			} else {
+				log.Error("stopping: the image cannot be written; fix the disk, then restart this node", "error", err)
+			}
 			fmt.Fprintln(os.Stderr, "keel server: FATAL:", err)
 			os.Exit(70)
 		},
@@ -184,14 +188,14 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	}
 	srv, err := server.New(server.Config{
 		Node: nodeCfg, HTTP: httpL, NBD: nbdL, VolumeSize: volSize,
-		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Log: log,
+		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Version: version, Log: log,
 	})
 	if err != nil {
 		httpL.Close()
 		nbdL.Close()
 		return err
 	}
-	log.Info("server starting", "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
+	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
 	return srv.Run(ctx)
 }
 

@@ -276,6 +276,27 @@ func (c *Cluster) AddVoter(id string) {
 	}
 }
 
+// ShareLevels tells every running node the feature level of every other
+// one (what a keel server learns from its peers' status), then refreshes
+// the leader's cluster level and returns it.
+func (c *Cluster) ShareLevels() replica.Level {
+	c.t.Helper()
+	c.mu.Lock()
+	for _, n := range c.nodes {
+		for _, o := range c.nodes {
+			if o != n {
+				n.NoteLevel(o.ID(), o.Level())
+			}
+		}
+	}
+	c.mu.Unlock()
+	l, err := c.WaitLeader().RefreshLevels()
+	if err != nil {
+		c.t.Fatalf("refreshing levels: %v", err)
+	}
+	return l
+}
+
 // Apply applies a command through the current leader, retrying leadership
 // changes for up to 10s.
 func (c *Cluster) Apply(cmd *replica.Command) (replica.Result, error) {

@@ -242,7 +242,7 @@ func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
 		return a.result()
 	}
 	c := replica.Command{Kind: replica.KindClaim, Writer: p.cfg.Writer, Takeover: a.takeover}
-	r, err := p.send(ctx, c.Encode(nil))
+	r, err := p.send(ctx, c.EncodeCompat(nil))
 	if err != nil {
 		return 0, err
 	}
@@ -352,7 +352,7 @@ func (p *Proxy) release(ctx context.Context) {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	c := replica.Command{Kind: replica.KindRelease, Epoch: e}
-	if _, err := p.send(rctx, c.Encode(nil)); err != nil {
+	if _, err := p.send(rctx, c.EncodeCompat(nil)); err != nil {
 		p.log.Warn("could not release the volume; the next proxy needs the same --writer name or --takeover", "error", err)
 		return
 	}
@@ -410,7 +410,7 @@ func (p *Proxy) commit(ctx context.Context, c *replica.Command) error {
 	defer p.ids.done(id)
 	c.Epoch, c.ReqID, c.AckedBelow = epoch, id, acked
 	p.stats.Writes.Add(1)
-	r, err := p.send(ctx, c.Encode(nil))
+	r, err := p.send(ctx, c.EncodeCompat(nil))
 	if err != nil {
 		length := c.Length
 		if c.Kind == replica.KindWrite {

@@ -478,6 +478,10 @@ type Node struct {
 	// Raft, HTTP and NBD are 127.0.0.1:PORT. StartFresh picks new ones if
 	// one was taken; they do not change after it returns.
 	Raft, HTTP, NBD string
+	// Bin, if set, is the binary of this node's next runs instead of
+	// ClusterConfig.Bin (another build, for a mixed-version cluster). Set
+	// it while the node is stopped.
+	Bin string
 
 	c *Cluster
 
@@ -530,7 +534,11 @@ func (n *Node) Start(extra ...string) error {
 	if n.proc != nil && !n.proc.Exited() {
 		return fmt.Errorf("%s: started while still running", n.ID)
 	}
-	p, err := n.c.group.Start(ProcConfig{Bin: n.c.cfg.Bin, Name: n.ID, Args: n.Args(extra...), LogPath: n.LogPath})
+	bin := n.c.cfg.Bin
+	if n.Bin != "" {
+		bin = n.Bin
+	}
+	p, err := n.c.group.Start(ProcConfig{Bin: bin, Name: n.ID, Args: n.Args(extra...), LogPath: n.LogPath})
 	if err != nil {
 		return err
 	}
