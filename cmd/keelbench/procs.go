@@ -1,30 +1,26 @@
 package main
 
 // Every process the driver starts, every port it picks and every wait for a
-// child to accept is in this file, behind the Procs interface, so that it
-// can be replaced by calls into cmd/keel/keeltest in one place. Children
-// run in their own process group (a Ctrl-C at the terminal reaches only the
-// driver, which then stops them in order) and are killed by the kernel if
-// the driver dies first (Pdeathsig).
+// child to accept is in this file, behind the Procs interface (the tests
+// put fakes behind it), and done by cmd/keel/keeltest, the harness of the
+// end-to-end tests. Children run in their own process group (a Ctrl-C at
+// the terminal reaches only the driver, which then stops them in order)
+// and are killed by the kernel if the driver dies first (Pdeathsig).
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
 	"time"
 
-	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/cmd/keel/keeltest"
 )
-
-// ErrExited is returned when a child exits while it is waited on.
-var ErrExited = errors.New("keelbench: process exited")
 
 // Proc is one running child process.
 type Proc interface {
@@ -46,7 +42,7 @@ type Procs interface {
 	// versions).
 	Output(ctx context.Context, argv []string) (string, error)
 	// WaitNBD waits until uri answers an NBD handshake (nbdinfo --size),
-	// failing early if p exits.
+	// failing early (keeltest.ErrExited) if p exits.
 	WaitNBD(ctx context.Context, p Proc, uri string) error
 	// StartCluster starts three `keel server`s (n1 bootstraps, n2 and n3
 	// join) and returns once all three are voters and one leads. On an
@@ -80,6 +76,8 @@ type Node struct {
 type Cluster struct {
 	Nodes  []Node
 	Leader string // the leader's id when the cluster came up
+
+	kt *keeltest.Cluster // nil in tests' fakes
 }
 
 // Node returns the node of id.
@@ -111,14 +109,13 @@ func (c *Cluster) HTTPs() []string {
 	return a
 }
 
-// ProxySpec describes the proxy StartProxy starts.
+// ProxySpec describes the proxy StartProxy starts; it runs the cluster's
+// keel binary at the cluster's --log-level.
 type ProxySpec struct {
-	Keel       string
 	Sock       string // NBD unix socket
 	Cache      int64  // --cache in bytes
 	Writer     string // --writer
 	CPUProfile string // keel --cpu-profile file; empty: none
-	LogLevel   string
 	Log        string
 	// HTTP is the proxy's --http; empty: a free port is picked.
 	HTTP string
@@ -131,100 +128,67 @@ type ProxyProc struct {
 	Sock string
 }
 
-// osProcs runs real processes.
+// stopTimeout bounds SIGTERM to exit; SIGKILL follows.
+const stopTimeout = 30 * time.Second
+
+// osProcs runs real processes through keeltest.
 type osProcs struct {
-	http *wire.Client
-	mu   sync.Mutex // guards the following
-	all  []*osProc
+	group keeltest.Group // the children Start starts
+
+	mu       sync.Mutex // guards clusters
+	clusters []*keeltest.Cluster
 }
 
 // NewProcs returns the Procs that run real children.
-func NewProcs() Procs { return &osProcs{http: wire.NewClient(3 * time.Second)} }
+func NewProcs() Procs { return &osProcs{} }
 
+// osProc is a keeltest process under the driver's name for it.
 type osProc struct {
 	name string
-	cmd  *exec.Cmd
-	done chan struct{} // closed once it has exited
-	err  error         // its exit status; set before done is closed
+	p    *keeltest.Proc
 	once sync.Once
-	serr error
+	err  error // what the first Stop said
 }
 
 func (p *osProc) Name() string { return p.name }
-func (p *osProc) PID() int     { return p.cmd.Process.Pid }
+func (p *osProc) PID() int     { return p.p.Pid() }
 
 func (p *osProc) Stop() error {
-	p.once.Do(func() {
-		_ = p.cmd.Process.Signal(syscall.SIGTERM)
-		t := time.NewTimer(30 * time.Second)
-		defer t.Stop()
-		select {
-		case <-p.done:
-		case <-t.C:
-			_ = p.cmd.Process.Kill()
-			<-p.done
-			p.serr = fmt.Errorf("keelbench: %s (pid %d) still running 30s after SIGTERM; killed", p.name, p.PID())
-			return
-		}
-		var ee *exec.ExitError
-		if errors.As(p.err, &ee) {
-			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGTERM {
-				return // nbdkit and qemu-nbd die of SIGTERM
-			}
-		}
-		if p.err != nil {
-			p.serr = fmt.Errorf("keelbench: %s exited after SIGTERM: %w", p.name, p.err)
-		}
-	})
-	return p.serr
+	p.once.Do(func() { p.err = stopErr(p.name, p.p, p.p.Stop(stopTimeout)) })
+	return p.err
 }
 
-func openLog(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("keelbench: log: %w", err)
+// stopErr judges what keeltest's Stop returned: dying of SIGTERM (nbdkit
+// and qemu-nbd do) is a clean stop, and so is an exit with status 0, before
+// the signal or after it.
+func stopErr(name string, p *keeltest.Proc, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, keeltest.ErrTimeout):
+		return fmt.Errorf("keelbench: %s (pid %d) still running %v after SIGTERM; killed: %w", name, p.Pid(), stopTimeout, err)
 	}
-	return f, nil
+	if sig, ok := p.ExitSignal(); ok && sig == syscall.SIGTERM {
+		return nil
+	}
+	if p.Err() == nil {
+		return nil
+	}
+	return fmt.Errorf("keelbench: %s exited after SIGTERM: %w", name, p.Err())
 }
 
 func (ps *osProcs) Start(name string, argv []string, log string) (Proc, error) {
-	f, err := openLog(log)
+	p, err := ps.group.Start(keeltest.ProcConfig{Bin: argv[0], Name: name, Args: argv[1:], LogPath: log})
 	if err != nil {
-		return nil, err
-	}
-	defer f.Close() // the child holds its own descriptor
-	fmt.Fprintf(f, "---- keelbench: starting %s at %s: %q ----\n", name, time.Now().Format(time.RFC3339Nano), argv)
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("keelbench: starting %s: %w", name, err)
 	}
-	p := &osProc{name: name, cmd: cmd, done: make(chan struct{})}
-	go func() { // owned by p: ends when the child does
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	ps.mu.Lock()
-	ps.all = append(ps.all, p)
-	ps.mu.Unlock()
-	return p, nil
+	return &osProc{name: name, p: p}, nil
 }
 
 func (ps *osProcs) Run(ctx context.Context, argv []string, log string) error {
-	f, err := openLog(log)
+	err := keeltest.Run(ctx, keeltest.ProcConfig{Bin: argv[0], Name: filepath.Base(argv[0]), Args: argv[1:], LogPath: log}, 10*time.Second)
 	if err != nil {
-		return err
-	}
-	defer f.Close()
-	fmt.Fprintf(f, "---- keelbench: running %q ----\n", argv)
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 10 * time.Second
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("keelbench: %s: %w (see %s)", filepath.Base(argv[0]), err, log)
+		return fmt.Errorf("keelbench: %w (see %s)", err, log)
 	}
 	return nil
 }
@@ -237,178 +201,100 @@ func (ps *osProcs) Output(ctx context.Context, argv []string) (string, error) {
 	return string(out), nil
 }
 
+// StopAll stops the children Start started, the newest first, then each
+// cluster (its proxies, then its servers), the newest first.
 func (ps *osProcs) StopAll() {
+	running := ps.group.Running()
+	slices.Reverse(running)
+	_ = ps.group.StopAll(stopTimeout, running...)
 	ps.mu.Lock()
-	all := ps.all
-	ps.all = nil
+	clusters := ps.clusters
+	ps.clusters = nil
 	ps.mu.Unlock()
-	for i := len(all) - 1; i >= 0; i-- {
-		_ = all[i].Stop()
+	for i := len(clusters) - 1; i >= 0; i-- {
+		_ = clusters[i].StopAll()
+		clusters[i].Close()
 	}
 }
 
-// poll calls try every 100 ms until it succeeds, p exits, ctx ends or
-// timeout passes; it returns the last error of try on timeout.
-func poll(ctx context.Context, p Proc, timeout time.Duration, try func() error) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	var done <-chan struct{}
-	if op, ok := p.(*osProc); ok {
-		done = op.done
-	}
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
+// waitFor calls try every 100 ms until it succeeds, p exits
+// (keeltest.ErrExited), ctx ends or timeout passes.
+func waitFor(ctx context.Context, p *keeltest.Proc, timeout time.Duration, what string, try func() error) error {
+	return keeltest.Poll(ctx, timeout, 100*time.Millisecond, "waiting for "+what, func() (bool, string, error) {
 		err := try()
 		if err == nil {
-			return nil
+			return true, "", nil
 		}
-		select {
-		case <-done:
-			return fmt.Errorf("%w: %s: %w", ErrExited, p.Name(), p.(*osProc).err)
-		case <-ctx.Done():
-			return fmt.Errorf("keelbench: waiting for %s: %w (last: %w)", p.Name(), ctx.Err(), err)
-		case <-tick.C:
+		if p.Exited() {
+			return false, "", fmt.Errorf("%w: %s: %v", keeltest.ErrExited, p.Name(), p.Err())
 		}
-	}
+		return false, err.Error(), nil
+	})
 }
 
 func (ps *osProcs) WaitNBD(ctx context.Context, p Proc, uri string) error {
-	return poll(ctx, p, 30*time.Second, func() error {
+	return waitNBD(ctx, p.(*osProc).p, uri)
+}
+
+func waitNBD(ctx context.Context, p *keeltest.Proc, uri string) error {
+	return waitFor(ctx, p, 30*time.Second, p.Name()+" to answer on "+uri, func() error {
 		return exec.CommandContext(ctx, "nbdinfo", "--size", uri).Run()
 	})
 }
 
-// freePorts picks n ports on 127.0.0.1 that are free now (another program
-// may still take one before the child listens: it then fails to start).
-func freePorts(n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			_ = l.Close()
-		}
-	}()
-	var ports []int
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("keelbench: picking a port: %w", err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
 func (ps *osProcs) StartCluster(ctx context.Context, spec ClusterSpec) (*Cluster, error) {
-	ports, err := freePorts(6)
+	kc, err := keeltest.NewCluster(keeltest.ClusterConfig{Bin: spec.Keel, Dir: spec.Dir, LogDir: spec.LogDir, NBDSocketDir: spec.Dir,
+		N: 3, Size: strconv.FormatInt(spec.Size, 10), GlobalFlags: []string{"--log-level", spec.LogLevel}, HTTPTimeout: 3 * time.Second})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("keelbench: %w", err)
 	}
-	c := &Cluster{}
-	for i := range 3 {
-		id := "n" + strconv.Itoa(i+1)
-		n := Node{ID: id, HTTP: "127.0.0.1:" + strconv.Itoa(ports[3+i]), Sock: filepath.Join(spec.Dir, id+".sock")}
-		argv := []string{spec.Keel, "--log-level", spec.LogLevel, "server", "--dir", filepath.Join(spec.Dir, id), "--id", id,
-			"--raft", "127.0.0.1:" + strconv.Itoa(ports[i]), "--http", n.HTTP, "--nbd", "unix:" + n.Sock}
-		if i == 0 {
-			argv = append(argv, "--bootstrap", "--size", strconv.FormatInt(spec.Size, 10))
-		} else {
-			argv = append(argv, "--join", c.Nodes[0].HTTP)
-		}
-		if n.Proc, err = ps.Start(id, argv, filepath.Join(spec.LogDir, id+".log")); err != nil {
-			return c, err
-		}
-		c.Nodes = append(c.Nodes, n)
-		if err := poll(ctx, n.Proc, time.Minute, func() error {
-			_, err := ps.http.Status(ctx, n.HTTP)
-			return err
-		}); err != nil {
-			return c, err
-		}
-		if i == 0 { // n1 must lead before the others join it
-			if _, err := ps.waitVoters(ctx, c, 1); err != nil {
-				return c, err
-			}
+	ps.mu.Lock()
+	ps.clusters = append(ps.clusters, kc)
+	ps.mu.Unlock()
+	err = kc.Start(ctx)
+	c := &Cluster{kt: kc}
+	for _, n := range kc.Nodes() {
+		if p := n.Proc(); p != nil {
+			c.Nodes = append(c.Nodes, Node{ID: n.ID, HTTP: n.HTTP, Sock: n.NBDSocket(), Proc: &osProc{name: n.ID, p: p}})
 		}
 	}
-	if c.Leader, err = ps.waitVoters(ctx, c, 3); err != nil {
-		return c, err
+	if err != nil {
+		return c, fmt.Errorf("keelbench: %w", err)
 	}
+	lead, err := kc.Leader(ctx)
+	if err != nil {
+		return c, fmt.Errorf("keelbench: %w", err)
+	}
+	c.Leader = lead.ID
 	return c, nil
 }
 
-// waitVoters waits until n1 sees n voters and a leader; it returns the
-// leader's id.
-func (ps *osProcs) waitVoters(ctx context.Context, c *Cluster, n int) (string, error) {
-	var leader string
-	err := poll(ctx, c.Nodes[0].Proc, 2*time.Minute, func() error {
-		cs, err := ps.http.Cluster(ctx, c.Nodes[0].HTTP)
-		if err != nil {
-			return err
-		}
-		voters := 0
-		for _, m := range cs.Members {
-			if m.Suffrage == "Voter" {
-				voters++
-			}
-		}
-		if voters < n || cs.Leader == "" {
-			return fmt.Errorf("%d voters, leader %q", voters, cs.Leader)
-		}
-		leader = cs.Leader
-		return nil
-	})
-	return leader, err
-}
-
 func (ps *osProcs) StartProxy(ctx context.Context, c *Cluster, spec ProxySpec) (*ProxyProc, error) {
-	if spec.HTTP == "" {
-		ports, err := freePorts(1)
-		if err != nil {
-			return nil, err
-		}
-		spec.HTTP = "127.0.0.1:" + strconv.Itoa(ports[0])
-	}
-	argv := []string{spec.Keel, "--log-level", spec.LogLevel}
+	var global []string
 	if spec.CPUProfile != "" {
-		argv = append(argv, "--cpu-profile", spec.CPUProfile)
+		global = []string{"--cpu-profile", spec.CPUProfile}
 	}
-	var servers string
-	for i, h := range c.HTTPs() {
-		if i > 0 {
-			servers += ","
-		}
-		servers += h
-	}
-	argv = append(argv, "proxy", "--servers", servers, "--listen", "unix:"+spec.Sock,
-		"--cache", strconv.FormatInt(spec.Cache, 10), "--writer", spec.Writer, "--http", spec.HTTP)
-	p, err := ps.Start("proxy", argv, spec.Log)
-	if err != nil {
-		return nil, err
-	}
-	pp := &ProxyProc{Proc: p, HTTP: spec.HTTP, Sock: spec.Sock}
-	// Serving, then holding the volume (writes before the claim would
-	// wait for it anyway).
-	err = poll(ctx, p, time.Minute, func() error {
-		var st struct {
-			Holding bool `json:"holding"`
-		}
-		if err := ps.http.Do(ctx, "GET", spec.HTTP, "/v1/status", nil, &st); err != nil {
+	kp, err := c.kt.StartProxy(ctx, keeltest.ProxyConfig{Name: spec.Writer, Listen: "unix:" + spec.Sock, HTTP: spec.HTTP,
+		LogPath: spec.Log, GlobalFlags: global, Flags: []string{"--cache", strconv.FormatInt(spec.Cache, 10)}})
+	if err == nil {
+		// Serving, then holding the volume (writes before the claim would
+		// wait for it anyway).
+		err = waitFor(ctx, kp.Proc(), time.Minute, "the proxy to hold the volume", func() error {
+			st, err := kp.Status(ctx)
+			if err == nil && !st.Holding {
+				err = errors.New("not holding the volume yet")
+			}
 			return err
-		}
-		if !st.Holding {
-			return errors.New("not holding the volume yet")
-		}
-		return nil
-	})
+		})
+	}
+	if err == nil {
+		err = waitNBD(ctx, kp.Proc(), NBDURI(spec.Sock))
+	}
 	if err != nil {
-		_ = p.Stop()
-		return nil, err
+		if kp != nil && kp.Running() {
+			_ = kp.Stop()
+		}
+		return nil, fmt.Errorf("keelbench: %w", err)
 	}
-	if err := ps.WaitNBD(ctx, p, NBDURI(spec.Sock)); err != nil {
-		_ = p.Stop()
-		return nil, err
-	}
-	return pp, nil
+	return &ProxyProc{Proc: &osProc{name: "proxy", p: kp.Proc()}, HTTP: kp.HTTP, Sock: spec.Sock}, nil
 }

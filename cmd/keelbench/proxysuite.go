@@ -137,8 +137,8 @@ func (b *bench) runProxy(ctx context.Context) error {
 		return err
 	}
 	leader, _ := c.Node(c.Leader)
-	spec := ProxySpec{Keel: b.keel, Sock: filepath.Join(dir, "proxy.sock"), Cache: cfg.Cache, Writer: "keelbench",
-		LogLevel: cfg.LogLevel, Log: filepath.Join(b.logDir, "proxy.log")}
+	spec := ProxySpec{Sock: filepath.Join(dir, "proxy.sock"), Cache: cfg.Cache, Writer: "keelbench",
+		Log: filepath.Join(b.logDir, "proxy.log")}
 	var proxy *ProxyProc
 	startProxy := func() error {
 		p, err := b.procs.StartProxy(ctx, c, spec)
