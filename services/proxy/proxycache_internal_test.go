@@ -5,6 +5,18 @@ import (
 	"testing"
 )
 
+// get returns a copy of block b when cached.
+func (c *blockCache) get(b uint64) ([]byte, bool) {
+	if !c.has(b) {
+		return nil, false
+	}
+	d := make([]byte, cacheBlock)
+	if miss := c.copyOut(d, b*cacheBlock, nil); len(miss) > 0 {
+		return nil, false
+	}
+	return d, true
+}
+
 func TestBlockCacheFillRules(t *testing.T) {
 	blk := func(v byte) []byte { return bytes.Repeat([]byte{v}, cacheBlock) }
 	c := newBlockCache(4 * cacheBlock)
@@ -128,11 +140,18 @@ func TestBlockCachePoison(t *testing.T) {
 	if _, ok := c.get(1); ok {
 		t.Fatal("poisoned block cached again by a later read")
 	}
+	// Poisoning is by poisonUnit: the rest of the unit goes too...
 	c.fill(c.startFill(), 2, make([]byte, cacheBlock))
-	if _, ok := c.get(2); !ok {
-		t.Fatal("a neighbour of the poisoned block is not cached")
+	if _, ok := c.get(2); ok {
+		t.Fatal("a block in the poisoned unit is cached")
 	}
-	if !c.poison(0, maxPoisoned*cacheBlock) {
+	// ...its neighbours do not.
+	next := uint64(poisonUnit / cacheBlock)
+	c.fill(c.startFill(), next, make([]byte, cacheBlock))
+	if _, ok := c.get(next); !ok {
+		t.Fatal("the block after the poisoned unit is not cached")
+	}
+	if !c.poison(0, maxPoisoned*poisonUnit) {
 		t.Fatal("poisoning more than maxPoisoned blocks did not turn the cache off")
 	}
 	c.fill(c.startFill(), 5, make([]byte, cacheBlock))
