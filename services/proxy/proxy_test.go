@@ -22,7 +22,7 @@ import (
 
 // runProxy starts a Proxy in front of the servers and serves it over NBD
 // on a unix socket; it returns the proxy and a connected client.
-func runProxy(t *testing.T, cfg proxy.Config) (*proxy.Proxy, *nbd.Client) {
+func runProxy(t testing.TB, cfg proxy.Config) (*proxy.Proxy, *nbd.Client) {
 	t.Helper()
 	if cfg.Log == nil {
 		cfg.Log = servertest.Logger(t, cfg.Writer)
@@ -77,7 +77,7 @@ func runProxy(t *testing.T, cfg proxy.Config) (*proxy.Proxy, *nbd.Client) {
 }
 
 // directClient connects to the server itself, bypassing the proxy.
-func directClient(t *testing.T, o *servertest.Node) *nbd.Client {
+func directClient(t testing.TB, o *servertest.Node) *nbd.Client {
 	t.Helper()
 	c, err := nbd.Dial(context.Background(), "tcp", o.NBD, nbd.ClientConfig{})
 	if err != nil {

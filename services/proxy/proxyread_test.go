@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"math/rand/v2"
+	"sync/atomic"
 	"testing"
 
 	"github.com/keelstore/keel/services/proxy"
@@ -115,4 +116,48 @@ func TestProxyReadAroundCachedBlocks(t *testing.T) {
 		t.Errorf("read around 4 cached blocks fetched %d bytes, want %d (the 6 missing blocks)", got, 6*4096)
 	}
 	read(make([]byte, 3<<20+512), 512) // unaligned, larger than any pooled buffer
+}
+
+// BenchmarkProxyRandomRead: random 4 KiB reads at queue depth 32 over a
+// 256 MiB volume, straight from the server, through a proxy without a
+// cache and through one whose 32 MiB cache holds an eighth of the volume.
+// For profiles of the read path (go test -bench ProxyRandomRead
+// -cpuprofile); keelbench proxy is the benchmark.
+func BenchmarkProxyRandomRead(b *testing.B) {
+	const size = 256 << 20
+	node := servertest.StartOne(b, size)
+	_, w := runProxy(b, proxy.Config{Servers: []string{node.HTTP}, Writer: "bench"})
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i)
+	}
+	for off := uint64(0); off < size; off += 1 << 20 {
+		if err := w.WriteAt(context.Background(), data, off, false); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		cache uint64
+	}{{"direct", 0}, {"proxy-nocache", 0}, {"proxy-cache-32M", 32 << 20}} {
+		b.Run(tc.name, func(b *testing.B) {
+			c := directClient(b, node)
+			if tc.name != "direct" {
+				_, c = runProxy(b, proxy.Config{Servers: []string{node.HTTP}, Writer: "bench", CacheBytes: tc.cache})
+			}
+			b.SetBytes(4096)
+			b.SetParallelism(16) // 32 readers on 2 cores
+			var seed atomic.Uint64
+			b.RunParallel(func(pb *testing.PB) {
+				r := rand.New(rand.NewPCG(seed.Add(1), 1))
+				buf := make([]byte, 4096)
+				for pb.Next() {
+					if err := c.ReadAt(context.Background(), buf, r.Uint64N(size/4096)*4096); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
 }
