@@ -388,8 +388,14 @@ func TestSuiteTables(t *testing.T) {
 		t.Errorf("cluster ratios: %s", got)
 	}
 	pt := ProxyTable(384<<20, c, "n1")
-	if got := heads(pt); got != "proxy/leader proxy/nbdkit proxy/keel-serve" || len(pt.Rows) != 3 {
-		t.Errorf("proxy table: %s, %d rows", got, len(pt.Rows))
+	if got := heads(pt); got != "proxy/leader proxy/nbdkit proxy/keel-serve" || len(pt.Rows) != 5 {
+		t.Errorf("proxy table: %s, %d rows, want 5 (with the cold reads: the volume is larger than the cache)", got, len(pt.Rows))
+	}
+	if pt := ProxyTable(256<<20, c, "n1"); len(pt.Rows) != 3 {
+		t.Errorf("proxy table of a volume no larger than the cache: %d rows, want 3 (no cold reads)", len(pt.Rows))
+	}
+	if got := proxyColdJobs("nbdkit"); got != nil {
+		t.Errorf("nbdkit runs the cold jobs: %v", got)
 	}
 	if got := len(clusterJobs("follower")); got != 2 {
 		t.Errorf("the follower runs %d jobs, want the 2 write jobs", got)
