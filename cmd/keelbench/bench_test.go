@@ -454,3 +454,16 @@ func TestImages(t *testing.T) {
 		t.Errorf("a random image holds a zero page")
 	}
 }
+
+func TestCPUSecondsPerGiB(t *testing.T) {
+	for _, tc := range []struct{ pct, mbps, want float64 }{
+		{100, 1073.741824, 1}, // one core while moving one GiB a second
+		{50, 1073.741824, 0.5},
+		{200, 107.3741824, 20},
+		{80, 0, 0},
+	} {
+		if got := CPUSecondsPerGiB(tc.pct, tc.mbps); math.Abs(got-tc.want) > 1e-9 {
+			t.Errorf("CPUSecondsPerGiB(%v, %v) = %v, want %v", tc.pct, tc.mbps, got, tc.want)
+		}
+	}
+}

@@ -217,8 +217,8 @@ func TestNBDSuite(t *testing.T) {
 			t.Errorf("nbd table lacks %q:\n%s", w, md)
 		}
 	}
-	if tb.NRounds() != 2 || len(b.rep.Sections) != 2 {
-		t.Errorf("%d rounds, %d sections (want CPU and memory)", tb.NRounds(), len(b.rep.Sections))
+	if tb.NRounds() != 2 || len(b.rep.Sections) != 3 {
+		t.Errorf("%d rounds, %d sections (want CPU, CPU-seconds per GiB and memory)", tb.NRounds(), len(b.rep.Sections))
 	}
 }
 
