@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/signal"
 	"sync"
 	"syscall"
 	"time"
@@ -63,6 +64,11 @@ func New(cfg Config) (*Upgrader, error) {
 	if cfg.Log == nil {
 		cfg.Log = hclog.NewNullLogger()
 	}
+	// A process under upgrade control may outlive the pipe its first
+	// ancestor's stdout and stderr were (a supervisor that stopped reading
+	// when that ancestor exited, a restarted journald): a log line must
+	// then fail, not kill the process with SIGPIPE.
+	signal.Ignore(syscall.SIGPIPE)
 	tf, err := tableflip.New(tableflip.Options{UpgradeTimeout: cfg.Timeout, PIDFile: cfg.PIDFile})
 	if err != nil {
 		return nil, fmt.Errorf("upgrade: %w", err)

@@ -35,6 +35,7 @@ type answers struct {
 	mu    sync.Mutex
 	times []time.Time
 	errs  int
+	last  error
 }
 
 func (a *answers) add(t time.Time) {
@@ -72,6 +73,9 @@ func clientLoop(ctx context.Context, addr string, a *answers) {
 			cancel()
 			if err != nil {
 				c = nil
+				a.mu.Lock()
+				a.last = err
+				a.mu.Unlock()
 				select {
 				case <-time.After(10 * time.Millisecond):
 				case <-ctx.Done():
@@ -88,6 +92,7 @@ func clientLoop(ctx context.Context, addr string, a *answers) {
 		if err != nil {
 			a.mu.Lock()
 			a.errs++
+			a.last = err
 			a.mu.Unlock()
 			c.Close()
 			c = nil
@@ -123,10 +128,10 @@ func BenchmarkProxyUpgradeStall(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	pidFile, listen := filepath.Join(dir, "proxy.pid"), keeltest.MustFreeAddr(b)
+	pidFile, listen, logPath := filepath.Join(dir, "proxy.pid"), keeltest.MustFreeAddr(b), filepath.Join(dir, "proxy.log")
 	args := []string{"proxy", "--servers", strings.Join(c.HTTPAddrs(), ","), "--listen", listen, "--writer", "bench", "--pid-file", pidFile}
 	start := func() *keeltest.Proc {
-		p := keeltest.MustStart(b, keeltest.ProcConfig{Bin: bin, Name: "proxy", Args: args})
+		p := startUpgradable(b, "proxy", bin, logPath, args...)
 		keeltest.MustPoll(b, time.Minute, "proxy serving", func() (bool, string) {
 			pid, err := upgrade.ReadPID(pidFile)
 			return err == nil && pid == p.Pid(), ""
@@ -145,11 +150,13 @@ func BenchmarkProxyUpgradeStall(b *testing.B) {
 	go func() { defer close(done); clientLoop(ctx, listen, a) }()
 	defer func() { cancel(); <-done }()
 	settle := func() { // let the client run a moment between rounds
+		a.mu.Lock()
 		n := len(a.times)
+		a.mu.Unlock()
 		keeltest.MustPoll(b, 30*time.Second, "client answers", func() (bool, string) {
 			a.mu.Lock()
 			defer a.mu.Unlock()
-			return len(a.times) > n+50, ""
+			return len(a.times) > n+50, fmt.Sprintf("%d answers, %d errors, last %v", len(a.times), a.errs, a.last)
 		})
 	}
 	settle()
@@ -161,7 +168,8 @@ func BenchmarkProxyUpgradeStall(b *testing.B) {
 		_, err := upgrade.Trigger(tctx, pidFile, 5*time.Millisecond)
 		tcancel()
 		if err != nil {
-			b.Fatalf("upgrade: %v", err)
+			out, _ := os.ReadFile(logPath)
+			b.Fatalf("upgrade: %v\n%s", err, out[max(0, len(out)-16<<10):])
 		}
 		settle()
 		up = append(up, a.gap(t0, time.Now()))

@@ -25,7 +25,24 @@ import (
 // a test can install another one at that path and upgrade to it.
 type upgradeProxy struct {
 	bin, pidFile, listen, http string
+	log                        string // every generation's stdout and stderr
 	first                      *keeltest.Proc
+}
+
+// startUpgradable starts bin with its output appended straight to a log
+// file: an upgraded process inherits its ancestor's stdout and stderr, and
+// the harness's pipe is closed a few seconds after that ancestor exits.
+func startUpgradable(t testing.TB, name, bin, log string, args ...string) *keeltest.Proc {
+	t.Helper()
+	return keeltest.MustStart(t, keeltest.ProcConfig{Bin: "/bin/sh", Name: name,
+		Args: append([]string{"-c", `exec "$0" "$@" >>"$KEEL_LOG" 2>&1`, bin}, args...),
+		Env:  []string{"KEEL_LOG=" + log}})
+}
+
+// output is the log of every generation.
+func (p *upgradeProxy) output() string {
+	b, _ := os.ReadFile(p.log)
+	return string(b)
 }
 
 func installBinary(t *testing.T, from, to string) {
@@ -70,7 +87,8 @@ func startUpgradeProxy(t *testing.T, c *keeltest.TCluster, bin string, flags ...
 	installBinary(t, bin, p.bin)
 	args := append([]string{"proxy", "--servers", strings.Join(c.HTTPAddrs(), ","), "--listen", p.listen,
 		"--http", p.http, "--writer", "vm1", "--pid-file", p.pidFile}, flags...)
-	p.first = keeltest.MustStart(t, keeltest.ProcConfig{Bin: p.bin, Name: "proxy", Args: args})
+	p.log = filepath.Join(dir, "proxy.log")
+	p.first = startUpgradable(t, "proxy", p.bin, p.log, args...)
 	keeltest.MustPoll(t, 60*time.Second, "proxy writes its pid file", func() (bool, string) {
 		pid, err := upgrade.ReadPID(p.pidFile)
 		return err == nil && pid == p.first.Pid(), fmt.Sprint(err)
@@ -87,8 +105,12 @@ func startUpgradeProxy(t *testing.T, c *keeltest.TCluster, bin string, flags ...
 				t.Error(err)
 			}
 		}
-		if out := p.first.Output(); len(keeltest.CrashLines(out)) > 0 {
-			t.Errorf("proxy log shows a crash:\n%s", strings.Join(keeltest.CrashLines(out), "\n"))
+		out := p.output()
+		if lines := keeltest.CrashLines(out); len(lines) > 0 {
+			t.Errorf("proxy log shows a crash:\n%s", strings.Join(lines, "\n"))
+		}
+		if t.Failed() {
+			t.Logf("proxy log (every generation):\n%s", out[max(0, len(out)-keeltest.MaxLogDump):])
 		}
 	})
 	return p
@@ -312,7 +334,7 @@ func TestProxyUpgradeQemuIOSession(t *testing.T) {
 		q.do(fmt.Sprintf("read -P 0x%02x %dk 64k", 0x40+i, 64*i), "read 65536/65536")
 	}
 	q.close()
-	if n := strings.Count(p.first.Output(), "connections quiesced for handover: count=1"); n != 6 {
+	if n := strings.Count(p.output(), "connections quiesced for handover: count=1"); n != 6 {
 		t.Errorf("%d upgrades handed qemu-io's connection over, want 6", n)
 	}
 }
@@ -326,13 +348,13 @@ func TestServeUpgradeQemuIOSession(t *testing.T) {
 	bin := filepath.Join(dir, "keel")
 	installBinary(t, keeltest.MustBinary(t), bin)
 	pidFile, img, listen := filepath.Join(dir, "serve.pid"), filepath.Join(dir, "disk.img"), keeltest.MustFreeAddr(t)
-	first := keeltest.MustStart(t, keeltest.ProcConfig{Bin: bin, Name: "serve",
-		Args: []string{"serve", "--file", img, "--size", "16M", "--listen", listen, "--pid-file", pidFile}})
+	logPath := filepath.Join(dir, "serve.log")
+	first := startUpgradable(t, "serve", bin, logPath, "serve", "--file", img, "--size", "16M", "--listen", listen, "--pid-file", pidFile)
 	keeltest.MustPoll(t, 30*time.Second, "keel serve writes its pid file", func() (bool, string) {
 		pid, err := upgrade.ReadPID(pidFile)
 		return err == nil && pid == first.Pid(), fmt.Sprint(err)
 	})
-	p := &upgradeProxy{bin: bin, pidFile: pidFile, listen: listen, first: first}
+	p := &upgradeProxy{bin: bin, pidFile: pidFile, listen: listen, log: logPath, first: first}
 	t.Cleanup(func() {
 		if pid, err := upgrade.ReadPID(pidFile); err == nil && pid != first.Pid() {
 			_ = syscall.Kill(pid, syscall.SIGTERM)
@@ -351,7 +373,7 @@ func TestServeUpgradeQemuIOSession(t *testing.T) {
 		t.Errorf("a second keel serve on the image: %v %s; want it refused (locked)", r.err, r.stderr)
 	}
 	q.close()
-	if n := strings.Count(first.Output(), "connections quiesced for handover: count=1"); n != 3 {
+	if n := strings.Count(p.output(), "connections quiesced for handover: count=1"); n != 3 {
 		t.Errorf("%d upgrades handed qemu-io's connection over, want 3", n)
 	}
 }
