@@ -143,7 +143,7 @@ func TestProxyUpgradeUnderLoad(t *testing.T) {
 	binB := buildVersion(t, "upgrade-b")
 	p := startUpgradeProxy(t, c, binA)
 	fio := startFio(t, "upgrades", p.uri(), "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16",
-		"--verify=crc32c", "--verify_backlog=512", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=75s")
+		"--verify=crc32c", "--verify_backlog=512", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=40s")
 	// Every upgrade below happens with fio's connection live.
 	keeltest.MustPoll(t, 60*time.Second, "fio writes through the proxy", func() (bool, string) {
 		st, err := proxyStatusAt(t, p.http)

@@ -394,6 +394,7 @@ func (p *Proxy) HandOff(handed bool) uint64 {
 func (p *Proxy) Adopt(index uint64) {
 	p.noteAcked(index)
 	p.adopted.Store(true)
+	p.view.Kick() // the replicas' applied indexes seen at prepare are behind index: poll now
 }
 
 // idWindow hands out request ids and tracks which are still unanswered:
