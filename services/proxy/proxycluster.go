@@ -232,6 +232,12 @@ func (v *clusterView) leaderIndex(ctx context.Context) (uint64, error) {
 		st, err := v.api.Status(sctx, l.http)
 		cancel()
 		if err == nil && st.State == "Leader" {
+			if st.ReadIndex > 0 {
+				return st.ReadIndex, nil
+			}
+			// A server from before read_index, or a leader that could not
+			// commit a barrier just now: its log's end is an upper bound
+			// (a read may then wait for the next command to be applied).
 			return st.LastLogIndex, nil
 		}
 	}

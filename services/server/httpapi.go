@@ -127,7 +127,7 @@ func (a *API) leaderOnly(h func(http.ResponseWriter, *http.Request, *replica.Nod
 	}
 }
 
-func (a *API) status(n *replica.Node) wire.NodeStatus {
+func (a *API) status(ctx context.Context, n *replica.Node) wire.NodeStatus {
 	st := n.FSM().State()
 	s := wire.NodeStatus{
 		Version:      a.Version,
@@ -146,6 +146,15 @@ func (a *API) status(n *replica.Node) wire.NodeStatus {
 	if l, ok := n.Leader(); ok {
 		s.Leader = l.ID
 	}
+	if n.IsLeader() {
+		// Once per term this commits a barrier; without a quorum it gives
+		// up quickly and the field stays unknown.
+		ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		if n.ReadBarrier(ctx) == nil && n.IsLeader() {
+			s.ReadIndex = n.FSM().AppliedIndex()
+		}
+		cancel()
+	}
 	if a.Resync != nil {
 		s.Sync = a.Resync.Status()
 	}
@@ -163,7 +172,7 @@ func (a *API) handleStatus(w http.ResponseWriter, r *http.Request) {
 		wire.WriteJSON(w, http.StatusOK, wire.NodeStatus{Version: a.Version, Level: a.Level, State: "Starting", Sync: a.Resync.Status()})
 		return
 	}
-	wire.WriteJSON(w, http.StatusOK, a.status(n))
+	wire.WriteJSON(w, http.StatusOK, a.status(r.Context(), n))
 }
 
 func (a *API) handleCluster(w http.ResponseWriter, r *http.Request) {
@@ -192,7 +201,7 @@ func (a *API) handleCluster(w http.ResponseWriter, r *http.Request) {
 		m := &cs.Members[i]
 		m.NodeInfo, m.Suffrage = info, srv.Suffrage.String()
 		if info.ID == n.ID() {
-			s := a.status(n)
+			s := a.status(r.Context(), n)
 			m.Status = &s
 			continue
 		}

@@ -195,3 +195,29 @@ func TestApplyCarriesDeadline(t *testing.T) {
 		t.Errorf("image holds %q (%v) after the apply", got, err)
 	}
 }
+
+// The leader's status names a read index that replicas' applied indexes
+// reach: raft's own entries (the term's no-op, the read barrier) count in
+// last_log_index but are never applied by the state machine.
+func TestStatusReadIndex(t *testing.T) {
+	o := startOneNode(t)
+	c := nbdClient(t, o)
+	if res, err := c.Do(nbd.Request{Type: nbd.CmdWrite, Cookie: 1, Offset: 0, Length: 4096}, make([]byte, 4096)); err != nil || res.Err != 0 {
+		t.Fatalf("write: %v %v", res.Err, err)
+	}
+	var st wire.NodeStatus
+	for i := 0; i < 2; i++ { // the first commits the term's read barrier
+		if err := wire.NewClient(5*time.Second).Do(context.Background(), "GET", o.HTTP, "/v1/status", nil, &st); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st.ReadIndex == 0 || st.ReadIndex != st.AppliedIndex {
+		t.Fatalf("status: read_index %d, applied_index %d; want the applied index of a leader after its barrier", st.ReadIndex, st.AppliedIndex)
+	}
+	if st.LastLogIndex <= st.ReadIndex {
+		t.Errorf("last_log_index %d not above read_index %d: the barrier entry should be in the log, and never applied", st.LastLogIndex, st.ReadIndex)
+	}
+	if got := o.Holder().Peek().FSM().AppliedIndex(); got < st.ReadIndex {
+		t.Errorf("applied %d < read index %d", got, st.ReadIndex)
+	}
+}

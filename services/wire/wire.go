@@ -61,6 +61,13 @@ type NodeStatus struct {
 	Term         uint64           `json:"term"`
 	LastLogIndex uint64           `json:"last_log_index"`
 	CommitIndex  uint64           `json:"commit_index"`
+	// ReadIndex, on a leader: every write acknowledged before the status
+	// was asked for is at or below it, and every replica's AppliedIndex
+	// reaches it (it counts commands only; LastLogIndex also counts
+	// raft's own no-op, barrier and configuration entries, which no
+	// AppliedIndex ever reaches). 0 when unknown (a follower, a leader
+	// that cannot commit a barrier now, or a server from before it).
+	ReadIndex uint64 `json:"read_index,omitempty"`
 	AppliedIndex uint64           `json:"applied_index"`
 	Writer       string           `json:"writer,omitempty"`
 	Epoch        uint64           `json:"epoch"`
