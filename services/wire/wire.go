@@ -67,13 +67,13 @@ type NodeStatus struct {
 	// raft's own no-op, barrier and configuration entries, which no
 	// AppliedIndex ever reaches). 0 when unknown (a follower, a leader
 	// that cannot commit a barrier now, or a server from before it).
-	ReadIndex uint64 `json:"read_index,omitempty"`
-	AppliedIndex uint64           `json:"applied_index"`
-	Writer       string           `json:"writer,omitempty"`
-	Epoch        uint64           `json:"epoch"`
-	ImagePath    string           `json:"image_path"`
-	ImageSize    uint64           `json:"image_size"`
-	Sync         *SyncStatus      `json:"sync,omitempty"`
+	ReadIndex    uint64      `json:"read_index,omitempty"`
+	AppliedIndex uint64      `json:"applied_index"`
+	Writer       string      `json:"writer,omitempty"`
+	Epoch        uint64      `json:"epoch"`
+	ImagePath    string      `json:"image_path"`
+	ImageSize    uint64      `json:"image_size"`
+	Sync         *SyncStatus `json:"sync,omitempty"`
 }
 
 // SyncStatus is the progress of an image resync on this node.
