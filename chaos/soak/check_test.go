@@ -34,7 +34,7 @@ var (
 
 func TestCheckPasses(t *testing.T) {
 	for name, ops := range map[string][]Op{
-		"sequential": {w(0, 3, a1, 0, ms), rd(1, 3, a1, 2*ms, 3*ms), w(0, 3, a2, 4*ms, 5*ms), final(3, a2, 10*ms)},
+		"sequential":                         {w(0, 3, a1, 0, ms), rd(1, 3, a1, 2*ms, 3*ms), w(0, 3, a2, 4*ms, 5*ms), final(3, a2, 10*ms)},
 		"concurrent read sees the old value": {w(0, 3, a1, 0, ms), w(0, 3, a2, 2*ms, 6*ms), rd(1, 3, a1, 3*ms, 4*ms), final(3, a2, 10*ms)},
 		"concurrent read sees the new value": {w(0, 3, a1, 0, ms), w(0, 3, a2, 2*ms, 6*ms), rd(1, 3, a2, 3*ms, 4*ms), final(3, a2, 10*ms)},
 		"concurrent writes, either last":     {w(0, 3, a1, 0, 5*ms), w(1, 3, b1, ms, 4*ms), final(3, a1, 10*ms)},
@@ -66,7 +66,7 @@ func TestCheckFails(t *testing.T) {
 		corrupt         bool
 		unread          bool
 	}{
-		"lost write": {ops: []Op{w(0, 3, a1, 0, ms), w(0, 3, a2, 2*ms, 3*ms), final(3, a1, 10*ms)}, lost: true, violation: true},
+		"lost write":   {ops: []Op{w(0, 3, a1, 0, ms), w(0, 3, a2, 2*ms, 3*ms), final(3, a1, 10*ms)}, lost: true, violation: true},
 		"lost to zero": {ops: []Op{w(0, 3, a1, 0, ms), final(3, Zero, 10*ms)}, lost: true, violation: true},
 		"stale read after an acknowledged write": {ops: []Op{w(0, 3, a1, 0, ms), w(0, 3, a2, 2*ms, 3*ms),
 			rd(1, 3, a1, 4*ms, 5*ms), final(3, a2, 10*ms)}, violation: true},
@@ -138,7 +138,9 @@ func TestSaveFailure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.EqualFunc(back, ops, func(a, b Op) bool { return a.Call == b.Call && a.Kind == b.Kind && a.Value == b.Value && slices.Equal(a.Got, b.Got) }) {
+	if !slices.EqualFunc(back, ops, func(a, b Op) bool {
+		return a.Call == b.Call && a.Kind == b.Kind && a.Value == b.Value && slices.Equal(a.Got, b.Got)
+	}) {
 		t.Fatalf("history round trip: %+v", back)
 	}
 	if r2 := Check(back, 10*time.Second); !slices.Equal(r2.Violations, r.Violations) {
