@@ -1,0 +1,362 @@
+package soak
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/keelstore/keel/cmd/keel/keeltest"
+	"github.com/keelstore/keel/nbd"
+)
+
+// Config describes one soak against real processes.
+type Config struct {
+	// Bin is the keel binary; required.
+	Bin string
+	// Dir holds the cluster's directories and logs, and on a failure the
+	// history and its visualisation (Dir/failure); required.
+	Dir string
+	// Duration is how long the workload runs under faults; at least 1s.
+	Duration time.Duration
+	// Seed decides the faults and the workload's choices.
+	Seed uint64
+	// Faults are the fault kinds to inject; default ProcessFaults.
+	// Empty after defaults (Faults: []string{}) is not allowed; NoFaults
+	// runs the workload alone.
+	Faults []string
+	// NoFaults runs the workload without faults.
+	NoFaults bool
+	// Size is the volume's size; default "64M".
+	Size string
+	// Workload tunes the clients (Dial and Blocks are filled in).
+	Workload WorkloadConfig
+	// ServerFlags go to every server; default fast elections for a
+	// loopback cluster.
+	ServerFlags []string
+	// ProxyFlags go to the proxy.
+	ProxyFlags []string
+	// CheckTimeout bounds porcupine per block; default 30s.
+	CheckTimeout time.Duration
+	// Logf hears progress; default silent.
+	Logf func(format string, args ...any)
+	// ProgressEvery is how often progress is logged; default 10s.
+	ProgressEvery time.Duration
+}
+
+// Validate names the first bad field.
+func (c Config) Validate() error {
+	switch {
+	case c.Bin == "":
+		return fmt.Errorf("%w: Config.Bin is empty", ErrBadConfig)
+	case c.Dir == "":
+		return fmt.Errorf("%w: Config.Dir is empty", ErrBadConfig)
+	case c.Duration < time.Second:
+		return fmt.Errorf("%w: Config.Duration %v: must be 1s or more", ErrBadConfig, c.Duration)
+	case c.Faults != nil && len(c.Faults) == 0 && !c.NoFaults:
+		return fmt.Errorf("%w: Config.Faults is empty (set NoFaults to run without)", ErrBadConfig)
+	}
+	for _, k := range c.Faults {
+		if !known(k) {
+			return fmt.Errorf("%w: Config.Faults: unknown kind %q (known: %s)", ErrBadConfig, k, strings.Join(AllFaults(), ", "))
+		}
+	}
+	return nil
+}
+
+// AllFaults lists every fault kind this package can inject.
+func AllFaults() []string { return append([]string(nil), ProcessFaults...) }
+
+func known(k string) bool {
+	for _, a := range AllFaults() {
+		if a == k {
+			return true
+		}
+	}
+	return false
+}
+
+func (c *Config) defaults() {
+	if c.Faults == nil {
+		c.Faults = ProcessFaults
+	}
+	if c.Size == "" {
+		c.Size = "64M"
+	}
+	if c.ServerFlags == nil {
+		c.ServerFlags = []string{"--heartbeat-timeout", "500ms", "--election-timeout", "500ms", "--leader-lease-timeout", "250ms"}
+	}
+	if c.CheckTimeout == 0 {
+		c.CheckTimeout = 30 * time.Second
+	}
+	if c.Logf == nil {
+		c.Logf = func(string, ...any) {}
+	}
+	if c.ProgressEvery == 0 {
+		c.ProgressEvery = 10 * time.Second
+	}
+}
+
+// ClientError is one operation that failed as the client saw it.
+type ClientError struct {
+	At      time.Duration
+	Kind    Kind
+	Err     string
+	Allowed bool // inside the unavailable window of a fault
+}
+
+// Result is everything a soak found.
+type Result struct {
+	Seed     uint64
+	Duration time.Duration
+	Faults   []Fault
+	// Recovery is, per fault in order, the time from its injection to the
+	// first acknowledged write issued after it (-1: none).
+	Recovery []time.Duration
+	Report   Report
+	Errors   []ClientError
+	// Unexpected counts client errors outside any unavailable window.
+	Unexpected int
+	// ReadBackFailures counts reads of the read-back that failed.
+	ReadBackFailures int
+	// Verify is keel verify's complaint, "" when the replicas are equal.
+	Verify string
+	// Stuck says why the volume did not take a write after the run, "" if
+	// it did.
+	Stuck string
+	// Crashes lists panics or data races found in the processes' output.
+	Crashes string
+	// FailureDir holds the saved history when the check failed.
+	FailureDir string
+}
+
+// OK reports whether the soak passed.
+func (r Result) OK() bool {
+	return r.Report.OK() && r.Unexpected == 0 && r.Verify == "" && r.Stuck == "" && r.Crashes == "" && r.faultErrs() == 0
+}
+
+func (r Result) faultErrs() int {
+	n := 0
+	for _, f := range r.Faults {
+		if f.Err != "" {
+			n++
+		}
+	}
+	return n
+}
+
+// Run starts three servers and a proxy under cfg.Dir, runs the workload
+// for cfg.Duration while injecting faults, then heals everything, reads
+// every changed block back, runs keel verify, and checks the history.
+// An error means the soak could not run; its findings are in Result.
+func Run(ctx context.Context, cfg Config) (Result, error) {
+	if err := cfg.Validate(); err != nil {
+		return Result{}, err
+	}
+	cfg.defaults()
+	res := Result{Seed: cfg.Seed}
+	cl, err := keeltest.StartCluster(ctx, keeltest.ClusterConfig{
+		Bin: cfg.Bin, Dir: cfg.Dir, N: 3, Size: cfg.Size, Flags: cfg.ServerFlags,
+		UpTimeout: 2 * time.Minute, Timeout: 3 * time.Minute, Logf: cfg.Logf,
+	})
+	if err != nil {
+		return res, fmt.Errorf("soak: cluster: %w", err)
+	}
+	defer cl.Close()
+	px, err := cl.StartProxy(ctx, keeltest.ProxyConfig{Name: "soak", Flags: cfg.ProxyFlags})
+	if err != nil {
+		return res, fmt.Errorf("soak: proxy: %w", err)
+	}
+	dial := func(ctx context.Context) (*nbd.Client, error) {
+		return nbd.Dial(ctx, "tcp", px.Listen, nbd.ClientConfig{HandshakeTimeout: 10 * time.Second, CloseTimeout: time.Second})
+	}
+	hist := NewHistory()
+	wcfg := cfg.Workload
+	wcfg.Dial, wcfg.Seed = dial, cfg.Seed
+	if wcfg.Blocks == 0 {
+		size, err := volumeBlocks(ctx, dial)
+		if err != nil {
+			return res, err
+		}
+		wcfg.Blocks = size
+	}
+	wl, err := NewWorkload(wcfg, hist)
+	if err != nil {
+		return res, err
+	}
+	clients := wl.cfg.Conns * wl.cfg.ClientsPerConn
+
+	runCtx, stop := context.WithTimeout(ctx, cfg.Duration)
+	defer stop()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); wl.Run(runCtx) }()
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(cfg.ProgressEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-runCtx.Done():
+				return
+			case <-t.C:
+				acked, errs, reconns := wl.Progress()
+				cfg.Logf("progress %5.0fs: acknowledged changes %d, errors %d, reconnects %d, faults %d",
+					hist.Now().Seconds(), acked, errs, reconns, len(res.Faults))
+			}
+		}
+	}()
+	if !cfg.NoFaults {
+		in := &injector{c: cl, proxy: px, hist: hist, logf: cfg.Logf}
+		pl := newPlanner(cfg.Seed, cfg.Faults, 3)
+		for runCtx.Err() == nil {
+			p := pl.next()
+			if !sleepCtx(runCtx, p.gap) {
+				break
+			}
+			// A fault runs to its end, healed, even past the duration.
+			res.Faults = append(res.Faults, in.run(ctx, p))
+		}
+	}
+	wg.Wait()
+	res.Duration = hist.Now()
+
+	// After the run: everything healed (the injector waited for it); the
+	// volume must take a write, give back every block, and the replicas
+	// must be equal.
+	probe := Op{Client: clients, Kind: Write, Block: 0, Blocks: 1, Value: MakeValue(uint32(clients)+1, 1)}
+	pw := &Workload{cfg: WorkloadConfig{OpTimeout: time.Minute}, hist: hist}
+	if c, err := dial(ctx); err != nil {
+		res.Stuck = fmt.Sprintf("no connection after the run: %v", err)
+	} else {
+		pw.do(c, probe, make([]byte, BlockSize))
+		c.Close()
+		if ops := hist.Ops(); !lastOK(ops, clients) {
+			res.Stuck = "the probe write after the run failed"
+		}
+	}
+	rbCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	res.ReadBackFailures, err = ReadBack(rbCtx, dial, hist, clients+1)
+	cancel()
+	if err != nil && res.Stuck == "" {
+		res.Stuck = err.Error()
+	}
+	if _, err := cl.WaitConverged(ctx); err != nil {
+		res.Verify = fmt.Sprintf("servers did not converge: %v", err)
+	} else if out, err := exec.CommandContext(ctx, cfg.Bin, "verify", "--http", cl.Nodes()[0].HTTP, "--timeout", "2m").CombinedOutput(); err != nil {
+		res.Verify = fmt.Sprintf("%v: %s", err, out)
+	}
+	if err := cl.Crashes(); err != nil {
+		res.Crashes = err.Error()
+	}
+
+	ops := hist.Ops()
+	res.Report = Check(ops, cfg.CheckTimeout)
+	res.Recovery = recovery(ops, res.Faults)
+	res.Errors, res.Unexpected = clientErrors(ops, res.Faults)
+	if !res.OK() {
+		dir := cfg.Dir + "/failure"
+		if _, err := SaveFailure(dir, ops, res.Report); err != nil {
+			cfg.Logf("saving the failure: %v", err)
+		}
+		res.FailureDir = dir
+	}
+	if err := cl.StopAll(); err != nil {
+		cfg.Logf("stopping the cluster: %v", err)
+	}
+	return res, nil
+}
+
+func volumeBlocks(ctx context.Context, dial func(context.Context) (*nbd.Client, error)) (uint64, error) {
+	c, err := dial(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("soak: first connection: %w", err)
+	}
+	defer c.Close()
+	return c.Size() / BlockSize, nil
+}
+
+func lastOK(ops []Op, client int) bool {
+	for i := len(ops) - 1; i >= 0; i-- {
+		if ops[i].Client == client {
+			return ops[i].Out == OK
+		}
+	}
+	return false
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// firstWrite is the return of the first acknowledged write or change
+// called at or after t, or -1.
+func firstWrite(ops []Op, t time.Duration) time.Duration {
+	best := time.Duration(-1)
+	for _, op := range ops {
+		if op.Mutates() && op.Out == OK && op.Call >= t && (best < 0 || op.Return < best) {
+			best = op.Return
+		}
+	}
+	return best
+}
+
+func recovery(ops []Op, faults []Fault) []time.Duration {
+	out := make([]time.Duration, len(faults))
+	for i, f := range faults {
+		out[i] = -1
+		if w := firstWrite(ops, f.Start); w >= 0 {
+			out[i] = w - f.Start
+		}
+	}
+	return out
+}
+
+// clientErrors lists the failed operations (the read-back's included),
+// each allowed when it falls inside an unavailable fault's window: from
+// its injection to the first acknowledged write after it was healed.
+func clientErrors(ops []Op, faults []Fault) ([]ClientError, int) {
+	type window struct{ from, to time.Duration }
+	var wins []window
+	for _, f := range faults {
+		if !f.Unavailable {
+			continue
+		}
+		to := firstWrite(ops, f.Healed)
+		if to < 0 {
+			to = 1<<63 - 1
+		}
+		wins = append(wins, window{f.Start, to})
+	}
+	var out []ClientError
+	unexpected := 0
+	for _, op := range ops {
+		if op.Out == OK {
+			continue
+		}
+		ce := ClientError{At: op.Return, Kind: op.Kind, Err: op.Err}
+		for _, w := range wins {
+			// The op must overlap the window: called before it closed and
+			// failed after it opened.
+			if op.Call <= w.to && op.Return >= w.from {
+				ce.Allowed = true
+			}
+		}
+		if !ce.Allowed {
+			unexpected++
+		}
+		out = append(out, ce)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].At < out[j].At })
+	return out, unexpected
+}
