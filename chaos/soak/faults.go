@@ -54,7 +54,8 @@ type plan struct {
 type planner struct {
 	rng   *rand.Rand
 	kinds []string
-	n     int // servers
+	n     int      // servers
+	deck  []string // the kinds still to come in this round
 }
 
 func newPlanner(seed uint64, kinds []string, n int) *planner {
@@ -62,8 +63,16 @@ func newPlanner(seed uint64, kinds []string, n int) *planner {
 }
 
 func (p *planner) next() plan {
+	// Rounds of every kind in a shuffled order: a run of len(kinds)
+	// faults covers each kind once.
+	if len(p.deck) == 0 {
+		p.deck = append([]string(nil), p.kinds...)
+		p.rng.Shuffle(len(p.deck), func(i, j int) { p.deck[i], p.deck[j] = p.deck[j], p.deck[i] })
+	}
+	kind := p.deck[0]
+	p.deck = p.deck[1:]
 	pl := plan{
-		kind: p.kinds[p.rng.IntN(len(p.kinds))],
+		kind: kind,
 		hold: time.Duration(200+p.rng.IntN(3800)) * time.Millisecond,
 		gap:  time.Duration(500+p.rng.IntN(2500)) * time.Millisecond,
 	}

@@ -1,0 +1,78 @@
+package soak
+
+import (
+	"context"
+	"os"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/keelstore/keel/cmd/keel/keeltest"
+)
+
+// soakSeeds is the short soak of the test run: each seed runs for
+// soakSeconds under every fault kind. A seed that ever fails stays here as
+// a regression case (say which run failed and why beside it).
+var soakSeeds = []uint64{1, 2, 3}
+
+// soakSeconds is each seed's duration; $KEEL_SOAK_SECONDS overrides it.
+const soakSeconds = 55
+
+func TestSoak(t *testing.T) {
+	secs := soakSeconds
+	if s := os.Getenv("KEEL_SOAK_SECONDS"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 {
+			t.Fatalf("$KEEL_SOAK_SECONDS %q: want a positive number", s)
+		}
+		secs = n
+	}
+	bin := keeltest.MustBinary(t)
+	seen := map[string]bool{}
+	for _, seed := range soakSeeds {
+		t.Run("seed="+strconv.FormatUint(seed, 10), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+6*time.Minute)
+			defer cancel()
+			dir := t.TempDir()
+			res, err := Run(ctx, Config{Bin: bin, Dir: dir, Duration: time.Duration(secs) * time.Second, Seed: seed, Logf: t.Logf})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Log("\n" + res.Summary())
+			for _, f := range res.Faults {
+				seen[f.Kind] = true
+			}
+			if !res.OK() {
+				keep := os.Getenv("KEEL_SOAK_KEEP")
+				if keep != "" {
+					_ = os.CopyFS(keep, os.DirFS(dir))
+				}
+				t.Fatalf("soak failed with seed %d (set KEEL_SOAK_KEEP=DIR to keep the logs and history)", seed)
+			}
+			if res.Report.Acked == 0 {
+				t.Fatal("no change was acknowledged")
+			}
+		})
+	}
+	if t.Failed() {
+		return
+	}
+	for _, k := range AllFaults() {
+		if !seen[k] {
+			t.Errorf("no seed injected %s; lengthen the soak or add a seed", k)
+		}
+	}
+	if want := AllFaults(); len(seen) < len(want) {
+		t.Logf("injected %v of %v", keys(seen), want)
+	}
+}
+
+func keys(m map[string]bool) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
