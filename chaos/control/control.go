@@ -1,0 +1,151 @@
+// Package control is how a soak tells a running keel process which fault
+// to switch on. A keel binary built with -tags chaos (cmd/keel/chaos.go)
+// starts a Server in every server and proxy process when $KEEL_CHAOS_DIR
+// is set: an HTTP server on the unix socket $KEEL_CHAOS_DIR/NAME.sock
+// (NAME: the server's --id, or "proxy-" and the proxy's --writer), which
+// only the owner of that directory can reach. The soak (chaos/soak) talks
+// to it with Client.
+//
+//	GET  /v1/net   the network rules in force (netfault.Rules, JSON)
+//	PUT  /v1/net   replace them
+//
+// Without the chaos tag, nothing of chaos/ is linked into keel and no
+// socket exists. Production code never imports this package.
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/keelstore/keel/chaos/netfault"
+)
+
+// EnvDir names the directory of the control sockets.
+const EnvDir = "KEEL_CHAOS_DIR"
+
+// SocketPath is the control socket of process name under dir.
+func SocketPath(dir, name string) string { return filepath.Join(dir, name+".sock") }
+
+// Server serves the control API for one process.
+type Server struct {
+	// Path is the unix socket; required.
+	Path string
+	// Net is the network layer's table; nil: no network faults here.
+	Net *netfault.Table
+}
+
+// Serve listens on Path until ctx ends, then closes and removes it.
+func (s *Server) Serve(ctx context.Context) error {
+	_ = os.Remove(s.Path) // a socket left by a killed run
+	l, err := net.Listen("unix", s.Path)
+	if err != nil {
+		return fmt.Errorf("control: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/net", func(w http.ResponseWriter, r *http.Request) {
+		if s.Net == nil {
+			http.Error(w, "no network layer in this process", http.StatusNotFound)
+			return
+		}
+		_ = json.NewEncoder(w).Encode(s.Net.Rules())
+	})
+	mux.HandleFunc("PUT /v1/net", func(w http.ResponseWriter, r *http.Request) {
+		if s.Net == nil {
+			http.Error(w, "no network layer in this process", http.StatusNotFound)
+			return
+		}
+		var rules netfault.Rules
+		if err := json.NewDecoder(r.Body).Decode(&rules); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := s.Net.Set(rules); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(l) }()
+	select {
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = hs.Shutdown(sctx)
+		<-errc
+		_ = os.Remove(s.Path)
+		return nil
+	case err := <-errc:
+		return fmt.Errorf("control: %w", err)
+	}
+}
+
+// Client talks to one process's control socket.
+type Client struct {
+	path string
+	hc   *http.Client
+}
+
+// NewClient returns a client of the socket at path.
+func NewClient(path string) *Client {
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}}
+	return &Client{path: path, hc: &http.Client{Transport: tr, Timeout: 5 * time.Second}}
+}
+
+// ErrRefused: the process answered with an error.
+var ErrRefused = errors.New("control: refused")
+
+// SetNet replaces the process's network rules.
+func (c *Client) SetNet(ctx context.Context, r netfault.Rules) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://chaos/v1/net", bytesReader(b))
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("control %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		msg := make([]byte, 512)
+		n, _ := resp.Body.Read(msg)
+		return fmt.Errorf("%w: %s: %s", ErrRefused, resp.Status, msg[:n])
+	}
+	return nil
+}
+
+// Net returns the process's network rules.
+func (c *Client) Net(ctx context.Context) (netfault.Rules, error) {
+	var r netfault.Rules
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://chaos/v1/net", nil)
+	if err != nil {
+		return r, err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return r, fmt.Errorf("control %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return r, fmt.Errorf("%w: %s", ErrRefused, resp.Status)
+	}
+	return r, json.NewDecoder(resp.Body).Decode(&r)
+}
+
+// Close releases the client's idle connections.
+func (c *Client) Close() { c.hc.CloseIdleConnections() }

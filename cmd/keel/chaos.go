@@ -1,0 +1,61 @@
+//go:build chaos
+
+package main
+
+// Built only with -tags chaos: the fault layers of chaos/ installed into
+// keel's hooks, and a control socket through which a soak switches them
+// (package chaos/control). A plain build never compiles this file, so
+// keel's production binary links nothing of chaos/ (deps_test.go checks
+// the untagged build).
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+
+	"github.com/keelstore/keel/chaos/control"
+	"github.com/keelstore/keel/chaos/netfault"
+	"github.com/keelstore/keel/replica"
+)
+
+// envSeed seeds the layers' random choices (default 1).
+const envSeed = "KEEL_CHAOS_SEED"
+
+func init() {
+	chaosServer = func(id string, cfg *replica.NodeConfig, log hclog.Logger) (func(), error) {
+		dir := os.Getenv(control.EnvDir)
+		if dir == "" {
+			return func() {}, nil
+		}
+		seed := uint64(1)
+		if s := os.Getenv(envSeed); s != "" {
+			v, err := strconv.ParseUint(s, 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("$%s: %w", envSeed, err)
+			}
+			seed = v
+		}
+		tab := netfault.NewTable(seed)
+		cfg.WrapTransport = func(t raft.Transport) raft.Transport { return netfault.Wrap(t, tab) }
+		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab}
+		return serveControl(srv, log)
+	}
+}
+
+// serveControl runs the control socket until the returned stop is called.
+func serveControl(srv *control.Server, log hclog.Logger) (func(), error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ctx); err != nil {
+			log.Error("chaos control socket", "path", srv.Path, "error", err)
+		}
+	}()
+	log.Warn("CHAOS BUILD: fault layers installed", "control", srv.Path)
+	return func() { cancel(); <-done }, nil
+}
