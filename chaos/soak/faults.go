@@ -2,11 +2,14 @@ package soak
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
 	"time"
 
+	"github.com/keelstore/keel/chaos/control"
+	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 )
 
@@ -20,6 +23,20 @@ const (
 	FaultQuorumLoss  = "quorum-loss"  // kill -9 two of three servers, start them again
 	FaultQuorumPause = "quorum-pause" // SIGSTOP two of three servers, then SIGCONT
 )
+
+// Network fault kinds, through the chaos build's netfault layer under each
+// server's Raft transport.
+const (
+	FaultPartition       = "partition"        // one server cut off from the other two, both ways
+	FaultPartitionLeader = "partition-leader" // the leader alone
+	FaultPartitionOneWay = "partition-oneway" // one server cannot send to the others; it still hears them
+	FaultPartitionAll    = "partition-all"    // nobody hears anybody: no quorum
+	FaultNetDelay        = "net-delay"        // every RPC delayed 10ms plus up to 40ms of jitter
+	FaultNetFlaky        = "net-flaky"        // a fifth of all RPCs fail: dropped and reset connections
+)
+
+// NetworkFaults lists the network fault kinds.
+var NetworkFaults = []string{FaultPartition, FaultPartitionLeader, FaultPartitionOneWay, FaultPartitionAll, FaultNetDelay, FaultNetFlaky}
 
 // ProcessFaults lists the process fault kinds.
 var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause}
@@ -85,6 +102,7 @@ func (p *planner) next() plan {
 // injector applies plans to a cluster of keeltest processes.
 type injector struct {
 	c     *keeltest.Cluster
+	ctl   map[string]*control.Client // per server id, nil without the chaos build
 	proxy *keeltest.Proxy
 	hist  *History
 	logf  func(string, ...any)
@@ -190,6 +208,16 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 		if err2 := in.proxy.Restart(ctx); err2 != nil && err == nil {
 			err = err2
 		}
+	case FaultPartition, FaultPartitionLeader, FaultPartitionOneWay, FaultPartitionAll, FaultNetDelay, FaultNetFlaky:
+		rules, target := in.netRules(ctx, pl)
+		f.Target, f.Start, f.Unavailable = target, in.hist.Now(), pl.kind == FaultPartitionAll
+		err = in.setNet(ctx, rules)
+		hold()
+		f.Healed = in.hist.Now()
+		if err2 := in.setNet(ctx, nil); err2 != nil && err == nil {
+			err = err2
+		}
+		restart = in.c.Nodes()
 	default:
 		err = fmt.Errorf("unknown fault kind %q", pl.kind)
 	}
@@ -206,6 +234,66 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 	}
 	in.logf("fault %-12s %-10s at %6.1fs held %v%s", f.Kind, f.Target, f.Start.Seconds(), pl.hold.Round(time.Millisecond), errSuffix(f.Err))
 	return f
+}
+
+// netRules are the rules per server id that make pl's network fault,
+// and whom it targets.
+func (in *injector) netRules(ctx context.Context, pl plan) (map[string]netfault.Rules, string) {
+	nodes := in.c.Nodes()
+	out := map[string]netfault.Rules{}
+	switch pl.kind {
+	case FaultNetDelay, FaultNetFlaky:
+		r := netfault.Rules{Delay: 10 * time.Millisecond, Jitter: 40 * time.Millisecond}
+		if pl.kind == FaultNetFlaky {
+			r = netfault.Rules{FailPercent: 20}
+		}
+		for _, n := range nodes {
+			out[n.ID] = r
+		}
+		return out, "all"
+	case FaultPartitionAll:
+		for _, n := range nodes {
+			var r netfault.Rules
+			for _, o := range nodes {
+				if o != n {
+					r.Drop = append(r.Drop, o.Raft)
+				}
+			}
+			out[n.ID] = r
+		}
+		return out, "all"
+	}
+	if pl.kind == FaultPartitionLeader {
+		pl.leader = true
+	}
+	v := in.victims(ctx, pl, 1)[0]
+	var cut netfault.Rules
+	for _, o := range nodes {
+		if o != v {
+			cut.Drop = append(cut.Drop, o.Raft)
+			if pl.kind != FaultPartitionOneWay {
+				out[o.ID] = netfault.Rules{Drop: []string{v.Raft}}
+			}
+		}
+	}
+	out[v.ID] = cut
+	return out, "[" + v.ID + "]"
+}
+
+// setNet gives every server its rules (none when absent from rules).
+func (in *injector) setNet(ctx context.Context, rules map[string]netfault.Rules) error {
+	if in.ctl == nil {
+		return fmt.Errorf("network faults need keel built with -tags chaos (soak.BuildChaos)")
+	}
+	var errs []error
+	for _, n := range in.c.Nodes() {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if err := in.ctl[n.ID].SetNet(cctx, rules[n.ID]); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", n.ID, err))
+		}
+		cancel()
+	}
+	return errors.Join(errs...)
 }
 
 func errSuffix(s string) string {

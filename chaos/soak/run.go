@@ -3,19 +3,22 @@ package soak
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/keelstore/keel/chaos/control"
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"github.com/keelstore/keel/nbd"
 )
 
 // Config describes one soak against real processes.
 type Config struct {
-	// Bin is the keel binary; required.
+	// Bin is the keel binary; required. Network faults need one built
+	// with -tags chaos (BuildChaos).
 	Bin string
 	// Dir holds the cluster's directories and logs, and on a failure the
 	// history and its visualisation (Dir/failure); required.
@@ -24,7 +27,7 @@ type Config struct {
 	Duration time.Duration
 	// Seed decides the faults and the workload's choices.
 	Seed uint64
-	// Faults are the fault kinds to inject; default ProcessFaults.
+	// Faults are the fault kinds to inject; default AllFaults.
 	// Empty after defaults (Faults: []string{}) is not allowed; NoFaults
 	// runs the workload alone.
 	Faults []string
@@ -68,7 +71,7 @@ func (c Config) Validate() error {
 }
 
 // AllFaults lists every fault kind this package can inject.
-func AllFaults() []string { return append([]string(nil), ProcessFaults...) }
+func AllFaults() []string { return append(append([]string(nil), ProcessFaults...), NetworkFaults...) }
 
 func known(k string) bool {
 	for _, a := range AllFaults() {
@@ -81,7 +84,7 @@ func known(k string) bool {
 
 func (c *Config) defaults() {
 	if c.Faults == nil {
-		c.Faults = ProcessFaults
+		c.Faults = AllFaults()
 	}
 	if c.Size == "" {
 		c.Size = "64M"
@@ -158,8 +161,16 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	}
 	cfg.defaults()
 	res := Result{Seed: cfg.Seed}
+	// The control sockets live in a short directory of their own (a unix
+	// socket's path is at most 107 bytes).
+	ctlDir, err := keeltest.SocketDir()
+	if err != nil {
+		return res, err
+	}
+	defer os.RemoveAll(ctlDir)
 	cl, err := keeltest.StartCluster(ctx, keeltest.ClusterConfig{
 		Bin: cfg.Bin, Dir: cfg.Dir, N: 3, Size: cfg.Size, Flags: cfg.ServerFlags,
+		Env: []string{control.EnvDir + "=" + ctlDir, fmt.Sprintf("KEEL_CHAOS_SEED=%d", cfg.Seed)},
 		UpTimeout: 2 * time.Minute, Timeout: 3 * time.Minute, Logf: cfg.Logf,
 	})
 	if err != nil {
@@ -211,6 +222,12 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	}()
 	if !cfg.NoFaults {
 		in := &injector{c: cl, proxy: px, hist: hist, logf: cfg.Logf}
+		if chaosBuild(cl, ctlDir) {
+			in.ctl = map[string]*control.Client{}
+			for _, n := range cl.Nodes() {
+				in.ctl[n.ID] = control.NewClient(control.SocketPath(ctlDir, n.ID))
+			}
+		}
 		pl := newPlanner(cfg.Seed, cfg.Faults, 3)
 		for runCtx.Err() == nil {
 			p := pl.next()
@@ -268,6 +285,29 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		cfg.Logf("stopping the cluster: %v", err)
 	}
 	return res, nil
+}
+
+// chaosBuild reports whether the servers run a chaos build: each made its
+// control socket.
+func chaosBuild(cl *keeltest.Cluster, dir string) bool {
+	for _, n := range cl.Nodes() {
+		if _, err := os.Stat(control.SocketPath(dir, n.ID)); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// BuildChaos builds keel with -tags chaos into out (the working directory
+// must lie inside the keel module).
+func BuildChaos(ctx context.Context, out string) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	b, err := exec.CommandContext(ctx, "go", "build", "-tags", "chaos", "-o", out, keeltest.Package).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("soak: go build -tags chaos: %w\n%s", err, b)
+	}
+	return nil
 }
 
 func volumeBlocks(ctx context.Context, dial func(context.Context) (*nbd.Client, error)) (uint64, error) {

@@ -3,12 +3,12 @@ package soak
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"testing"
 	"time"
 
-	"github.com/keelstore/keel/cmd/keel/keeltest"
 )
 
 // soakSeeds is the short soak of the test run: each seed runs for
@@ -17,6 +17,8 @@ import (
 var soakSeeds = []uint64{1, 2, 3}
 
 // soakSeconds is each seed's duration; $KEEL_SOAK_SECONDS overrides it.
+// $KEEL_CHAOS_BIN names a keel built with -tags chaos to use instead of
+// building one.
 const soakSeconds = 55
 
 func TestSoak(t *testing.T) {
@@ -28,7 +30,13 @@ func TestSoak(t *testing.T) {
 		}
 		secs = n
 	}
-	bin := keeltest.MustBinary(t)
+	bin := os.Getenv("KEEL_CHAOS_BIN")
+	if bin == "" {
+		bin = filepath.Join(t.TempDir(), "keel")
+		if err := BuildChaos(context.Background(), bin); err != nil {
+			t.Fatal(err)
+		}
+	}
 	seen := map[string]bool{}
 	for _, seed := range soakSeeds {
 		t.Run("seed="+strconv.FormatUint(seed, 10), func(t *testing.T) {

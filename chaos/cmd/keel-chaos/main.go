@@ -18,12 +18,12 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/keelstore/keel/chaos/soak"
-	"github.com/keelstore/keel/cmd/keel/keeltest"
 )
 
 func main() {
@@ -31,7 +31,7 @@ func main() {
 	seed := flag.Uint64("seed", uint64(time.Now().UnixNano()%1_000_000), "seed of the faults and the workload (default: from the clock)")
 	faults := flag.String("faults", strings.Join(soak.AllFaults(), ","), "fault kinds to inject, comma-separated; \"none\" for none")
 	dir := flag.String("dir", "", "working directory (default: a new temporary one, removed on a pass)")
-	bin := flag.String("keel", "", "keel binary (default: built from this module)")
+	bin := flag.String("keel", "", "keel binary built with -tags chaos (default: built from this module)")
 	keep := flag.Bool("keep", false, "keep the working directory on a pass")
 	flag.Parse()
 
@@ -46,12 +46,16 @@ func main() {
 
 func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, bin string, keep bool) (int, error) {
 	if bin == "" {
-		defer keeltest.RemoveBinary()
-		b, err := keeltest.Binary(ctx)
+		bdir, err := os.MkdirTemp("", "keel-chaos-bin-")
 		if err != nil {
 			return 2, err
 		}
-		bin = b
+		defer os.RemoveAll(bdir)
+		bin = filepath.Join(bdir, "keel")
+		fmt.Println("keel-chaos: building keel with -tags chaos")
+		if err := soak.BuildChaos(ctx, bin); err != nil {
+			return 2, err
+		}
 	}
 	made := false
 	if dir == "" {
