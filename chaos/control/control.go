@@ -8,12 +8,15 @@
 //
 //	GET  /v1/net   the network rules in force (netfault.Rules, JSON)
 //	PUT  /v1/net   replace them
+//	PUT  /v1/point {"point": NAME, "count": N}: the next N passes through
+//	               supervise's point NAME panic (package faultpoint)
 //
 // Without the chaos tag, nothing of chaos/ is linked into keel and no
 // socket exists. Production code never imports this package.
 package control
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -24,6 +27,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/keelstore/keel/chaos/faultpoint"
 	"github.com/keelstore/keel/chaos/netfault"
 )
 
@@ -39,6 +43,14 @@ type Server struct {
 	Path string
 	// Net is the network layer's table; nil: no network faults here.
 	Net *netfault.Table
+	// Points arms the named panic points.
+	Points *faultpoint.Table
+}
+
+// Arm is the body of PUT /v1/point.
+type Arm struct {
+	Point string `json:"point"`
+	Count int    `json:"count"`
 }
 
 // Serve listens on Path until ctx ends, then closes and removes it.
@@ -67,6 +79,22 @@ func (s *Server) Serve(ctx context.Context) error {
 			return
 		}
 		if err := s.Net.Set(rules); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("PUT /v1/point", func(w http.ResponseWriter, r *http.Request) {
+		var a Arm
+		if err := json.NewDecoder(r.Body).Decode(&a); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if s.Points == nil {
+			http.Error(w, "no panic points in this process", http.StatusNotFound)
+			return
+		}
+		if err := s.Points.Arm(a.Point, a.Count); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
@@ -107,12 +135,19 @@ func NewClient(path string) *Client {
 var ErrRefused = errors.New("control: refused")
 
 // SetNet replaces the process's network rules.
-func (c *Client) SetNet(ctx context.Context, r netfault.Rules) error {
-	b, err := json.Marshal(r)
+func (c *Client) SetNet(ctx context.Context, r netfault.Rules) error { return c.put(ctx, "/v1/net", r) }
+
+// ArmPoint makes the next count passes through point panic.
+func (c *Client) ArmPoint(ctx context.Context, point string, count int) error {
+	return c.put(ctx, "/v1/point", Arm{Point: point, Count: count})
+}
+
+func (c *Client) put(ctx context.Context, path string, body any) error {
+	b, err := json.Marshal(body)
 	if err != nil {
 		return err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://chaos/v1/net", bytesReader(b))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://chaos"+path, bytes.NewReader(b))
 	if err != nil {
 		return err
 	}

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/keelstore/keel/chaos/control"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/cmd/keel/keeltest"
+	"github.com/keelstore/keel/supervise"
 )
 
 // A fault kind, as named in the report and in Config.Faults.
@@ -37,6 +39,18 @@ const (
 
 // NetworkFaults lists the network fault kinds.
 var NetworkFaults = []string{FaultPartition, FaultPartitionLeader, FaultPartitionOneWay, FaultPartitionAll, FaultNetDelay, FaultNetFlaky}
+
+// Code fault kinds: supervise's named points armed to panic (package
+// faultpoint) through the chaos build's control sockets.
+const (
+	FaultPanicRaft       = "panic-raft"       // one server's Raft service panics: its node is closed and opened again
+	FaultPanicMembership = "panic-membership" // every server's membership loop panics once
+	FaultPanicAccept     = "panic-accept"     // the proxy's NBD accept loop panics
+	FaultPanicStorm      = "panic-storm"      // one server's membership loop keeps panicking: its supervisor backs off and says so
+)
+
+// CodeFaults lists the code fault kinds.
+var CodeFaults = []string{FaultPanicRaft, FaultPanicMembership, FaultPanicAccept, FaultPanicStorm}
 
 // ProcessFaults lists the process fault kinds.
 var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause}
@@ -102,7 +116,9 @@ func (p *planner) next() plan {
 // injector applies plans to a cluster of keeltest processes.
 type injector struct {
 	c     *keeltest.Cluster
-	ctl   map[string]*control.Client // per server id, nil without the chaos build
+	ctl   map[string]*control.Client  // per server id, nil without the chaos build
+	pctl  *control.Client             // the proxy's
+	dial  func(context.Context) error // opens and closes one NBD connection to the proxy
 	proxy *keeltest.Proxy
 	hist  *History
 	logf  func(string, ...any)
@@ -218,6 +234,60 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			err = err2
 		}
 		restart = in.c.Nodes()
+	case FaultPanicRaft, FaultPanicMembership, FaultPanicStorm:
+		if in.ctl == nil {
+			err = errNoChaosBuild
+			break
+		}
+		point, count, want := supervise.PointRaft, 1, "injected panic at "+supervise.PointRaft
+		vs := in.victims(ctx, pl, 1)
+		switch pl.kind {
+		case FaultPanicMembership:
+			point, want, vs = supervise.PointMembership, "injected panic at "+supervise.PointMembership, in.c.Nodes()
+		case FaultPanicStorm:
+			point, count, want = supervise.PointMembership, 50, "too many failures; backing off"
+		}
+		f.Target, f.Start = ids(vs), in.hist.Now()
+		for _, n := range vs {
+			before := strings.Count(n.RunOutput(), want)
+			if err = in.ctl[n.ID].ArmPoint(ctx, point, count); err != nil {
+				break
+			}
+			if err = waitLog(ctx, n.RunOutput, want, before); err != nil {
+				err = fmt.Errorf("%s: %w", n.ID, err)
+				break
+			}
+		}
+		if pl.kind == FaultPanicStorm {
+			for _, n := range vs {
+				if err2 := in.ctl[n.ID].ArmPoint(ctx, point, 0); err2 != nil && err == nil {
+					err = err2
+				}
+			}
+		}
+		hold()
+		f.Healed = in.hist.Now()
+		restart = vs
+	case FaultPanicAccept:
+		if in.pctl == nil {
+			err = errNoChaosBuild
+			break
+		}
+		f.Target, f.Start = "proxy", in.hist.Now()
+		want := "injected panic at " + supervise.PointAccept
+		before := strings.Count(in.proxy.RunOutput(), want)
+		if err = in.pctl.ArmPoint(ctx, supervise.PointAccept, 1); err == nil {
+			// The accept loop passes the point once per connection.
+			if err = in.dial(ctx); err == nil {
+				err = waitLog(ctx, in.proxy.RunOutput, want, before)
+			}
+		}
+		hold()
+		f.Healed = in.hist.Now()
+		if err == nil {
+			// The restarted accept loop takes connections again.
+			err = in.dial(ctx)
+		}
 	default:
 		err = fmt.Errorf("unknown fault kind %q", pl.kind)
 	}
@@ -283,7 +353,7 @@ func (in *injector) netRules(ctx context.Context, pl plan) (map[string]netfault.
 // setNet gives every server its rules (none when absent from rules).
 func (in *injector) setNet(ctx context.Context, rules map[string]netfault.Rules) error {
 	if in.ctl == nil {
-		return fmt.Errorf("network faults need keel built with -tags chaos (soak.BuildChaos)")
+		return errNoChaosBuild
 	}
 	var errs []error
 	for _, n := range in.c.Nodes() {
@@ -294,6 +364,15 @@ func (in *injector) setNet(ctx context.Context, rules map[string]netfault.Rules)
 		cancel()
 	}
 	return errors.Join(errs...)
+}
+
+var errNoChaosBuild = errors.New("this fault needs keel built with -tags chaos (soak.BuildChaos)")
+
+// waitLog waits up to 30s until out() holds want more than before times.
+func waitLog(ctx context.Context, out func() string, want string, before int) error {
+	return keeltest.Poll(ctx, 30*time.Second, 50*time.Millisecond, fmt.Sprintf("the log shows %q", want), func() (bool, string, error) {
+		return strings.Count(out(), want) > before, "", nil
+	})
 }
 
 func errSuffix(s string) string {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -71,7 +72,9 @@ func (c Config) Validate() error {
 }
 
 // AllFaults lists every fault kind this package can inject.
-func AllFaults() []string { return append(append([]string(nil), ProcessFaults...), NetworkFaults...) }
+func AllFaults() []string {
+	return slices.Concat(ProcessFaults, NetworkFaults, CodeFaults)
+}
 
 func known(k string) bool {
 	for _, a := range AllFaults() {
@@ -170,7 +173,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	defer os.RemoveAll(ctlDir)
 	cl, err := keeltest.StartCluster(ctx, keeltest.ClusterConfig{
 		Bin: cfg.Bin, Dir: cfg.Dir, N: 3, Size: cfg.Size, Flags: cfg.ServerFlags,
-		Env: []string{control.EnvDir + "=" + ctlDir, fmt.Sprintf("KEEL_CHAOS_SEED=%d", cfg.Seed)},
+		Env:       []string{control.EnvDir + "=" + ctlDir, fmt.Sprintf("KEEL_CHAOS_SEED=%d", cfg.Seed)},
 		UpTimeout: 2 * time.Minute, Timeout: 3 * time.Minute, Logf: cfg.Logf,
 	})
 	if err != nil {
@@ -227,6 +230,14 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			for _, n := range cl.Nodes() {
 				in.ctl[n.ID] = control.NewClient(control.SocketPath(ctlDir, n.ID))
 			}
+			in.pctl = control.NewClient(control.SocketPath(ctlDir, "proxy-"+px.Name))
+		}
+		in.dial = func(ctx context.Context) error {
+			c, err := dial(ctx)
+			if err != nil {
+				return err
+			}
+			return c.Close()
 		}
 		pl := newPlanner(cfg.Seed, cfg.Faults, 3)
 		for runCtx.Err() == nil {

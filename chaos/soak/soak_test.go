@@ -8,27 +8,34 @@ import (
 	"strconv"
 	"testing"
 	"time"
-
 )
 
-// soakSeeds is the short soak of the test run: each seed runs for
-// soakSeconds under every fault kind. A seed that ever fails stays here as
-// a regression case (say which run failed and why beside it).
-var soakSeeds = []uint64{1, 2, 3}
+// soakCases is the short soak of the test run (about three minutes on a
+// loaded machine): fixed seeds, each over a set of fault kinds that the
+// planner deals in shuffled rounds, so each case injects every kind of its
+// set at least once. A seed that ever fails stays here as a regression
+// case (say which run failed and why beside it).
+var soakCases = []struct {
+	seed   uint64
+	faults []string
+	secs   int
+}{
+	{1, ProcessFaults, 60},
+	{2, NetworkFaults, 50},
+	{3, CodeFaults, 40},
+}
 
-// soakSeconds is each seed's duration; $KEEL_SOAK_SECONDS overrides it.
-// $KEEL_CHAOS_BIN names a keel built with -tags chaos to use instead of
-// building one.
-const soakSeconds = 55
+// $KEEL_SOAK_SECONDS overrides every case's duration. $KEEL_CHAOS_BIN
+// names a keel built with -tags chaos to use instead of building one.
 
 func TestSoak(t *testing.T) {
-	secs := soakSeconds
+	override := 0
 	if s := os.Getenv("KEEL_SOAK_SECONDS"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 {
 			t.Fatalf("$KEEL_SOAK_SECONDS %q: want a positive number", s)
 		}
-		secs = n
+		override = n
 	}
 	bin := os.Getenv("KEEL_CHAOS_BIN")
 	if bin == "" {
@@ -38,18 +45,27 @@ func TestSoak(t *testing.T) {
 		}
 	}
 	seen := map[string]bool{}
-	for _, seed := range soakSeeds {
+	for _, tc := range soakCases {
+		seed, secs := tc.seed, tc.secs
+		if override > 0 {
+			secs = override
+		}
 		t.Run("seed="+strconv.FormatUint(seed, 10), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+6*time.Minute)
 			defer cancel()
 			dir := t.TempDir()
-			res, err := Run(ctx, Config{Bin: bin, Dir: dir, Duration: time.Duration(secs) * time.Second, Seed: seed, Logf: t.Logf})
+			res, err := Run(ctx, Config{Bin: bin, Dir: dir, Duration: time.Duration(secs) * time.Second, Seed: seed, Faults: tc.faults, Logf: t.Logf})
 			if err != nil {
 				t.Fatal(err)
 			}
 			t.Log("\n" + res.Summary())
 			for _, f := range res.Faults {
 				seen[f.Kind] = true
+			}
+			for _, k := range tc.faults {
+				if !seen[k] {
+					t.Errorf("seed %d did not inject %s in %ds; lengthen the case", seed, k, secs)
+				}
 			}
 			if !res.OK() {
 				keep := os.Getenv("KEEL_SOAK_KEEP")

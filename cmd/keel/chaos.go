@@ -18,8 +18,10 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/keelstore/keel/chaos/control"
+	"github.com/keelstore/keel/chaos/faultpoint"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/supervise"
 )
 
 // envSeed seeds the layers' random choices (default 1).
@@ -41,9 +43,24 @@ func init() {
 		}
 		tab := netfault.NewTable(seed)
 		cfg.WrapTransport = func(t raft.Transport) raft.Transport { return netfault.Wrap(t, tab) }
-		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab}
+		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab, Points: points()}
 		return serveControl(srv, log)
 	}
+	chaosProxy = func(writer string, log hclog.Logger) (func(), error) {
+		dir := os.Getenv(control.EnvDir)
+		if dir == "" {
+			return func() {}, nil
+		}
+		srv := &control.Server{Path: control.SocketPath(dir, "proxy-"+writer), Points: points()}
+		return serveControl(srv, log)
+	}
+}
+
+// points installs a panic-point table as supervise's hook.
+func points() *faultpoint.Table {
+	t := faultpoint.NewTable()
+	supervise.SetPointHook(t.Hit)
+	return t
 }
 
 // serveControl runs the control socket until the returned stop is called.

@@ -13,3 +13,8 @@ import (
 var chaosServer = func(id string, cfg *replica.NodeConfig, log hclog.Logger) (stop func(), err error) {
 	return func() {}, nil
 }
+
+// chaosProxy is chaosServer for a proxy named by its --writer.
+var chaosProxy = func(writer string, log hclog.Logger) (stop func(), err error) {
+	return func() {}, nil
+}

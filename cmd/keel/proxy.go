@@ -133,6 +133,11 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	stopChaos, err := chaosProxy(f.writer, log)
+	if err != nil {
+		return err
+	}
+	defer stopChaos()
 	return pr.Run(ctx)
 }
 

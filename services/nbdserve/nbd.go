@@ -72,6 +72,7 @@ func (a *acceptor) Serve(ctx context.Context) error {
 	defer stop()
 	var delay time.Duration
 	for {
+		supervise.Point(supervise.PointAccept)
 		nc, err := a.l.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
