@@ -15,6 +15,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
+	"github.com/hashicorp/raft-wal/types"
 	"golang.org/x/sys/unix"
 
 	"github.com/keelstore/keel/replica/rawimage"
@@ -89,6 +90,9 @@ type NodeConfig struct {
 	// Transport) before raft gets it: the hook of the chaos tests' network
 	// fault layer. The node still closes the transport it made itself.
 	WrapTransport func(raft.Transport) raft.Transport
+	// WrapWALFS, if set, wraps the file system under raft-wal's segment
+	// files: the hook of the chaos tests' disk fault layer.
+	WrapWALFS func(types.VFS) types.VFS
 	// HeartbeatTimeout, ElectionTimeout and LeaderLeaseTimeout are Raft's.
 	// Defaults DefaultHeartbeatTimeout and friends.
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
@@ -251,7 +255,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if n.stores, err = OpenStores(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log); err != nil {
+	if n.stores, err = OpenStoresFS(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log, cfg.WrapWALFS); err != nil {
 		return nil, err
 	}
 	if n.snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 3, cfg.Log.Named("snapshots")); err != nil {

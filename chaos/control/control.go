@@ -10,6 +10,10 @@
 //	PUT  /v1/net   replace them
 //	PUT  /v1/point {"point": NAME, "count": N}: the next N passes through
 //	               supervise's point NAME panic (package faultpoint)
+//	PUT  /v1/disk  replace the disk rules (diskfault.Rules)
+//	POST /v1/crash simulate power loss: what was not fsynced is lost (a
+//	               random prefix of it torn in), then the process kills
+//	               itself with SIGKILL; the request gets no answer
 //
 // Without the chaos tag, nothing of chaos/ is linked into keel and no
 // socket exists. Production code never imports this package.
@@ -27,6 +31,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/chaos/faultpoint"
 	"github.com/keelstore/keel/chaos/netfault"
 )
@@ -45,6 +50,10 @@ type Server struct {
 	Net *netfault.Table
 	// Points arms the named panic points.
 	Points *faultpoint.Table
+	// Disk is the disk layer; nil: no disk faults here.
+	Disk *diskfault.FS
+	// Crash simulates power loss and kills the process; nil: refused.
+	Crash func()
 }
 
 // Arm is the body of PUT /v1/point.
@@ -100,6 +109,29 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
+	mux.HandleFunc("PUT /v1/disk", func(w http.ResponseWriter, r *http.Request) {
+		if s.Disk == nil {
+			http.Error(w, "no disk layer in this process", http.StatusNotFound)
+			return
+		}
+		var rules diskfault.Rules
+		if err := json.NewDecoder(r.Body).Decode(&rules); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := s.Disk.Set(rules); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /v1/crash", func(w http.ResponseWriter, r *http.Request) {
+		if s.Crash == nil {
+			http.Error(w, "this process cannot crash on request", http.StatusNotFound)
+			return
+		}
+		s.Crash() // does not return
+	})
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(l) }()
@@ -136,6 +168,24 @@ var ErrRefused = errors.New("control: refused")
 
 // SetNet replaces the process's network rules.
 func (c *Client) SetNet(ctx context.Context, r netfault.Rules) error { return c.put(ctx, "/v1/net", r) }
+
+// SetDisk replaces the process's disk rules.
+func (c *Client) SetDisk(ctx context.Context, r diskfault.Rules) error {
+	return c.put(ctx, "/v1/disk", r)
+}
+
+// Crash asks the process to lose what it has not fsynced and die; the
+// error (the connection breaks) says nothing, so it is not returned: wait
+// for the process to exit.
+func (c *Client) Crash(ctx context.Context) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://chaos/v1/crash", nil)
+	if err != nil {
+		return
+	}
+	if resp, err := c.hc.Do(req); err == nil {
+		resp.Body.Close()
+	}
+}
 
 // ArmPoint makes the next count passes through point panic.
 func (c *Client) ArmPoint(ctx context.Context, point string, count int) error {

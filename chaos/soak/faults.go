@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/chaos/control"
+	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"github.com/keelstore/keel/supervise"
@@ -51,6 +52,20 @@ const (
 
 // CodeFaults lists the code fault kinds.
 var CodeFaults = []string{FaultPanicRaft, FaultPanicMembership, FaultPanicAccept, FaultPanicStorm}
+
+// Disk fault kinds, through the chaos build's diskfault layer under one
+// server's Raft log (raft-wal's segment files).
+const (
+	FaultPowerLoss  = "power-loss"    // writes stay in memory until fsync; then a crash loses (or tears) them and the server restarts
+	FaultDiskEIO    = "disk-eio"      // log writes fail with EIO
+	FaultDiskENOSPC = "disk-enospc"   // log writes fail with ENOSPC
+	FaultSyncEIO    = "disk-sync-eio" // log fsyncs fail with EIO
+	FaultReadEIO    = "disk-read-eio" // log reads fail with EIO
+	FaultDiskSlow   = "disk-slow"     // every log write and fsync takes 20ms more
+)
+
+// DiskFaults lists the disk fault kinds.
+var DiskFaults = []string{FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow}
 
 // ProcessFaults lists the process fault kinds.
 var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause}
@@ -234,6 +249,46 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			err = err2
 		}
 		restart = in.c.Nodes()
+	case FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow:
+		if in.ctl == nil {
+			err = errNoChaosBuild
+			break
+		}
+		n := in.victims(ctx, pl, 1)[0]
+		rules := map[string]diskfault.Rules{
+			FaultPowerLoss: {Lazy: true, CrashAtSync: true}, FaultDiskEIO: {FailWrite: "EIO"}, FaultDiskENOSPC: {FailWrite: "ENOSPC"},
+			FaultSyncEIO: {FailSync: "EIO"}, FaultReadEIO: {FailRead: "EIO"}, FaultDiskSlow: {Slow: 20 * time.Millisecond},
+		}[pl.kind]
+		f.Target, f.Start = "["+n.ID+"]", in.hist.Now()
+		proc := n.Proc()
+		err = in.ctl[n.ID].SetDisk(ctx, rules)
+		hold()
+		if pl.kind == FaultPowerLoss && err == nil {
+			// The crash comes at the log's next fsync, with that append's
+			// writes lost or torn; if none came during the hold, now.
+			if !proc.Exited() {
+				in.ctl[n.ID].Crash(ctx)
+			}
+			select {
+			case <-proc.Done():
+			case <-time.After(30 * time.Second):
+				err = fmt.Errorf("%s did not die at the simulated crash", n.ID)
+			}
+		} else if n.Running() {
+			if err2 := in.ctl[n.ID].SetDisk(ctx, diskfault.Rules{}); err2 != nil && err == nil {
+				err = err2
+			}
+		}
+		f.Healed = in.hist.Now()
+		if !n.Running() && err == nil {
+			// The server stopped at the disk error (or crashed): start it
+			// again, as an operator would once the disk is fixed.
+			if pl.kind != FaultPowerLoss {
+				in.logf("%s exited at the disk fault (%v); restarting it", n.ID, n.Proc().Err())
+			}
+			err = n.Restart(ctx)
+		}
+		restart = []*keeltest.Node{n}
 	case FaultPanicRaft, FaultPanicMembership, FaultPanicStorm:
 		if in.ctl == nil {
 			err = errNoChaosBuild

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/chaos/control"
+	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"github.com/keelstore/keel/nbd"
 )
@@ -73,7 +74,7 @@ func (c Config) Validate() error {
 
 // AllFaults lists every fault kind this package can inject.
 func AllFaults() []string {
-	return slices.Concat(ProcessFaults, NetworkFaults, CodeFaults)
+	return slices.Concat(ProcessFaults, NetworkFaults, DiskFaults, CodeFaults)
 }
 
 func known(k string) bool {
@@ -277,9 +278,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	} else if out, err := exec.CommandContext(ctx, cfg.Bin, "verify", "--http", cl.Nodes()[0].HTTP, "--timeout", "2m").CombinedOutput(); err != nil {
 		res.Verify = fmt.Sprintf("%v: %s", err, out)
 	}
-	if err := cl.Crashes(); err != nil {
-		res.Crashes = err.Error()
-	}
+	res.Crashes = unexpectedCrashes(cl.Crashes())
 
 	ops := hist.Ops()
 	res.Report = Check(ops, cfg.CheckTimeout)
@@ -319,6 +318,25 @@ func BuildChaos(ctx context.Context, out string) error {
 		return fmt.Errorf("soak: go build -tags chaos: %w\n%s", err, b)
 	}
 	return nil
+}
+
+// unexpectedCrashes drops, from the harness's crash report, the panics
+// raft makes on purpose when the disk layer fails a log read (a
+// fail-stop: the injector restarts the server) and keeps the rest.
+func unexpectedCrashes(err error) string {
+	if err == nil {
+		return ""
+	}
+	var keep []string
+	for _, l := range strings.Split(err.Error(), "\n") {
+		if strings.HasPrefix(l, "panic:") && strings.Contains(l, diskfault.ErrInjected.Error()) {
+			continue
+		}
+		if strings.HasPrefix(l, "panic:") || strings.HasPrefix(l, "fatal error:") || strings.Contains(l, "DATA RACE") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
 }
 
 func volumeBlocks(ctx context.Context, dial func(context.Context) (*nbd.Client, error)) (uint64, error) {

@@ -13,11 +13,16 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"syscall"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 
+	walfs "github.com/hashicorp/raft-wal/fs"
+	"github.com/hashicorp/raft-wal/types"
+
 	"github.com/keelstore/keel/chaos/control"
+	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/chaos/faultpoint"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/replica"
@@ -43,7 +48,16 @@ func init() {
 		}
 		tab := netfault.NewTable(seed)
 		cfg.WrapTransport = func(t raft.Transport) raft.Transport { return netfault.Wrap(t, tab) }
-		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab, Points: points()}
+		disk := diskfault.New(walfs.New(), seed)
+		cfg.WrapWALFS = func(types.VFS) types.VFS { return disk }
+		crash := func() {
+			lost, err := disk.Crash()
+			log.Warn("CHAOS: simulated power loss", "bytes_lost", lost, "error", err)
+			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // SIGKILL is on its way
+		}
+		disk.OnCrash(crash)
+		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab, Points: points(), Disk: disk, Crash: crash}
 		return serveControl(srv, log)
 	}
 	chaosProxy = func(writer string, log hclog.Logger) (func(), error) {
