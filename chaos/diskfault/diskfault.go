@@ -80,7 +80,7 @@ type FS struct {
 	mu      sync.Mutex // guards the following
 	rules   Rules
 	pending map[string][]chunk // path -> writes not yet fsynced (lazy mode)
-	rng     *rand.Rand
+	seed    uint64
 	onCrash func() // for CrashAtSync
 }
 
@@ -100,7 +100,7 @@ type chunk struct {
 
 // New wraps inner; seed drives Crash's choices.
 func New(inner types.VFS, seed uint64) *FS {
-	return &FS{inner: inner, pending: map[string][]chunk{}, rng: rand.New(rand.NewPCG(seed, 0x6469736b))}
+	return &FS{inner: inner, pending: map[string][]chunk{}, seed: seed}
 }
 
 // Set replaces the rules. Leaving lazy mode does not write back what is
@@ -143,7 +143,11 @@ func (fs *FS) Crash() (lost int, err error) {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	for path, cs := range fs.pending {
-		keep := fs.rng.IntN(len(cs) + 1)
+		// The choice depends on the seed and on what is pending, not on
+		// how many crashes this process made: each run crashes once, and
+		// a restarted server has the same seed.
+		rng := rand.New(rand.NewPCG(fs.seed, uint64(cs[0].off)<<16^uint64(len(cs))<<8^uint64(len(cs[len(cs)-1].data))))
+		keep := rng.IntN(len(cs) + 1)
 		w, err := os.OpenFile(path, os.O_WRONLY, 0)
 		if err != nil {
 			return lost, fmt.Errorf("diskfault: crash: %w", err)
@@ -153,7 +157,7 @@ func (fs *FS) Crash() (lost int, err error) {
 			switch {
 			case i < keep:
 			case i == keep:
-				data = data[:fs.rng.IntN(len(data)/512+1)*512]
+				data = data[:rng.IntN(len(data)/512+1)*512]
 			default:
 				data = nil
 			}

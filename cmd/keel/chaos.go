@@ -51,8 +51,9 @@ func init() {
 		disk := diskfault.New(walfs.New(), seed)
 		cfg.WrapWALFS = func(types.VFS) types.VFS { return disk }
 		crash := func() {
+			pending := disk.Pending()
 			lost, err := disk.Crash()
-			log.Warn("CHAOS: simulated power loss", "bytes_lost", lost, "error", err)
+			log.Warn("CHAOS: simulated power loss", "bytes_unsynced", pending, "bytes_lost", lost, "error", err)
 			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			select {} // SIGKILL is on its way
 		}
