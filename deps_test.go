@@ -65,10 +65,11 @@ func rel(path string) string {
 
 func under(r, dir string) bool { return r == dir || strings.HasPrefix(r, dir+"/") }
 
-// isTestHarness: packages that exist for tests and tools only.
+// isTestHarness: packages that exist for tests and tools only (chaos, and
+// the benchmark driver, which runs its children through keeltest).
 func isTestHarness(r string) bool {
 	last := r[strings.LastIndex(r, "/")+1:]
-	return strings.HasSuffix(last, "test") || under(r, "chaos")
+	return strings.HasSuffix(last, "test") || under(r, "chaos") || under(r, "cmd/keelbench")
 }
 
 // rule is one dependency rule: packages matched by from may not depend on

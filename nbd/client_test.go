@@ -566,29 +566,29 @@ func (c *concurrency) enter() func() {
 	return func() { c.cur.Add(-1) }
 }
 
-func (c *concurrency) ReadAt(p []byte, off uint64) error {
+func (c *concurrency) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	defer c.enter()()
-	return c.Mem.ReadAt(p, off)
+	return c.Mem.ReadAt(ctx, p, off)
 }
 
-func (c *concurrency) WriteAt(p []byte, off uint64, fua bool) error {
+func (c *concurrency) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
 	defer c.enter()()
-	return c.Mem.WriteAt(p, off, fua)
+	return c.Mem.WriteAt(ctx, p, off, fua)
 }
 
-func (c *concurrency) Flush() error {
+func (c *concurrency) Flush(ctx context.Context) error {
 	defer c.enter()()
-	return c.Mem.Flush()
+	return c.Mem.Flush(ctx)
 }
 
-func (c *concurrency) Trim(off, length uint64, fua bool) error {
+func (c *concurrency) Trim(ctx context.Context, off, length uint64, fua bool) error {
 	defer c.enter()()
-	return c.Mem.Trim(off, length, fua)
+	return c.Mem.Trim(ctx, off, length, fua)
 }
 
-func (c *concurrency) Zero(off, length uint64, f nbd.ZeroFlags) error {
+func (c *concurrency) Zero(ctx context.Context, off, length uint64, f nbd.ZeroFlags) error {
 	defer c.enter()()
-	return c.Mem.Zero(off, length, f)
+	return c.Mem.Zero(ctx, off, length, f)
 }
 
 func worker(c *nbd.Client, seed, base, size uint64, ops int, model *[]byte) error {
@@ -638,11 +638,11 @@ type failing struct {
 	at uint64
 }
 
-func (f failing) ReadAt(p []byte, off uint64) error {
+func (f failing) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	if off == f.at {
 		return fmt.Errorf("disk on fire at %d: %w", off, syscall.EIO)
 	}
-	return f.Mem.ReadAt(p, off)
+	return f.Mem.ReadAt(ctx, p, off)
 }
 
 func TestClientServerErrors(t *testing.T) {
@@ -713,7 +713,7 @@ func TestClientCancel(t *testing.T) {
 			}
 			t.Cleanup(release)
 			data := bytes.Repeat([]byte{0x5a}, 8192)
-			if err := g.Mem.WriteAt(data, 1<<20, false); err != nil {
+			if err := g.Mem.WriteAt(context.Background(), data, 1<<20, false); err != nil {
 				t.Fatal(err)
 			}
 			cfg := m.cfg

@@ -32,13 +32,18 @@ const sparseReadMin = 64 << 10
 const maxLoggedRejects = 10
 
 type conn struct {
-	s   *Server
-	nc  net.Conn
-	br  *bufio.Reader
-	st  *session
-	log hclog.Logger
-	be  Backend
-	exp *Export
+	s    *Server
+	nc   net.Conn
+	br   *bufio.Reader
+	st   *session
+	log  hclog.Logger
+	be   Backend
+	exp  *Export
+	caps Caps // be.Capabilities(), fixed while serving
+	// ctx is what backend calls get: cancelled (with a cause) only when no
+	// answer can be delivered any more (see kill), not by a graceful stop.
+	ctx    context.Context
+	cancel context.CancelCauseFunc
 
 	wmu      sync.Mutex          // guards the following
 	queue    []*reply            // replies waiting for the writer
@@ -82,9 +87,24 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, st *session, log hclog.Lo
 		s: s, nc: nc, br: br, st: st, log: log,
 		be:    st.export.Backend,
 		exp:   st.export,
+		caps:  st.export.Backend.Capabilities(),
 		jobs:  make(chan job),
 		bytes: semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
 	}
+}
+
+// Why a connection's backend context ends.
+var (
+	errConnLost     = errors.New("nbd: connection lost; the reply cannot be delivered")
+	errDrainTimeout = errors.New("nbd: graceful stop ran past the drain timeout")
+)
+
+// kill ends the connection for good: the socket is closed and backend calls
+// still running are cancelled with cause, since their answers can no longer
+// reach the client.
+func (c *conn) kill(cause error) {
+	c.cancel(cause)
+	c.nc.Close()
 }
 
 // recoverPanic, deferred at the top of every goroutine serving the
@@ -94,11 +114,15 @@ func (c *conn) recoverPanic() {
 		c.panicOnce.Do(func() {
 			c.panicVal = &ConnPanic{Value: r, Stack: debug.Stack()}
 		})
-		c.nc.Close()
+		c.kill(fmt.Errorf("%w: a goroutine serving it panicked", errConnLost))
 	}
 }
 
 func (c *conn) serve(ctx context.Context) error {
+	// Backend calls outlive ctx (a graceful stop answers what was read)
+	// but keep its values.
+	c.ctx, c.cancel = context.WithCancelCause(context.WithoutCancel(ctx))
+	defer c.cancel(nil)
 	// A graceful stop interrupts a blocked read; readLoop then finishes the
 	// request it was in the middle of, if any, and reads no more.
 	stopRead := context.AfterFunc(ctx, func() {
@@ -124,7 +148,7 @@ func (c *conn) serve(ctx context.Context) error {
 	case <-drained:
 	case <-time.After(c.s.cfg.DrainTimeout):
 		c.log.Warn("requests still in flight after the drain timeout; closing", "timeout", c.s.cfg.DrainTimeout)
-		c.nc.Close()
+		c.kill(errDrainTimeout)
 		<-drained
 	}
 	c.nc.Close()
@@ -194,8 +218,10 @@ func (c *conn) readLoop() error {
 			return nil // closed on our side: a failed write or a panic, logged there
 		case isClosed(err):
 			c.log.Info("client disconnected in the middle of a request", "error", err)
+			c.kill(fmt.Errorf("%w: %v", errConnLost, err))
 			return nil
 		default:
+			c.kill(fmt.Errorf("%w: %v", errConnLost, err))
 			return fmt.Errorf("nbd: reading request: %w", err)
 		}
 		req, err := ParseRequest(hdr, c.st.extended)
@@ -227,6 +253,7 @@ func (c *conn) readLoop() error {
 				err = c.discard(plen)
 			}
 			if err != nil {
+				c.kill(fmt.Errorf("%w: %v", errConnLost, err))
 				if isClosed(err) {
 					c.log.Info("client disconnected in the middle of a request", "error", err)
 					return nil
@@ -306,16 +333,23 @@ func (c *conn) discard(n uint64) error {
 // check validates a request against the session and the export. It is a
 // pure decision: the error to answer with, or 0 to go ahead.
 func (c *conn) check(r Request) Errno {
-	return checkRequest(r, c.st, c.exp.Backend.Size(), c.exp.BlockSize, c.exp.ReadOnly)
+	return checkRequest(r, c.st, c.exp.Backend.Size(), c.exp.BlockSize)
 }
 
-func checkRequest(r Request, st *session, size uint64, bs BlockSize, readOnly bool) Errno {
+// checkRequest refuses, with EINVAL, every command and flag the session's
+// transmission flags (st.flags) did not advertise, and changes to a
+// read-only export with EPERM.
+func checkRequest(r Request, st *session, size uint64, bs BlockSize) Errno {
 	const known = CmdFlagFUA | CmdFlagNoHole | CmdFlagDF | CmdFlagReqOne | CmdFlagFastZero | CmdFlagPayloadLen
 	if r.Flags&^known != 0 {
 		return EINVAL
 	}
-	// Flags that belong to one command only.
-	allowed := CmdFlagFUA
+	adv := func(f uint16) bool { return st.flags&f != 0 }
+	// Flags that belong to one command only, and only when advertised.
+	var allowed uint16
+	if adv(TFlagSendFUA) {
+		allowed |= CmdFlagFUA
+	}
 	switch r.Type {
 	case CmdRead:
 		if st.structured {
@@ -324,7 +358,10 @@ func checkRequest(r Request, st *session, size uint64, bs BlockSize, readOnly bo
 	case CmdWrite:
 		allowed |= CmdFlagPayloadLen
 	case CmdWriteZeroes:
-		allowed |= CmdFlagNoHole | CmdFlagFastZero
+		allowed |= CmdFlagNoHole
+		if adv(TFlagSendFastZero) {
+			allowed |= CmdFlagFastZero
+		}
 	case CmdBlockStatus:
 		allowed |= CmdFlagReqOne
 	case CmdFlush, CmdTrim, CmdCache:
@@ -338,14 +375,18 @@ func checkRequest(r Request, st *session, size uint64, bs BlockSize, readOnly bo
 		return EINVAL // extended writes must carry their payload flag
 	}
 	if r.Type == CmdFlush {
-		if r.Offset != 0 || r.Length != 0 {
+		if !adv(TFlagSendFlush) || r.Offset != 0 || r.Length != 0 {
 			return EINVAL
 		}
 		return 0
 	}
 	writes := r.Type == CmdWrite || r.Type == CmdTrim || r.Type == CmdWriteZeroes
-	if writes && readOnly {
+	if writes && adv(TFlagReadOnly) {
 		return EPERM
+	}
+	if (r.Type == CmdTrim && !adv(TFlagSendTrim)) || (r.Type == CmdWriteZeroes && !adv(TFlagSendWriteZeroes)) ||
+		(r.Type == CmdCache && !adv(TFlagSendCache)) {
+		return EINVAL // not advertised
 	}
 	if r.Offset > size || r.Length > size-r.Offset {
 		if r.Type == CmdWrite || r.Type == CmdWriteZeroes {
@@ -404,15 +445,15 @@ func (c *conn) handle(r Request, payload *[]byte) {
 		return
 	case CmdWrite:
 		if payload != nil { // a zero-length write has none and does nothing
-			err = c.be.WriteAt(*payload, r.Offset, r.Flags&CmdFlagFUA != 0)
+			err = c.be.WriteAt(c.ctx, *payload, r.Offset, r.Flags&CmdFlagFUA != 0)
 			putBuf(payload)
 			c.bytes.Release(int64(r.Length))
 		}
 	case CmdFlush:
-		err = c.be.Flush()
+		err = c.be.Flush(c.ctx)
 	case CmdTrim:
 		if r.Length > 0 {
-			err = c.be.Trim(r.Offset, r.Length, r.Flags&CmdFlagFUA != 0)
+			err = c.be.Trim(c.ctx, r.Offset, r.Length, r.Flags&CmdFlagFUA != 0)
 		}
 	case CmdWriteZeroes:
 		if r.Length > 0 {
@@ -426,11 +467,11 @@ func (c *conn) handle(r Request, payload *[]byte) {
 			if r.Flags&CmdFlagFUA != 0 {
 				zf |= ZeroFUA
 			}
-			err = c.be.Zero(r.Offset, r.Length, zf)
+			err = c.be.Zero(c.ctx, r.Offset, r.Length, zf)
 		}
 	case CmdCache:
 		if r.Length > 0 {
-			err = c.be.Cache(r.Offset, r.Length)
+			err = c.be.Cache(c.ctx, r.Offset, r.Length)
 		}
 	case CmdBlockStatus:
 		c.handleBlockStatus(r)
@@ -461,7 +502,7 @@ func (c *conn) handleRead(r Request) {
 	done := func() { c.bytes.Release(int64(n)) }
 
 	if !c.st.structured {
-		if err := c.be.ReadAt(buf, r.Offset); err != nil {
+		if err := c.be.ReadAt(c.ctx, buf, r.Offset); err != nil {
 			putBuf(bufp)
 			done()
 			c.backendError(r, err)
@@ -480,8 +521,8 @@ func (c *conn) handleRead(r Request) {
 		return
 	}
 	var extents []Extent
-	if n >= sparseReadMin && r.Flags&CmdFlagDF == 0 {
-		if ex, err := c.be.Extents(r.Offset, r.Length); err == nil {
+	if n >= sparseReadMin && r.Flags&CmdFlagDF == 0 && c.caps.Has(CapExtents) {
+		if ex, err := c.be.Extents(c.ctx, r.Offset, r.Length); err == nil {
 			extents = clipExtents(ex, r.Length)
 		}
 	}
@@ -500,7 +541,7 @@ func (c *conn) handleRead(r Request) {
 			rep.bufs = append(rep.bufs, AppendOffsetHole(h, r.Offset+off, uint32(e.Length)))
 		} else {
 			seg := buf[off : off+e.Length]
-			if err := c.be.ReadAt(seg, r.Offset+off); err != nil {
+			if err := c.be.ReadAt(c.ctx, seg, r.Offset+off); err != nil {
 				putBuf(bufp)
 				done()
 				c.backendError(r, err)
@@ -596,7 +637,7 @@ func pushExtent(out []Extent, e Extent) []Extent {
 }
 
 func (c *conn) handleBlockStatus(r Request) {
-	ex, err := c.be.Extents(r.Offset, r.Length)
+	ex, err := c.be.Extents(c.ctx, r.Offset, r.Length)
 	if err != nil {
 		c.backendError(r, err)
 		return
@@ -680,7 +721,7 @@ func (c *conn) send(rep *reply, after func()) {
 			v := vec
 			if _, err := v.WriteTo(c.nc); err != nil {
 				werr = err
-				c.nc.Close() // the reader sees it and stops
+				c.kill(fmt.Errorf("%w: %v", errConnLost, err)) // the reader sees it and stops
 			}
 			clear(vec)
 		}

@@ -87,9 +87,87 @@ func TestCheckRequest(t *testing.T) {
 		{"extended write", extended, false, Request{Type: CmdWrite, Flags: CmdFlagPayloadLen, Length: 512}, 0},
 		{"payload flag on read", extended, false, Request{Type: CmdRead, Flags: CmdFlagPayloadLen, Length: 512}, EINVAL},
 		{"flush with length", compact, false, Request{Type: CmdFlush, Length: 1}, EINVAL},
+		{"read-only trim", compact, true, Request{Type: CmdTrim, Length: 512}, EPERM},
+		{"read-only zero", compact, true, Request{Type: CmdWriteZeroes, Length: 512}, EPERM},
+		{"read-only fast zero is not advertised", compact, true, Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero, Length: 512}, EINVAL},
+		{"fast zero", compact, false, Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero | CmdFlagNoHole | CmdFlagFUA, Length: 512}, 0},
 	} {
-		if got := checkRequest(tc.r, tc.st, size, bs, tc.ro); got != tc.want {
+		st := *tc.st
+		st.flags = advertisedFlags(CapsAll, tc.ro, st.structured, false)
+		if got := checkRequest(tc.r, &st, size, bs); got != tc.want {
 			t.Errorf("%s: checkRequest(%+v) = %v, want %v", tc.name, tc.r, got, tc.want)
+		}
+	}
+}
+
+// TestAdvertisedFlags: the handshake advertises exactly what the backend
+// declares, less trim and zero on a read-only export.
+func TestAdvertisedFlags(t *testing.T) {
+	const has = TFlagHasFlags
+	for _, tc := range []struct {
+		name           string
+		caps           Caps
+		ro, structured bool
+		want           uint16
+	}{
+		{"nothing", 0, false, false, has},
+		{"nothing structured", 0, false, true, has | TFlagSendDF},
+		{"everything", CapsAll, false, false, has | TFlagSendFlush | TFlagSendFUA | TFlagSendTrim | TFlagSendWriteZeroes |
+			TFlagSendFastZero | TFlagSendCache | TFlagCanMultiConn},
+		{"everything read-only", CapsAll, true, false, has | TFlagReadOnly | TFlagSendFlush | TFlagSendFUA | TFlagSendCache | TFlagCanMultiConn},
+		{"flush", CapFlush, false, false, has | TFlagSendFlush},
+		{"fua", CapFUA, false, false, has | TFlagSendFUA},
+		{"trim", CapTrim, false, false, has | TFlagSendTrim},
+		{"trim read-only", CapTrim, true, false, has | TFlagReadOnly},
+		{"zero", CapZero, false, false, has | TFlagSendWriteZeroes},
+		{"zero and fast zero", CapZero | CapFastZero, false, false, has | TFlagSendWriteZeroes | TFlagSendFastZero},
+		{"fast zero alone is never advertised", CapFastZero, false, false, has},
+		{"cache", CapCache, false, false, has | TFlagSendCache},
+		{"multi-conn", CapMultiConn, false, false, has | TFlagCanMultiConn},
+		{"extents is a meta context, not a flag", CapExtents, false, false, has},
+	} {
+		if got := advertisedFlags(tc.caps, tc.ro, tc.structured, false); got != tc.want {
+			t.Errorf("%s: advertisedFlags(%#x, ro=%v, structured=%v) = %#x, want %#x", tc.name, uint16(tc.caps), tc.ro, tc.structured, got, tc.want)
+		}
+	}
+	if got := advertisedFlags(0, false, false, true); got != has|TFlagRotational {
+		t.Errorf("rotational: %#x", got)
+	}
+}
+
+// TestCheckRequestCaps: a command or flag the backend did not declare is
+// refused with EINVAL; with the capability it goes ahead.
+func TestCheckRequestCaps(t *testing.T) {
+	bs := BlockSize{512, 4096, 1 << 25}
+	for _, tc := range []struct {
+		name string
+		need Caps
+		r    Request
+	}{
+		{"flush", CapFlush, Request{Type: CmdFlush}},
+		{"fua write", CapFUA, Request{Type: CmdWrite, Flags: CmdFlagFUA, Length: 512}},
+		{"fua trim", CapFUA | CapTrim, Request{Type: CmdTrim, Flags: CmdFlagFUA, Length: 512}},
+		{"trim", CapTrim, Request{Type: CmdTrim, Length: 512}},
+		{"zero", CapZero, Request{Type: CmdWriteZeroes, Length: 512}},
+		{"zero no hole", CapZero, Request{Type: CmdWriteZeroes, Flags: CmdFlagNoHole, Length: 512}},
+		{"fast zero", CapZero | CapFastZero, Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero, Length: 512}},
+		{"cache", CapCache, Request{Type: CmdCache, Length: 512}},
+	} {
+		for _, caps := range []Caps{tc.need, CapsAll} {
+			st := &session{flags: advertisedFlags(caps, false, false, false)}
+			if got := checkRequest(tc.r, st, 1<<20, bs); got != 0 {
+				t.Errorf("%s with caps %#x: %v, want accepted", tc.name, uint16(caps), got)
+			}
+		}
+		for c := Caps(1); c <= CapsAll; c <<= 1 {
+			if !tc.need.Has(c) {
+				continue
+			}
+			caps := CapsAll &^ c
+			st := &session{flags: advertisedFlags(caps, false, false, false)}
+			if got := checkRequest(tc.r, st, 1<<20, bs); got != EINVAL {
+				t.Errorf("%s without cap %#x: %v, want EINVAL", tc.name, uint16(c), got)
+			}
 		}
 	}
 }

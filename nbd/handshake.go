@@ -207,7 +207,9 @@ func (s *Server) handshake(br *bufio.Reader, bw *bufio.Writer) (*session, error)
 				err = rep.fail(oh.Option, RepErrUnknown, "unknown export %q", req.Export)
 				break
 			}
-			if matchBaseAllocation(req.Queries, set) {
+			// base:allocation exists only where the backend can map
+			// its allocation; otherwise no context is listed or set.
+			if e.Backend.Capabilities().Has(CapExtents) && matchBaseAllocation(req.Queries, set) {
 				id := uint32(0)
 				if set {
 					id = baseAllocationID
@@ -288,18 +290,47 @@ func (s *Server) replyInfo(rep *optionReplier, option uint32, e *Export, flags u
 	return nil
 }
 
-// transmissionFlags are the flags for export e given what was negotiated.
+// transmissionFlags are the flags for export e given what was negotiated:
+// what its backend declares it can do, less what a read-only export refuses.
 func (s *Server) transmissionFlags(e *Export, st *session) uint16 {
-	f := TFlagHasFlags | TFlagSendFlush | TFlagSendFUA | TFlagCanMultiConn | TFlagSendCache
-	if e.ReadOnly {
+	return advertisedFlags(e.Backend.Capabilities(), e.ReadOnly, st.structured, e.Rotational)
+}
+
+// advertisedFlags is a pure decision: the transmission flags for a backend
+// with caps. A read-only export advertises no trim or zero; fast zero only
+// ever comes with zero.
+func advertisedFlags(caps Caps, readOnly, structured, rotational bool) uint16 {
+	f := TFlagHasFlags
+	for _, m := range []struct {
+		cap  Caps
+		flag uint16
+	}{
+		{CapFlush, TFlagSendFlush},
+		{CapFUA, TFlagSendFUA},
+		{CapCache, TFlagSendCache},
+		{CapMultiConn, TFlagCanMultiConn},
+	} {
+		if caps.Has(m.cap) {
+			f |= m.flag
+		}
+	}
+	if readOnly {
 		f |= TFlagReadOnly
 	} else {
-		f |= TFlagSendTrim | TFlagSendWriteZeroes | TFlagSendFastZero
+		if caps.Has(CapTrim) {
+			f |= TFlagSendTrim
+		}
+		if caps.Has(CapZero) {
+			f |= TFlagSendWriteZeroes
+			if caps.Has(CapFastZero) {
+				f |= TFlagSendFastZero
+			}
+		}
 	}
-	if st.structured {
+	if structured {
 		f |= TFlagSendDF
 	}
-	if e.Rotational {
+	if rotational {
 		f |= TFlagRotational
 	}
 	return f

@@ -1,6 +1,9 @@
 package nbd
 
-import "sync"
+import (
+	"context"
+	"sync"
+)
 
 // testMem is a minimal in-memory Backend for the package's internal tests
 // (nbdtest.Mem cannot be imported here without a cycle). Holes are tracked
@@ -15,14 +18,15 @@ func newTestMem(size uint64) *testMem {
 	return &testMem{data: make([]byte, size), alloc: make([]bool, (size+4095)/4096)}
 }
 
-func (m *testMem) Size() uint64 { return uint64(len(m.data)) }
-func (m *testMem) ReadAt(p []byte, off uint64) error {
+func (m *testMem) Size() uint64       { return uint64(len(m.data)) }
+func (m *testMem) Capabilities() Caps { return CapsAll }
+func (m *testMem) ReadAt(_ context.Context, p []byte, off uint64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	copy(p, m.data[off:])
 	return nil
 }
-func (m *testMem) WriteAt(p []byte, off uint64, _ bool) error {
+func (m *testMem) WriteAt(_ context.Context, p []byte, off uint64, _ bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	copy(m.data[off:], p)
@@ -31,16 +35,18 @@ func (m *testMem) WriteAt(p []byte, off uint64, _ bool) error {
 	}
 	return nil
 }
-func (m *testMem) Flush() error                          { return nil }
-func (m *testMem) Trim(off, length uint64, _ bool) error { return m.Zero(off, length, 0) }
-func (m *testMem) Zero(off, length uint64, _ ZeroFlags) error {
+func (m *testMem) Flush(context.Context) error { return nil }
+func (m *testMem) Trim(ctx context.Context, off, length uint64, _ bool) error {
+	return m.Zero(ctx, off, length, 0)
+}
+func (m *testMem) Zero(_ context.Context, off, length uint64, _ ZeroFlags) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	clear(m.data[off : off+length])
 	return nil
 }
-func (m *testMem) Cache(off, length uint64) error { return nil }
-func (m *testMem) Extents(off, length uint64) ([]Extent, error) {
+func (m *testMem) Cache(_ context.Context, off, length uint64) error { return nil }
+func (m *testMem) Extents(_ context.Context, off, length uint64) ([]Extent, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []Extent

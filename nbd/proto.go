@@ -4,6 +4,16 @@
 // can serve a local image, a replicated volume or a remote one; and a
 // concurrent client (client.go) for keel proxy to reach the servers.
 //
+// A Backend declares its Capabilities (flush, FUA, trim, zero, fast zero,
+// cache, extents, multi-conn); the handshake advertises exactly those (the
+// base:allocation context only with extents) and a request for anything
+// else is answered with EINVAL without reaching the backend. Every backend
+// call gets the connection's context, cancelled only when no answer can be
+// delivered any more (the connection died, or a graceful stop ran past
+// DrainTimeout); a graceful stop itself answers every request already read.
+// ZeroFlags and ErrNotFast are the one zero-flags type and the one "not
+// fast" error that rawimage and the replicated log use too.
+//
 // nbd imports no other Keel package.
 //
 // # Wire layout

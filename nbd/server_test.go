@@ -346,11 +346,11 @@ func equalExtents(a, b []nbd.Extent) bool {
 // notFast refuses fast zeroes, like a filesystem without hole punching.
 type notFast struct{ *nbdtest.Mem }
 
-func (n notFast) Zero(off, length uint64, f nbd.ZeroFlags) error {
+func (n notFast) Zero(ctx context.Context, off, length uint64, f nbd.ZeroFlags) error {
 	if f&nbd.ZeroFast != 0 {
 		return nbd.ErrNotFast
 	}
-	return n.Mem.Zero(off, length, f)
+	return n.Mem.Zero(ctx, off, length, f)
 }
 
 // errCase is a request that must be refused with want (0: accepted).
@@ -459,10 +459,13 @@ func (g *gate) wait(off uint64) {
 	}
 }
 
-func (g *gate) ReadAt(p []byte, off uint64) error { g.wait(off); return g.Mem.ReadAt(p, off) }
-func (g *gate) WriteAt(p []byte, off uint64, fua bool) error {
+func (g *gate) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	g.wait(off)
-	return g.Mem.WriteAt(p, off, fua)
+	return g.Mem.ReadAt(ctx, p, off)
+}
+func (g *gate) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
+	g.wait(off)
+	return g.Mem.WriteAt(ctx, p, off, fua)
 }
 
 func waitFor(t *testing.T, ch <-chan struct{}, what string) {

@@ -1,8 +1,11 @@
 package replica
 
 import (
+	"errors"
 	"fmt"
 	"sort"
+
+	"github.com/keelstore/keel/nbd"
 )
 
 // The state machine's decisions, with no I/O: decide takes the metadata
@@ -71,6 +74,10 @@ const (
 	effectNone  effectKind = iota // metadata only, a refusal or a duplicate
 	effectWrite                   // write Data at Offset
 	effectZero                    // zero Length bytes at Offset
+	// effectHalt: the entry is committed but this build cannot apply it;
+	// the node must stop applying (and count it unapplied) until a build
+	// that knows it runs. Skipping it would let the replicas diverge.
+	effectHalt
 )
 
 // effect is what FSM.Apply must do after a decision.
@@ -97,11 +104,41 @@ func (e effect) String() string {
 		if e.noHole {
 			s += " (no hole)"
 		}
+	case effectHalt:
+		s = "halt (not applied; the node stops applying)"
 	}
 	if e.note != "" {
 		s += "; note: " + e.note
 	}
 	return s
+}
+
+// decideEntry rules on one committed entry as it came out of DecodeAt:
+//
+//   - decoded (err nil): decide.
+//   - malformed (ErrBadCommand): no build's encoder wrote it, so every
+//     node refuses it alike; it is answered with the error and counted
+//     as applied, and the replicas stay identical.
+//   - unknown (ErrUnknownCommand: a newer build wrote it, after every
+//     member reported that level, so this node was older than it said or
+//     was downgraded since): an ignorable one is skipped, alike on every
+//     node that does not know it, and its proposer promised that skipping
+//     changes nothing this build reads; any other halts the node (it is
+//     not counted as applied, and applies nothing after it) until a build
+//     that knows it runs. Never a guess, never a silent skip.
+func decideEntry(st *fsmState, index uint64, c *Command, err error) (Result, effect) {
+	switch {
+	case err == nil:
+		return decide(st, index, c)
+	case errors.Is(err, ErrUnknownCommand) && c.Ignorable:
+		return Result{Index: index, Epoch: st.Epoch, Err: err},
+			effect{note: fmt.Sprintf("skipping ignorable %v of level %d that this build does not know", c.Kind, c.Level)}
+	case errors.Is(err, ErrUnknownCommand):
+		return Result{Index: index, Epoch: st.Epoch, Err: err},
+			effect{kind: effectHalt, note: fmt.Sprintf("%v of level %d is committed but unknown to this build: upgrade this node", c.Kind, c.Level)}
+	default:
+		return Result{Index: index, Epoch: st.Epoch, Err: err}, effect{note: "refusing malformed log entry"}
+	}
 }
 
 // decide applies c, committed at index, to st and returns the command's
@@ -162,7 +199,7 @@ func decide(st *fsmState, index uint64, c *Command) (Result, effect) {
 		// be punched, and every replica must end byte-identical.
 		eff = effect{kind: effectZero, offset: c.Offset, length: length}
 	case KindZero:
-		eff = effect{kind: effectZero, offset: c.Offset, length: length, noHole: c.ZeroFlags&ZeroNoHole != 0}
+		eff = effect{kind: effectZero, offset: c.Offset, length: length, noHole: c.ZeroFlags&nbd.ZeroNoHole != 0}
 	}
 	if exactlyOnce {
 		eff.note = record(st, c.ReqID, c.AckedBelow)

@@ -2,22 +2,25 @@ package replica
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
 	"testing"
 
 	"github.com/cockroachdb/datadriven"
+	"github.com/keelstore/keel/nbd"
 )
 
-// TestDecide runs the stories in testdata/*.txt through decide: each
-// command is encoded and decoded as it is in the Raft log, decided at the
-// next log index, and the result, the effect on the image and the state
-// after it are printed.
+// TestDecide runs the stories in testdata/*.txt through decideEntry: each
+// command is encoded and decoded as it is in the Raft log (by a build of
+// the story's level), decided at the next log index, and the result, the
+// effect on the image and the state after it are printed.
 //
 // Directives:
 //
-//	init size=N [max-applied=N]            a fresh state (log index 0)
+//	init size=N [max-applied=N] [level=L]  a fresh state (log index 0), read by a build of level L (default CurrentLevel)
+//	future kind=K level=L [ignorable]      a command of a kind (number) and level a newer build wrote
 //	claim writer=W [takeover]
 //	release epoch=E
 //	write epoch=E req=R acked=A off=O data=S
@@ -32,6 +35,7 @@ func TestDecide(t *testing.T) {
 	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
 		var st *fsmState
 		var index uint64
+		var level Level
 		datadriven.RunTest(t, path, func(t *testing.T, d *datadriven.TestData) string {
 			if d.Cmd != "init" && st == nil {
 				d.Fatalf(t, "%s before init", d.Cmd)
@@ -41,9 +45,14 @@ func TestDecide(t *testing.T) {
 			case "init":
 				var size uint64
 				d.ScanArgs(t, "size", &size)
-				st, index = newFSMState(State{}, size), 0
+				st, index, level = newFSMState(State{}, size), 0, CurrentLevel
 				if d.HasArg("max-applied") {
 					d.ScanArgs(t, "max-applied", &st.maxApplied)
+				}
+				if d.HasArg("level") {
+					var l int
+					d.ScanArgs(t, "level", &l)
+					level = Level(l)
 				}
 				return "state: " + stateString(st)
 			case "failover":
@@ -82,7 +91,7 @@ func TestDecide(t *testing.T) {
 					d.ScanArgs(t, "len", &c.Length)
 				}
 				if d.HasArg("nohole") {
-					c.ZeroFlags = ZeroNoHole
+					c.ZeroFlags = nbd.ZeroNoHole
 				}
 			case "register":
 				c = Command{Kind: KindRegister}
@@ -95,16 +104,21 @@ func TestDecide(t *testing.T) {
 			case "forget":
 				c = Command{Kind: KindForget}
 				d.ScanArgs(t, "id", &c.Node.ID)
+			case "future":
+				var kind, l int
+				d.ScanArgs(t, "kind", &kind)
+				d.ScanArgs(t, "level", &l)
+				c = Command{Kind: Kind(kind), Level: Level(l), Ignorable: d.HasArg("ignorable"), Body: []byte("future")}
 			default:
 				d.Fatalf(t, "unknown directive %q", d.Cmd)
 			}
 			// As in the log: the FSM sees the decoded entry.
-			logged, err := Decode(c.Encode(nil))
-			if err != nil {
+			logged, err := DecodeAt(c.Encode(nil), level)
+			if err != nil && !errors.Is(err, ErrUnknownCommand) {
 				d.Fatalf(t, "decoding the encoded command: %v", err)
 			}
 			index++
-			res, eff := decide(st, index, &logged)
+			res, eff := decideEntry(st, index, &logged, err)
 			return fmt.Sprintf("%s\neffect: %s\nstate: %s", resultString(res), eff, stateString(st))
 		})
 	})

@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
 )
 
@@ -70,11 +71,15 @@ type FSMConfig struct {
 	Image *rawimage.File
 	// Log is the FSM's logger.
 	Log hclog.Logger
-	// OnFatal is called when the image cannot be written. The FSM then
-	// does not return from that Apply until it is stopped, and applies
-	// nothing after it (nor takes a snapshot), so the entry is never counted
-	// as applied: the node must stop.
+	// OnFatal is called when the image cannot be written, or a committed
+	// entry is unknown to this build and not ignorable (ErrUnknownCommand).
+	// The FSM then does not return from that Apply until it is stopped,
+	// and applies nothing after it (nor takes a snapshot), so the entry is
+	// never counted as applied: the node must stop.
 	OnFatal func(error)
+	// Level is the feature level the FSM reads entries at. Default
+	// CurrentLevel; tests lower it to play an older build.
+	Level Level
 	// Restore makes the local image match the cluster's for a snapshot
 	// received from the leader (metadata only): it returns once the image
 	// holds every write up to st.Index, or with an error. The FSM runs it in
@@ -87,9 +92,10 @@ type FSMConfig struct {
 // lets decide (decide.go) rule on it, and carries the effect out on the
 // image.
 type FSM struct {
-	cfg FSMConfig
-	img *rawimage.File
-	log hclog.Logger
+	cfg   FSMConfig
+	img   *rawimage.File
+	log   hclog.Logger
+	level Level
 
 	// mu is held for writing by Apply and by anything that needs the image
 	// and the state not to move (Paused); readers of the state take it for
@@ -100,7 +106,7 @@ type FSM struct {
 	appliedIdx atomic.Uint64
 	applies    atomic.Uint64 // commands applied since start (tests, metrics)
 	bytes      atomic.Uint64 // bytes written, trimmed or zeroed since start
-	failed     atomic.Bool   // an image write failed: apply nothing more
+	failed     atomic.Bool   // an entry could not be applied (fail): apply nothing more
 
 	notifyMu sync.Mutex
 	notify   chan struct{} // closed and replaced on every apply
@@ -121,8 +127,9 @@ type FSM struct {
 // are not counted as applied (the node replays them after its next start).
 var ErrStopping = errors.New("replica: node stopping before its image was complete")
 
-// ErrImageFailed: an image write failed earlier, so the FSM takes no
-// snapshot (it would claim the lost write).
+// ErrImageFailed: an image write failed earlier, or an entry was unknown
+// to this build, so the FSM takes no snapshot (it would claim the entry
+// it did not apply).
 var ErrImageFailed = errors.New("replica: the image could not be written; the node must stop")
 
 var _ raft.FSM = (*FSM)(nil)
@@ -131,7 +138,10 @@ var _ raft.FSM = (*FSM)(nil)
 // state, or a fresh one). ctx bounds the image pulls it runs in the
 // background after a Restore; Stop ends them too and waits for them.
 func NewFSM(ctx context.Context, cfg FSMConfig, st State) *FSM {
-	f := &FSM{cfg: cfg, img: cfg.Image, log: cfg.Log, notify: make(chan struct{})}
+	f := &FSM{cfg: cfg, img: cfg.Image, log: cfg.Log, level: cfg.Level, notify: make(chan struct{})}
+	if f.level == 0 {
+		f.level = CurrentLevel
+	}
 	f.ctx, f.stop = context.WithCancel(ctx)
 	f.setState(st)
 	return f
@@ -145,23 +155,27 @@ func (f *FSM) setState(st State) {
 
 // Apply applies one committed log entry. It implements raft.FSM.
 func (f *FSM) Apply(l *raft.Log) any {
-	c, err := Decode(l.Data)
-	if err != nil {
-		// A malformed entry cannot come from our own encoder; refusing it
-		// is the same on every node, so the replicas stay identical.
-		f.log.Error("refusing malformed log entry", "index", l.Index, "error", err)
-		f.advance(l.Index)
-		return Result{Index: l.Index, Err: err}
-	}
 	if f.failed.Load() || !f.awaitPull() {
 		return f.halt(l.Index)
 	}
-	f.applies.Add(1)
+	c, derr := DecodeAt(l.Data, f.level)
 	f.mu.Lock()
-	res, eff := decide(f.st, l.Index, &c)
+	res, eff := decideEntry(f.st, l.Index, &c, derr)
+	if eff.kind == effectHalt {
+		f.mu.Unlock()
+		f.fail(fmt.Errorf("index %d: %w", l.Index, derr), eff.note)
+		return f.halt(l.Index)
+	}
+	if derr == nil {
+		f.applies.Add(1)
+	} else {
+		// Malformed or skipped as ignorable: worth more than a note.
+		f.log.Error(eff.note, "index", l.Index, "error", derr)
+		eff.note = ""
+	}
 	if err := f.carryOut(l.Index, &c, eff); err != nil {
 		f.mu.Unlock()
-		f.fatal(err)
+		f.fail(err, "IMAGE WRITE FAILED: this node stops applying; it must not serve")
 		return f.halt(l.Index)
 	}
 	f.index = l.Index
@@ -182,7 +196,13 @@ func (f *FSM) carryOut(index uint64, c *Command, eff effect) error {
 	case effectWrite:
 		err = f.img.WriteAt(eff.data, eff.offset, false)
 	case effectZero:
-		err = f.img.Zero(eff.offset, eff.length, eff.noHole, false, false)
+		// Only NoHole: every replica must apply it and end identical, so
+		// a zero is never refused here as not fast.
+		var flags nbd.ZeroFlags
+		if eff.noHole {
+			flags = nbd.ZeroNoHole
+		}
+		err = f.img.Zero(eff.offset, eff.length, flags)
 	}
 	if err != nil {
 		return fmt.Errorf("applying %v of %d bytes at %d (index %d): %w", c.Kind, eff.length, eff.offset, index, err)
@@ -191,11 +211,12 @@ func (f *FSM) carryOut(index uint64, c *Command, eff effect) error {
 	return nil
 }
 
-// fatal reports an image failure: from now on nothing is applied and no
-// snapshot taken, so the lost write is never counted as applied.
-func (f *FSM) fatal(err error) {
+// fail reports an entry the FSM could not apply (the image could not be
+// written, or the entry is unknown to this build): from now on nothing is
+// applied and no snapshot taken, so the entry is never counted as applied.
+func (f *FSM) fail(err error, msg string) {
 	f.failed.Store(true)
-	f.log.Error("IMAGE WRITE FAILED: this node stops applying; it must not serve", "error", err)
+	f.log.Error(msg, "error", err)
 	if f.cfg.OnFatal != nil {
 		f.cfg.OnFatal(err)
 	}

@@ -83,6 +83,11 @@ type NodeConfig struct {
 	// LogStore chooses the log store. Default LogStoreWAL (see the closing
 	// notes of the replicated volume issue for the measurement).
 	LogStore LogStoreKind
+	// LogCacheBytes bounds the memory of the cache of recent entries in
+	// front of the log store (see LogCache). Default DefaultLogCacheBytes
+	// (16 MiB); -1 turns the cache off; otherwise 1 MiB to 4 GiB. It
+	// counts against the server's heap limit.
+	LogCacheBytes int64
 	// Transport overrides the TCP transport (tests use raft's in-memory
 	// transport).
 	Transport raft.Transport
@@ -117,6 +122,10 @@ type NodeConfig struct {
 	// leader to the leader (see Node.Propose). Nil: Propose on a follower
 	// fails with ErrNotLeader.
 	Forwarder Forwarder
+	// Level is the feature level this node speaks: it reads the log at it
+	// and reports it. Default CurrentLevel; tests lower it to play an
+	// older build. At most CurrentLevel.
+	Level Level
 	// Log is the node's logger.
 	Log hclog.Logger
 }
@@ -135,6 +144,9 @@ type Forwarder interface {
 func (c *NodeConfig) defaults() {
 	if c.LogStore == "" {
 		c.LogStore = LogStoreWAL
+	}
+	if c.LogCacheBytes == 0 {
+		c.LogCacheBytes = DefaultLogCacheBytes
 	}
 	if c.HeartbeatTimeout == 0 {
 		c.HeartbeatTimeout = DefaultHeartbeatTimeout
@@ -159,6 +171,9 @@ func (c *NodeConfig) defaults() {
 	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
+	}
+	if c.Level == 0 {
+		c.Level = CurrentLevel
 	}
 }
 
@@ -193,8 +208,14 @@ func (c NodeConfig) Validate() error {
 	if c.SnapshotInterval < 5*time.Millisecond {
 		return fmt.Errorf("replica: SnapshotInterval %v: must be at least 5ms", c.SnapshotInterval)
 	}
+	if c.Level > CurrentLevel {
+		return fmt.Errorf("replica: Level %d: this build speaks levels 1 to %d", c.Level, CurrentLevel)
+	}
 	if c.LogStore != LogStoreWAL && c.LogStore != LogStoreBolt {
 		return fmt.Errorf("replica: LogStore %q: want %q or %q", c.LogStore, LogStoreWAL, LogStoreBolt)
+	}
+	if err := validLogCacheBytes(c.LogCacheBytes); err != nil {
+		return err
 	}
 	return nil
 }
@@ -225,6 +246,15 @@ type Node struct {
 
 	readMu   sync.Mutex    // serialises the barrier of ReadBarrier
 	readTerm atomic.Uint64 // the term whose every earlier entry the image holds (leader)
+
+	levelsMu sync.Mutex       // guards levels and the writes of clusterLevel and levelTerm
+	levels   map[string]Level // members' feature levels as last reported (NoteLevel)
+	// clusterLevel is the lowest level of the members as RefreshLevels
+	// found it in term levelTerm; in any other term the node assumes
+	// LevelLegacy until refreshed (a new leader does not trust a figure
+	// from before it led).
+	clusterLevel atomic.Uint32
+	levelTerm    atomic.Uint64
 }
 
 // OpenNode opens or creates the node's directory and starts Raft. ctx
@@ -236,7 +266,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n := &Node{cfg: cfg, log: cfg.Log}
+	n := &Node{cfg: cfg, log: cfg.Log, levels: map[string]Level{}}
 	n.ctx, n.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -258,6 +288,9 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	if n.stores, err = OpenStoresFS(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log, cfg.WrapWALFS); err != nil {
 		return nil, err
 	}
+	if cfg.LogCacheBytes > 0 {
+		n.stores.Log = NewLogCache(n.stores.Log, cfg.LogCacheBytes)
+	}
 	if n.snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 3, cfg.Log.Named("snapshots")); err != nil {
 		return nil, fmt.Errorf("replica: snapshot store: %w", err)
 	}
@@ -274,6 +307,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 		Log:     cfg.Log.Named("fsm"),
 		OnFatal: cfg.OnFatal,
 		Restore: n.restore,
+		Level:   cfg.Level,
 	}, st)
 	if _, err := os.Stat(filepath.Join(cfg.Dir, resyncMarker)); err == nil {
 		// A resync was interrupted: the image is not yet what the snapshot
@@ -588,7 +622,10 @@ func (n *Node) Propose(ctx context.Context, c *Command) (Result, error) {
 }
 
 // Apply commits a command through Raft on this node, which must be the
-// leader (others get ErrNotLeader; Propose forwards instead). It returns
+// leader (others get ErrNotLeader; Propose forwards instead). The entry is
+// written in the form the cluster's lowest member reads (ClusterLevel); a
+// command that needs a higher level is not proposed and answered with
+// ErrFeatureLevel in Result.Err. It returns
 // once the command is committed on a quorum and applied here, or fails:
 // ErrNotLeader when leadership was lost (the command may or may not have
 // been committed), ErrNoLeader when Raft could not take the command before
@@ -606,7 +643,13 @@ func (n *Node) Apply(ctx context.Context, c *Command) (Result, error) {
 	if err := ctx.Err(); err != nil {
 		return Result{}, fmt.Errorf("replica: apply: %w", err)
 	}
-	f := n.raft.Apply(c.Encode(nil), timeout)
+	data, err := c.AppendFor(nil, n.ClusterLevel())
+	if err != nil {
+		// Refused before it was proposed: a result, like the FSM's
+		// refusals, so it reads the same through a Forwarder.
+		return Result{Err: err}, nil
+	}
+	f := n.raft.Apply(data, timeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
 			errors.Is(err, raft.ErrLeadershipTransferInProgress) || errors.Is(err, raft.ErrRaftShutdown) {
@@ -622,6 +665,68 @@ func (n *Node) Apply(ctx context.Context, c *Command) (Result, error) {
 		return Result{}, fmt.Errorf("replica: apply: unexpected response %T", f.Response())
 	}
 	return res, nil
+}
+
+// Level is the feature level this node speaks.
+func (n *Node) Level() Level { return n.cfg.Level }
+
+// NoteLevel records the feature level member id reported (zero: it said
+// none, a build before levels). A level below the cluster's lowers it at
+// once: a leader notes a joining node's level before adding it.
+func (n *Node) NoteLevel(id string, l Level) {
+	l = l.Or()
+	n.levelsMu.Lock()
+	defer n.levelsMu.Unlock()
+	n.levels[id] = l
+	if Level(n.clusterLevel.Load()) > l {
+		n.clusterLevel.Store(uint32(l))
+	}
+}
+
+// RefreshLevels sets the cluster's level to the lowest of this node's and
+// of every other member, as last noted (NoteLevel): the members are the
+// Raft configuration's servers and the registry's entries (a joining node
+// is registered before it is added, so its level counts from then on). A
+// member never heard from counts as LevelLegacy. The leader's Membership
+// calls it after polling the members' status.
+func (n *Node) RefreshLevels() (Level, error) {
+	term := n.raft.CurrentTerm()
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return 0, fmt.Errorf("replica: refreshing levels: %w", err)
+	}
+	members := map[string]bool{}
+	for _, s := range f.Configuration().Servers {
+		members[string(s.ID)] = true
+	}
+	for id := range n.fsm.State().Nodes {
+		members[id] = true
+	}
+	low := n.cfg.Level
+	n.levelsMu.Lock()
+	defer n.levelsMu.Unlock()
+	for id := range members {
+		if id == n.cfg.ID {
+			continue
+		}
+		l, ok := n.levels[id]
+		if !ok {
+			l = LevelLegacy
+		}
+		low = min(low, l)
+	}
+	n.clusterLevel.Store(uint32(low))
+	n.levelTerm.Store(term)
+	return low, nil
+}
+
+// ClusterLevel is the feature level every member speaks, as this node
+// last found it in the current term (RefreshLevels), or LevelLegacy.
+func (n *Node) ClusterLevel() Level {
+	if n.levelTerm.Load() != n.raft.CurrentTerm() {
+		return LevelLegacy
+	}
+	return Level(n.clusterLevel.Load())
 }
 
 // WaitLeader waits until some node is leader, or ctx ends (ErrNoLeader).

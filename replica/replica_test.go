@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/replica/rawimage"
 	"github.com/keelstore/keel/replica/replicatest"
@@ -47,7 +48,7 @@ func TestReplicatedWritesConverge(t *testing.T) {
 		}
 	}
 	mustApply(t, c, &replica.Command{Kind: replica.KindTrim, Offset: 0, Length: 8192})
-	mustApply(t, c, &replica.Command{Kind: replica.KindZero, Offset: 8192, Length: 8192, ZeroFlags: replica.ZeroNoHole})
+	mustApply(t, c, &replica.Command{Kind: replica.KindZero, Offset: 8192, Length: 8192, ZeroFlags: nbd.ZeroNoHole})
 	res := mustApply(t, c, &replica.Command{Kind: replica.KindWrite, Offset: c.Size - 512, Data: make([]byte, 1024)})
 	if !errors.Is(res.Err, replica.ErrOutOfRange) {
 		t.Errorf("write past the end: %v, want ErrOutOfRange", res.Err)
@@ -163,6 +164,12 @@ func TestProposeOnFollowerReadsItsWrites(t *testing.T) {
 	for i := uint64(0); i < 10; i++ {
 		data := bytes.Repeat([]byte{byte(i + 1)}, 4096)
 		res, err := f.Propose(ctx, write(0, 0, 0, i*4096, data))
+		for err != nil && errors.Is(err, replica.ErrNotLeader) && ctx.Err() == nil {
+			// A leader that lost its lease on a loaded machine: the write
+			// is an absolute overwrite, so sending it again is safe.
+			time.Sleep(20 * time.Millisecond)
+			res, err = f.Propose(ctx, write(0, 0, 0, i*4096, data))
+		}
 		if err != nil || res.Err != nil {
 			t.Fatalf("propose on follower %s: %v / %v", f.ID(), err, res.Err)
 		}

@@ -132,17 +132,18 @@ func newClusterCmd() *cobra.Command {
 func printCluster(w io.Writer, cs wire.ClusterStatus) {
 	sort.Slice(cs.Members, func(i, j int) bool { return cs.Members[i].ID < cs.Members[j].ID })
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSUFFRAGE\tSTATE\tAPPLIED\tRAFT\tHTTP\tNBD\tRESYNC")
+	fmt.Fprintln(tw, "ID\tSUFFRAGE\tSTATE\tAPPLIED\tVERSION\tRAFT\tHTTP\tNBD\tRESYNC")
 	for _, m := range cs.Members {
-		state, applied, sync := "?", "-", "-"
+		state, applied, ver, sync := "?", "-", "-", "-"
 		if m.Status != nil {
 			state = m.Status.State
 			applied = fmt.Sprint(m.Status.AppliedIndex)
+			ver = versionText(*m.Status)
 			sync = syncText(m.Status.Sync)
 		} else if m.Error != "" {
 			state = "unreachable"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Suffrage, state, applied, m.Raft, m.HTTP, m.NBD, sync)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Suffrage, state, applied, ver, m.Raft, m.HTTP, m.NBD, sync)
 	}
 	tw.Flush()
 	for _, m := range cs.Members {
@@ -150,6 +151,16 @@ func printCluster(w io.Writer, cs wire.ClusterStatus) {
 			fmt.Fprintf(w, "%s: %s\n", m.ID, m.Error)
 		}
 	}
+}
+
+// versionText is a member's build version and feature level, "1.2.3/L2";
+// a build from before versions reports neither: "?/L1".
+func versionText(s wire.NodeStatus) string {
+	v := s.Version
+	if v == "" {
+		v = "?"
+	}
+	return fmt.Sprintf("%s/L%d", v, s.Level.Or())
 }
 
 func syncText(s *wire.SyncStatus) string {

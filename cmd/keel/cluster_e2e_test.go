@@ -685,6 +685,10 @@ func TestClusterServerRefuses(t *testing.T) {
 
 	refused("fresh directory without --bootstrap or --join", "--bootstrap|--join",
 		append([]string{"server", "--dir", filepath.Join(t.TempDir(), "fresh"), "--id", "n9"}, other()...)...)
+	for _, bad := range []string{"512K", "5G", "lots"} {
+		refused("--log-cache "+bad, "--log-cache",
+			append([]string{"server", "--dir", filepath.Join(t.TempDir(), "fresh"), "--id", "n9", "--bootstrap", "--size", "16M", "--log-cache", bad}, other()...)...)
+	}
 }
 
 // lastLines returns the last n lines of s.

@@ -5,6 +5,7 @@
 //	keel cluster   status, add, remove, transfer-leadership
 //	keel verify    check every voter's image is byte-identical
 //	keel serve     one raw image over NBD, standalone (no replication)
+//	keel version   the build version and the feature level it speaks
 //
 // Run `keel help` or `keel CMD --help` for the flags of each.
 package main
@@ -16,7 +17,16 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
+
+	"github.com/keelstore/keel/replica"
 )
+
+// version is the build version, set at link time:
+//
+//	go build -ldflags "-X main.version=1.2.3" ./cmd/keel
+//
+// Servers report it in their status and keel cluster status shows it.
+var version = "dev"
 
 func main() {
 	if err := newRoot().Execute(); err != nil {
@@ -69,8 +79,19 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
-	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g))
+	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd())
 	return root
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the build version and the feature level it speaks",
+		Args:  cobra.NoArgs,
+		Run: func(c *cobra.Command, _ []string) {
+			fmt.Fprintf(c.OutOrStdout(), "keel %s (feature level %d)\n", version, replica.CurrentLevel)
+		},
+	}
 }
 
 func (g *globalFlags) logger(name string) (hclog.Logger, error) {

@@ -37,6 +37,7 @@ type serverFlags struct {
 	snapInterval time.Duration
 	trailingLogs uint64
 	memLimit     string
+	logCache     string
 	heartbeat    time.Duration
 	election     time.Duration
 	lease        time.Duration
@@ -83,6 +84,7 @@ writes fail with EIO after --write-timeout.`,
 	fl.DurationVar(&f.heartbeat, "heartbeat-timeout", replica.DefaultHeartbeatTimeout, "Raft: a follower without contact from the leader this long starts an election")
 	fl.DurationVar(&f.election, "election-timeout", replica.DefaultElectionTimeout, "Raft: a candidate without a result this long starts another election")
 	fl.DurationVar(&f.lease, "leader-lease-timeout", replica.DefaultLeaderLeaseTimeout, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
+	fl.StringVar(&f.logCache, "log-cache", "16M", "memory for the cache of recent Raft log entries in front of the log store (1M to 4G); 0 turns it off")
 	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
 		_ = cmd.MarkFlagRequired(name)
@@ -115,6 +117,16 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return fmt.Errorf("--memory-limit %q: want a size of at least 32M", f.memLimit)
 	}
 	debug.SetMemoryLimit(int64(memLimit))
+	logCache, err := parseSize(f.logCache)
+	if err != nil {
+		return fmt.Errorf("--log-cache %q: %w", f.logCache, err)
+	}
+	logCacheBytes := int64(logCache)
+	if logCache == 0 {
+		logCacheBytes = -1 // off
+	} else if logCache < 1<<20 || logCache > 4<<30 {
+		return fmt.Errorf("--log-cache %s: must be 0 (off) or from 1M to 4G", f.logCache)
+	}
 	size, err := parseVolumeSize(f.size)
 	if err != nil {
 		return err
@@ -136,7 +148,7 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	defer stop()
 
 	if fresh && f.join != "" {
-		size, err = server.Join(ctx, client, f.join, self, log)
+		size, err = server.Join(ctx, client, f.join, self, replica.CurrentLevel, version, log)
 		if err != nil {
 			httpL.Close()
 			nbdL.Close()
@@ -150,11 +162,15 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	nodeCfg := replica.NodeConfig{
 		ID: f.id, Dir: f.dir, RaftAddr: f.raftAddr, Self: self,
 		Bootstrap: f.bootstrap, Size: size,
-		LogStore:         replica.LogStoreKind(f.logStore),
+		LogStore: replica.LogStoreKind(f.logStore), LogCacheBytes: logCacheBytes,
 		HeartbeatTimeout: f.heartbeat, ElectionTimeout: f.election, LeaderLeaseTimeout: f.lease,
 		SnapshotBytes: f.snapBytes, SnapshotThreshold: f.snapEntries, SnapshotInterval: f.snapInterval, TrailingLogs: f.trailingLogs,
 		OnFatal: func(err error) {
-			log.Error("stopping: the image cannot be written; fix the disk, then restart this node", "error", err)
+			if errors.Is(err, replica.ErrUnknownCommand) {
+				log.Error("stopping: the log holds an entry of a newer build; run that build (or newer) on this node", "error", err, "version", version, "level", replica.CurrentLevel)
+			} else {
+				log.Error("stopping: the image cannot be written; fix the disk, then restart this node", "error", err)
+			}
 			fmt.Fprintln(os.Stderr, "keel server: FATAL:", err)
 			os.Exit(70)
 		},
@@ -179,14 +195,14 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	}
 	srv, err := server.New(server.Config{
 		Node: nodeCfg, HTTP: httpL, NBD: nbdL, VolumeSize: volSize,
-		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Log: log,
+		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Version: version, Log: log,
 	})
 	if err != nil {
 		httpL.Close()
 		nbdL.Close()
 		return err
 	}
-	log.Info("server starting", "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
+	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
 	return srv.Run(ctx)
 }
 

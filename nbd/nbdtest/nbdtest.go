@@ -5,6 +5,7 @@ package nbdtest
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -38,14 +39,17 @@ var _ nbd.Backend = (*Mem)(nil)
 
 func (m *Mem) Size() uint64 { return uint64(len(m.data)) }
 
-func (m *Mem) ReadAt(p []byte, off uint64) error {
+// Capabilities: Mem can do everything (see WithCaps for less).
+func (m *Mem) Capabilities() nbd.Caps { return nbd.CapsAll }
+
+func (m *Mem) ReadAt(_ context.Context, p []byte, off uint64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	copy(p, m.data[off:])
 	return nil
 }
 
-func (m *Mem) WriteAt(p []byte, off uint64, fua bool) error {
+func (m *Mem) WriteAt(_ context.Context, p []byte, off uint64, fua bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	copy(m.data[off:], p)
@@ -58,18 +62,21 @@ func (m *Mem) WriteAt(p []byte, off uint64, fua bool) error {
 	return nil
 }
 
-func (m *Mem) Flush() error {
+func (m *Mem) Flush(context.Context) error {
 	m.mu.Lock()
 	m.Flushes++
 	m.mu.Unlock()
 	return nil
 }
 
-func (m *Mem) Trim(off, length uint64, fua bool) error {
-	return m.Zero(off, length, 0)
+func (m *Mem) Trim(ctx context.Context, off, length uint64, fua bool) error {
+	return m.Zero(ctx, off, length, 0)
 }
 
-func (m *Mem) Zero(off, length uint64, f nbd.ZeroFlags) error {
+// Zero models a filesystem that punches holes and zeroes ranges in place,
+// so a fast zero (nbd.ZeroFast) always goes ahead; tests wrap Mem to refuse
+// it.
+func (m *Mem) Zero(_ context.Context, off, length uint64, f nbd.ZeroFlags) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	clear(m.data[off : off+length])
@@ -89,7 +96,7 @@ func (m *Mem) Zero(off, length uint64, f nbd.ZeroFlags) error {
 	return nil
 }
 
-func (m *Mem) Extents(off, length uint64) ([]nbd.Extent, error) {
+func (m *Mem) Extents(_ context.Context, off, length uint64) ([]nbd.Extent, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	end := min(off+length, m.Size())
@@ -111,7 +118,18 @@ func (m *Mem) Extents(off, length uint64) ([]nbd.Extent, error) {
 	return out, nil
 }
 
-func (m *Mem) Cache(off, length uint64) error { return nil }
+func (m *Mem) Cache(_ context.Context, off, length uint64) error { return nil }
+
+// WithCaps returns b declaring caps instead of its own capabilities: for
+// tests of what the server advertises and refuses.
+func WithCaps(b nbd.Backend, caps nbd.Caps) nbd.Backend { return capped{b, caps} }
+
+type capped struct {
+	nbd.Backend
+	caps nbd.Caps
+}
+
+func (c capped) Capabilities() nbd.Caps { return c.caps }
 
 // Bytes returns a copy of the backend's contents.
 func (m *Mem) Bytes() []byte {

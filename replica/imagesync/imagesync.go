@@ -48,8 +48,8 @@
 // the replicas of this very disk), and an accidental collision between a
 // stale and a current chunk is vanishingly unlikely (2^-64 per chunk).
 //
-// imagesync imports replica/rawimage (for its Extent type) and nothing else
-// from Keel.
+// imagesync imports replica/rawimage (for its Extent type) and nbd (for the
+// zero flags rawimage takes) and nothing else from Keel.
 package imagesync
 
 import (
@@ -59,6 +59,7 @@ import (
 
 	"github.com/cespare/xxhash/v2"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
 )
 
@@ -118,10 +119,10 @@ type Image interface {
 	Sync() error
 }
 
-// zeroer is rawimage.File's Zero: punch a hole (noHole false), falling back
-// to writing zeroes when the filesystem cannot.
+// zeroer is rawimage.File's Zero: punch a hole (flags 0), falling back to
+// writing zeroes when the filesystem cannot.
 type zeroer interface {
-	Zero(off, length uint64, noHole, fast, fua bool) error
+	Zero(off, length uint64, f nbd.ZeroFlags) error
 }
 
 var _ Image = (*rawimage.File)(nil)

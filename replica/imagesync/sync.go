@@ -429,7 +429,7 @@ func writeSparse(img Image, p []byte, off uint64, allocated bool) error {
 // the filesystem can punch one.
 func zeroRange(img Image, off, length uint64) error {
 	if z, ok := img.(zeroer); ok {
-		return z.Zero(off, length, false, false, false)
+		return z.Zero(off, length, 0)
 	}
 	return img.Trim(off, length, false)
 }

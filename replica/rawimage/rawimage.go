@@ -2,7 +2,9 @@
 // byte the disk, that qemu, qemu-img, cp and losetup understand. It offers
 // positioned reads and writes, hole punching and zeroing through fallocate,
 // allocation maps through SEEK_DATA/SEEK_HOLE, and durability through
-// fdatasync. It imports no other Keel package.
+// fdatasync. Of Keel it imports only nbd, for the one zero-flags type
+// (nbd.ZeroFlags) and the one "not fast" error (nbd.ErrNotFast) that the NBD
+// server, the replicated log and the image share.
 package rawimage
 
 import (
@@ -13,6 +15,8 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/keelstore/keel/nbd"
 )
 
 // Sentinel errors, wrapped with the path and context.
@@ -23,8 +27,6 @@ var (
 	ErrNoSize = errors.New("rawimage: image does not exist and no size was given")
 	// ErrLocked: another process holds the image.
 	ErrLocked = errors.New("rawimage: image is in use by another process")
-	// ErrNotFast: a fast zero was asked for and only writing zeroes would do.
-	ErrNotFast = errors.New("rawimage: zeroing this range would not be fast")
 	// ErrBadSize: the size is zero or not a multiple of 512.
 	ErrBadSize = errors.New("rawimage: size must be a positive multiple of 512 bytes")
 )
@@ -233,11 +235,13 @@ func (img *File) Trim(off, length uint64, fua bool) error {
 	return nil
 }
 
-// Zero makes the range read as zeroes. noHole keeps it allocated
+// Zero makes the range read as zeroes. nbd.ZeroNoHole keeps it allocated
 // (FALLOC_FL_ZERO_RANGE); otherwise a hole is punched. When the filesystem
-// supports neither, zeroes are written, unless fast is set: then ErrNotFast
-// is returned and nothing changes.
-func (img *File) Zero(off, length uint64, noHole, fast, fua bool) error {
+// supports neither, zeroes are written, unless nbd.ZeroFast is set: then
+// nbd.ErrNotFast is returned and nothing changes. nbd.ZeroFUA syncs before
+// returning.
+func (img *File) Zero(off, length uint64, f nbd.ZeroFlags) error {
+	noHole := f&nbd.ZeroNoHole != 0
 	var err error
 	if !noHole {
 		err = img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
@@ -246,15 +250,15 @@ func (img *File) Zero(off, length uint64, noHole, fast, fua bool) error {
 		err = img.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	}
 	if unsupported(err) {
-		if fast {
-			return ErrNotFast
+		if f&nbd.ZeroFast != 0 {
+			return fmt.Errorf("rawimage: zeroing %d bytes at %d: the filesystem can neither punch holes nor zero ranges: %w", length, off, nbd.ErrNotFast)
 		}
 		err = img.writeZeroes(off, length)
 	}
 	if err != nil {
 		return fmt.Errorf("rawimage: zeroing %d bytes at %d: %w", length, off, err)
 	}
-	if fua {
+	if f&nbd.ZeroFUA != 0 {
 		return img.Sync()
 	}
 	return nil

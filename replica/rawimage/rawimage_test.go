@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
 )
 
@@ -381,7 +382,7 @@ func TestReadOnlyRefusesChanges(t *testing.T) {
 	if err := ro.Trim(0, 4096, false); err == nil {
 		t.Error("Trim on a read-only image succeeded")
 	}
-	if err := ro.Zero(0, 4096, false, false, false); err == nil {
+	if err := ro.Zero(0, 4096, 0); err == nil {
 		t.Error("Zero on a read-only image succeeded")
 	}
 	if got := read(t, ro, 0, 8192); !bytes.Equal(got, pattern(8192, 1)) {
@@ -502,7 +503,7 @@ func TestZeroPunchesHoleByDefault(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := stat(t, path).Blocks
-	if err := img.Zero(base, 32<<10, false, false, false); err != nil {
+	if err := img.Zero(base, 32<<10, 0); err != nil {
 		t.Fatalf("Zero: %v", err)
 	}
 	checkZeroed(t, img, base, p, base, 32<<10)
@@ -512,7 +513,7 @@ func TestZeroPunchesHoleByDefault(t *testing.T) {
 	}
 
 	// An unaligned zero with fast and fua: punching is fast here.
-	if err := img.Zero(base+(32<<10)+bs+7, 1000, false, true, true); err != nil {
+	if err := img.Zero(base+(32<<10)+bs+7, 1000, nbd.ZeroFast|nbd.ZeroFUA); err != nil {
 		t.Fatalf("fast Zero: %v", err)
 	}
 	p2 := bytes.Clone(p)
@@ -529,7 +530,7 @@ func TestZeroNoHoleKeepsAllocation(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := stat(t, path).Blocks
-	if err := img.Zero(base+(16<<10), 32<<10, true, false, false); err != nil {
+	if err := img.Zero(base+(16<<10), 32<<10, nbd.ZeroNoHole); err != nil {
 		t.Fatalf("Zero no-hole: %v", err)
 	}
 	checkZeroed(t, img, base, p, base+(16<<10), 32<<10)
@@ -554,11 +555,11 @@ func TestZeroNoHoleFast(t *testing.T) {
 	img, _ := openNew(t, mib)
 	p := pattern(64<<10, 11)
 	write(t, img, p, 0)
-	err := img.Zero(4096, 8192, true, true, true)
+	err := img.Zero(4096, 8192, nbd.ZeroNoHole|nbd.ZeroFast|nbd.ZeroFUA)
 	switch {
 	case err == nil:
 		checkZeroed(t, img, 0, p, 4096, 8192)
-	case errors.Is(err, rawimage.ErrNotFast):
+	case errors.Is(err, nbd.ErrNotFast):
 		// Refused: nothing may have changed.
 		checkZeroed(t, img, 0, p, 0, 0)
 		t.Logf("this filesystem cannot zero without a hole quickly: %v", err)

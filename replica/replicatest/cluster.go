@@ -67,9 +67,11 @@ func New(t testing.TB, n int, o Options) *Cluster {
 }
 
 func fastConfig(cfg *replica.NodeConfig) {
-	cfg.HeartbeatTimeout = 200 * time.Millisecond
-	cfg.ElectionTimeout = 200 * time.Millisecond
-	cfg.LeaderLeaseTimeout = 100 * time.Millisecond
+	// keel server's defaults (300/300/250 ms): shorter leases made leaders
+	// step down on a loaded 2-core machine under -race.
+	cfg.HeartbeatTimeout = replica.DefaultHeartbeatTimeout
+	cfg.ElectionTimeout = replica.DefaultElectionTimeout
+	cfg.LeaderLeaseTimeout = replica.DefaultLeaderLeaseTimeout
 }
 
 // Start (re)starts node id with its directory kept across restarts.
@@ -264,16 +266,54 @@ func (c *Cluster) WaitLeader() *replica.Node {
 // AddVoter adds a started node to the configuration as a voter.
 func (c *Cluster) AddVoter(id string) {
 	c.t.Helper()
-	l := c.WaitLeader()
 	n := c.Node(id)
-	if err := l.Raft().AddVoter(raft.ServerID(id), raft.ServerAddress(id), 0, 5*time.Second).Error(); err != nil {
-		c.t.Fatalf("adding %s: %v", id, err)
+	// On a loaded machine the leader may lose its lease in between: try
+	// again on the next leader (both steps are idempotent).
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		l := c.WaitLeader()
+		err := l.Raft().AddVoter(raft.ServerID(id), raft.ServerAddress(id), 0, 5*time.Second).Error()
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_, err = l.Apply(ctx, &replica.Command{Kind: replica.KindRegister, Node: n.Self()})
+			cancel()
+		}
+		if err == nil {
+			return
+		}
+		if !leadershipLost(err) || time.Now().After(deadline) {
+			c.t.Fatalf("adding %s: %v", id, err)
+		}
+		c.t.Logf("adding %s: %v; trying again", id, err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := l.Apply(ctx, &replica.Command{Kind: replica.KindRegister, Node: n.Self()}); err != nil {
-		c.t.Fatalf("registering %s: %v", id, err)
+}
+
+// leadershipLost reports whether err means the leader changed under the
+// call, which a caller may simply retry.
+func leadershipLost(err error) bool {
+	return errors.Is(err, replica.ErrNotLeader) || errors.Is(err, raft.ErrNotLeader) ||
+		errors.Is(err, raft.ErrLeadershipLost) || errors.Is(err, raft.ErrLeadershipTransferInProgress)
+}
+
+// ShareLevels tells every running node the feature level of every other
+// one (what a keel server learns from its peers' status), then refreshes
+// the leader's cluster level and returns it.
+func (c *Cluster) ShareLevels() replica.Level {
+	c.t.Helper()
+	c.mu.Lock()
+	for _, n := range c.nodes {
+		for _, o := range c.nodes {
+			if o != n {
+				n.NoteLevel(o.ID(), o.Level())
+			}
+		}
 	}
+	c.mu.Unlock()
+	l, err := c.WaitLeader().RefreshLevels()
+	if err != nil {
+		c.t.Fatalf("refreshing levels: %v", err)
+	}
+	return l
 }
 
 // Apply applies a command through the current leader, retrying leadership

@@ -1,7 +1,7 @@
 package nbdserve
 
 import (
-	"errors"
+	"context"
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
@@ -15,25 +15,37 @@ type LocalImage struct {
 
 var _ nbd.Backend = LocalImage{}
 
-func (l LocalImage) Size() uint64                               { return l.Image.Size() }
-func (l LocalImage) ReadAt(p []byte, off uint64) error          { return l.Image.ReadAt(p, off) }
-func (l LocalImage) WriteAt(p []byte, off uint64, f bool) error { return l.Image.WriteAt(p, off, f) }
-func (l LocalImage) Flush() error                               { return l.Image.Sync() }
-func (l LocalImage) Cache(off, length uint64) error             { return l.Image.Cache(off, length) }
+func (l LocalImage) Size() uint64 { return l.Image.Size() }
 
-func (l LocalImage) Trim(off, length uint64, fua bool) error {
+// Capabilities: everything. One file behind every connection, so flush and
+// FUA act across connections (multi-conn); a fast zero is a punched hole or
+// a zeroed range, and where the filesystem has neither rawimage refuses it
+// with nbd.ErrNotFast rather than write zeroes.
+func (l LocalImage) Capabilities() nbd.Caps { return nbd.CapsAll }
+
+func (l LocalImage) ReadAt(_ context.Context, p []byte, off uint64) error {
+	return l.Image.ReadAt(p, off)
+}
+
+func (l LocalImage) WriteAt(_ context.Context, p []byte, off uint64, fua bool) error {
+	return l.Image.WriteAt(p, off, fua)
+}
+
+func (l LocalImage) Flush(context.Context) error { return l.Image.Sync() }
+
+func (l LocalImage) Cache(_ context.Context, off, length uint64) error {
+	return l.Image.Cache(off, length)
+}
+
+func (l LocalImage) Trim(_ context.Context, off, length uint64, fua bool) error {
 	return l.Image.Trim(off, length, fua)
 }
 
-func (l LocalImage) Zero(off, length uint64, f nbd.ZeroFlags) error {
-	err := l.Image.Zero(off, length, f&nbd.ZeroNoHole != 0, f&nbd.ZeroFast != 0, f&nbd.ZeroFUA != 0)
-	if errors.Is(err, rawimage.ErrNotFast) {
-		return nbd.ErrNotFast
-	}
-	return err
+func (l LocalImage) Zero(_ context.Context, off, length uint64, f nbd.ZeroFlags) error {
+	return l.Image.Zero(off, length, f)
 }
 
-func (l LocalImage) Extents(off, length uint64) ([]nbd.Extent, error) {
+func (l LocalImage) Extents(_ context.Context, off, length uint64) ([]nbd.Extent, error) {
 	ex, err := l.Image.Extents(off, length)
 	if err != nil {
 		return nil, err

@@ -326,38 +326,42 @@ func newMem(size int) *memBackend { return &memBackend{data: make([]byte, size)}
 
 func (m *memBackend) Size() uint64 { return uint64(len(m.data)) }
 
-func (m *memBackend) ReadAt(p []byte, off uint64) error {
+// Capabilities: all but fast zero (clearing memory is no faster than
+// writing it). Extents reports everything as data.
+func (m *memBackend) Capabilities() nbd.Caps { return nbd.CapsAll &^ nbd.CapFastZero }
+
+func (m *memBackend) ReadAt(_ context.Context, p []byte, off uint64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	copy(p, m.data[off:])
 	return nil
 }
 
-func (m *memBackend) WriteAt(p []byte, off uint64, _ bool) error {
+func (m *memBackend) WriteAt(_ context.Context, p []byte, off uint64, _ bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	copy(m.data[off:], p)
 	return nil
 }
 
-func (m *memBackend) Flush() error { return nil }
+func (m *memBackend) Flush(context.Context) error { return nil }
 
-func (m *memBackend) Trim(off, length uint64, _ bool) error {
-	return m.Zero(off, length, 0)
+func (m *memBackend) Trim(ctx context.Context, off, length uint64, _ bool) error {
+	return m.Zero(ctx, off, length, 0)
 }
 
-func (m *memBackend) Zero(off, length uint64, _ nbd.ZeroFlags) error {
+func (m *memBackend) Zero(_ context.Context, off, length uint64, _ nbd.ZeroFlags) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	clear(m.data[off : off+length])
 	return nil
 }
 
-func (m *memBackend) Extents(off, length uint64) ([]nbd.Extent, error) {
+func (m *memBackend) Extents(_ context.Context, off, length uint64) ([]nbd.Extent, error) {
 	return []nbd.Extent{{Length: length}}, nil
 }
 
-func (m *memBackend) Cache(off, length uint64) error { return nil }
+func (m *memBackend) Cache(context.Context, uint64, uint64) error { return nil }
 
 func (m *memBackend) bytes(off uint64, n int) []byte {
 	m.mu.Lock()
@@ -372,10 +376,10 @@ type blockingWrites struct {
 	release chan struct{}
 }
 
-func (b *blockingWrites) WriteAt(p []byte, off uint64, fua bool) error {
+func (b *blockingWrites) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
 	b.entered <- off
 	<-b.release
-	return b.memBackend.WriteAt(p, off, fua)
+	return b.memBackend.WriteAt(ctx, p, off, fua)
 }
 
 // ---- Tests ----

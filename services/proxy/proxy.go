@@ -218,6 +218,12 @@ func (p *Proxy) Ready(ctx context.Context) (uint64, error) {
 
 func (p *Proxy) Size() uint64 { return p.size }
 
+// Capabilities: everything. Flush and FUA cost nothing (a write is answered
+// once it is durable in a quorum's logs) and act across connections, as the
+// read cache is shared by all of them; Cache fills that cache; extents come
+// from a replica. A fast zero is honoured, see Zero.
+func (p *Proxy) Capabilities() nbd.Caps { return nbd.CapsAll }
+
 // Stats returns the proxy's counters.
 func (p *Proxy) Stats() *Stats { return &p.stats }
 
@@ -236,7 +242,7 @@ func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
 		return a.result()
 	}
 	c := replica.Command{Kind: replica.KindClaim, Writer: p.cfg.Writer, Takeover: a.takeover}
-	r, err := p.send(ctx, c.Encode(nil))
+	r, err := p.send(ctx, c.EncodeCompat(nil))
 	if err != nil {
 		return 0, err
 	}
@@ -346,7 +352,7 @@ func (p *Proxy) release(ctx context.Context) {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	c := replica.Command{Kind: replica.KindRelease, Epoch: e}
-	if _, err := p.send(rctx, c.Encode(nil)); err != nil {
+	if _, err := p.send(rctx, c.EncodeCompat(nil)); err != nil {
 		p.log.Warn("could not release the volume; the next proxy needs the same --writer name or --takeover", "error", err)
 		return
 	}
@@ -390,8 +396,8 @@ func (w *idWindow) done(id uint64) {
 // commit sends one write, trim or zero as the volume's writer, re-sending
 // it (same request id) across failovers until it is committed or the
 // write timeout passes.
-func (p *Proxy) commit(c *replica.Command) error {
-	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.WriteTimeout)
+func (p *Proxy) commit(ctx context.Context, c *replica.Command) error {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.WriteTimeout)
 	defer cancel()
 	epoch, err := p.writerEpoch(ctx, true)
 	if err != nil {
@@ -404,7 +410,7 @@ func (p *Proxy) commit(c *replica.Command) error {
 	defer p.ids.done(id)
 	c.Epoch, c.ReqID, c.AckedBelow = epoch, id, acked
 	p.stats.Writes.Add(1)
-	r, err := p.send(ctx, c.Encode(nil))
+	r, err := p.send(ctx, c.EncodeCompat(nil))
 	if err != nil {
 		length := c.Length
 		if c.Kind == replica.KindWrite {
@@ -486,16 +492,16 @@ func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, erro
 
 // ---- writes ----
 
-func (p *Proxy) WriteAt(b []byte, off uint64, fua bool) error {
+func (p *Proxy) WriteAt(ctx context.Context, b []byte, off uint64, fua bool) error {
 	g := p.cache.startWrite(off, uint64(len(b)))
 	if len(b) <= replica.MaxCommandData {
-		return p.settle(g, off, uint64(len(b)), p.commit(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: b}))
+		return p.settle(g, off, uint64(len(b)), p.commit(ctx, &replica.Command{Kind: replica.KindWrite, Offset: off, Data: b}))
 	}
 	var eg errgroup.Group
 	for done := 0; done < len(b); done += replica.MaxCommandData {
 		part, at := b[done:min(done+replica.MaxCommandData, len(b))], off+uint64(done)
 		eg.Go(func() error {
-			return p.commit(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
+			return p.commit(ctx, &replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
 		})
 	}
 	return p.settle(g, off, uint64(len(b)), eg.Wait())
@@ -503,30 +509,32 @@ func (p *Proxy) WriteAt(b []byte, off uint64, fua bool) error {
 
 // Flush has nothing to do: every write was committed on a quorum (durable
 // in its logs) before it was answered.
-func (p *Proxy) Flush() error { return nil }
+func (p *Proxy) Flush(context.Context) error { return nil }
 
-func (p *Proxy) Trim(off, length uint64, fua bool) error {
+func (p *Proxy) Trim(ctx context.Context, off, length uint64, fua bool) error {
 	g := p.cache.startWrite(off, length)
-	return p.settle(g, off, length, p.commit(&replica.Command{Kind: replica.KindTrim, Offset: off, Length: length}))
+	return p.settle(g, off, length, p.commit(ctx, &replica.Command{Kind: replica.KindTrim, Offset: off, Length: length}))
 }
 
-// Zero is always fast: the servers punch holes (or zero ranges) rather
-// than write zeroes, so ZeroFast needs no special case.
-func (p *Proxy) Zero(off, length uint64, f nbd.ZeroFlags) error {
+// Zero is always fast, so nbd.ZeroFast needs no check: it is one zero
+// command in the log, a few dozen bytes whatever the length, that every
+// replica applies with fallocate (at worst writing zeroes locally, the same
+// local work a write would do), so no data moves between the proxy, the
+// servers and the log. It is serviced in less time than the corresponding
+// write, which is what the protocol asks of a fast zero; the servers'
+// volume answers the same way (server.Volume.Zero).
+func (p *Proxy) Zero(ctx context.Context, off, length uint64, f nbd.ZeroFlags) error {
 	g := p.cache.startWrite(off, length)
-	c := &replica.Command{Kind: replica.KindZero, Offset: off, Length: length}
-	if f&nbd.ZeroNoHole != 0 {
-		c.ZeroFlags = replica.ZeroNoHole
-	}
-	return p.settle(g, off, length, p.commit(c))
+	c := &replica.Command{Kind: replica.KindZero, Offset: off, Length: length, ZeroFlags: f & nbd.ZeroNoHole}
+	return p.settle(g, off, length, p.commit(ctx, c))
 }
 
 // ---- reads ----
 
-func (p *Proxy) ReadAt(b []byte, off uint64) error {
+func (p *Proxy) ReadAt(ctx context.Context, b []byte, off uint64) error {
 	p.stats.Reads.Add(1)
 	if !p.cache.enabled() || !p.holding() {
-		return p.readRemote(b, off)
+		return p.readRemote(ctx, b, off)
 	}
 	end := off + uint64(len(b))
 	for first := off / cacheBlock; first*cacheBlock < end; {
@@ -545,7 +553,7 @@ func (p *Proxy) ReadAt(b []byte, off uint64) error {
 			last++
 		}
 		p.stats.CacheMisses.Add(last - first + 1)
-		if err := p.fetchBlocks(b, off, first, last); err != nil {
+		if err := p.fetchBlocks(ctx, b, off, first, last); err != nil {
 			return err
 		}
 		first = last + 1
@@ -555,11 +563,11 @@ func (p *Proxy) ReadAt(b []byte, off uint64) error {
 
 // fetchBlocks reads blocks first..last from a replica, fills the cache with
 // them and copies the part that overlaps [off, off+len(b)) into b.
-func (p *Proxy) fetchBlocks(b []byte, off, first, last uint64) error {
+func (p *Proxy) fetchBlocks(ctx context.Context, b []byte, off, first, last uint64) error {
 	start, end := first*cacheBlock, min((last+1)*cacheBlock, p.size)
 	tok := p.cache.startFill()
 	buf := make([]byte, end-start)
-	if err := p.readRemote(buf, start); err != nil {
+	if err := p.readRemote(ctx, buf, start); err != nil {
 		return err
 	}
 	for blk := first; blk <= last; blk++ {
@@ -583,13 +591,13 @@ func copyBlock(b []byte, off, blk uint64, data []byte) {
 
 // readRemote reads from a replica that has applied the last acknowledged
 // write, trying others when one fails, for up to the read timeout.
-func (p *Proxy) readRemote(b []byte, off uint64) error {
+func (p *Proxy) readRemote(ctx context.Context, b []byte, off uint64) error {
 	p.stats.RemoteReads.Add(1)
-	return p.onReplica(func(ctx context.Context, c *nbd.Client) error { return c.ReadAt(ctx, b, off) })
+	return p.onReplica(ctx, func(ctx context.Context, c *nbd.Client) error { return c.ReadAt(ctx, b, off) })
 }
 
-func (p *Proxy) onReplica(fn func(context.Context, *nbd.Client) error) error {
-	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ReadTimeout)
+func (p *Proxy) onReplica(ctx context.Context, fn func(context.Context, *nbd.Client) error) error {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.ReadTimeout)
 	defer cancel()
 	need := p.lastAcked.Load()
 	if !p.holding() {
@@ -663,9 +671,9 @@ func (p *Proxy) pickReplica(need uint64) (*serverState, <-chan struct{}) {
 	return best, changed
 }
 
-func (p *Proxy) Extents(off, length uint64) ([]nbd.Extent, error) {
+func (p *Proxy) Extents(ctx context.Context, off, length uint64) ([]nbd.Extent, error) {
 	var out []nbd.Extent
-	err := p.onReplica(func(ctx context.Context, c *nbd.Client) error {
+	err := p.onReplica(ctx, func(ctx context.Context, c *nbd.Client) error {
 		if !c.MetaContext() {
 			out = []nbd.Extent{{Length: length}}
 			return nil
@@ -678,7 +686,7 @@ func (p *Proxy) Extents(off, length uint64) ([]nbd.Extent, error) {
 }
 
 // Cache reads the range into the read cache (up to the cache's size).
-func (p *Proxy) Cache(off, length uint64) error {
+func (p *Proxy) Cache(ctx context.Context, off, length uint64) error {
 	if !p.cache.enabled() || !p.holding() {
 		return nil
 	}
@@ -687,7 +695,7 @@ func (p *Proxy) Cache(off, length uint64) error {
 	buf := make([]byte, min(length, chunk))
 	for done := uint64(0); done < length; done += chunk {
 		n := min(chunk, length-done)
-		if err := p.ReadAt(buf[:n], off+done); err != nil {
+		if err := p.ReadAt(ctx, buf[:n], off+done); err != nil {
 			return err
 		}
 	}

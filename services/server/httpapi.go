@@ -30,7 +30,12 @@ type API struct {
 	Client   *wire.Client
 	Resync   *Resyncer
 	Metrics  *prometheus.Registry
-	Log      hclog.Logger
+	// Version is the build version reported in the status; Level the
+	// feature level reported while the node is starting (after that, the
+	// node's own).
+	Version string
+	Level   replica.Level
+	Log     hclog.Logger
 }
 
 func (a *API) String() string { return "http " + a.Listener.Addr().String() }
@@ -125,6 +130,8 @@ func (a *API) leaderOnly(h func(http.ResponseWriter, *http.Request, *replica.Nod
 func (a *API) status(n *replica.Node) wire.NodeStatus {
 	st := n.FSM().State()
 	s := wire.NodeStatus{
+		Version:      a.Version,
+		Level:        n.Level(),
 		Self:         n.Self(),
 		State:        n.Raft().State().String(),
 		Term:         parseUint(n.Raft().Stats()["term"]),
@@ -153,7 +160,7 @@ func parseUint(s string) uint64 {
 func (a *API) handleStatus(w http.ResponseWriter, r *http.Request) {
 	n := a.Holder.Peek()
 	if n == nil {
-		wire.WriteJSON(w, http.StatusOK, wire.NodeStatus{State: "Starting", Sync: a.Resync.Status()})
+		wire.WriteJSON(w, http.StatusOK, wire.NodeStatus{Version: a.Version, Level: a.Level, State: "Starting", Sync: a.Resync.Status()})
 		return
 	}
 	wire.WriteJSON(w, http.StatusOK, a.status(n))
@@ -170,7 +177,7 @@ func (a *API) handleCluster(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	reg := n.FSM().State().Nodes
-	cs := wire.ClusterStatus{}
+	cs := wire.ClusterStatus{Level: n.Level()}
 	if l, ok := n.Leader(); ok {
 		cs.Leader = l.ID
 	}
@@ -232,6 +239,9 @@ func (a *API) handleJoin(w http.ResponseWriter, r *http.Request, n *replica.Node
 			return
 		}
 	}
+	// Count the node's level in before it takes part: the leader must not
+	// write entries it cannot read (a node that says none is level 1).
+	n.NoteLevel(info.ID, req.Level)
 	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 	defer cancel()
 	// Register first, so the registry knows the node's addresses before it
@@ -252,7 +262,7 @@ func (a *API) handleJoin(w http.ResponseWriter, r *http.Request, n *replica.Node
 		}
 		a.Log.Info("node joined as a non-voter; it becomes a voter once caught up", "id", info.ID, "raft", info.Raft, "http", info.HTTP)
 	}
-	wire.WriteJSON(w, http.StatusOK, wire.JoinResponse{Size: n.Image().Size(), Leader: n.ID()})
+	wire.WriteJSON(w, http.StatusOK, wire.JoinResponse{Level: n.Level(), Size: n.Image().Size(), Leader: n.ID()})
 }
 
 func (a *API) handleRemove(w http.ResponseWriter, r *http.Request, n *replica.Node) {
@@ -332,9 +342,15 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	c, err := replica.Decode(data)
+	c, err := replica.DecodeAt(data, n.Level())
+	if errors.Is(err, replica.ErrUnknownCommand) {
+		// Of a level this build does not know (a newer sender): refused
+		// before it is proposed, a result the sender can act on.
+		wire.WriteJSON(w, http.StatusOK, wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusedUnknownCommand, Error: err.Error()})
+		return
+	}
 	if err != nil {
-		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Refused: wire.RefusedBadCommand, Error: err.Error()})
+		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusedBadCommand, Error: err.Error()})
 		return
 	}
 	if !n.IsLeader() {
@@ -347,7 +363,7 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: err.Error(), NotLeader: errors.Is(err, replica.ErrNotLeader)})
 		return
 	}
-	out := wire.ApplyResponse{Index: res.Index, Epoch: res.Epoch, Duplicate: res.Duplicate, Holder: res.Writer}
+	out := wire.ApplyResponse{Level: n.Level(), Index: res.Index, Epoch: res.Epoch, Duplicate: res.Duplicate, Holder: res.Writer}
 	if res.Err != nil {
 		out.Refused, out.Error = wire.RefusalOf(res.Err), res.Err.Error()
 	}
@@ -367,7 +383,7 @@ func (f *Forwarder) Forward(ctx context.Context, leader replica.NodeInfo, c *rep
 	if leader.HTTP == "" {
 		return replica.Result{}, fmt.Errorf("%w: leader %s has not registered its HTTP address", replica.ErrNoLeader, leader.ID)
 	}
-	r, err := f.Client.Apply(ctx, leader.HTTP, c.Encode(nil))
+	r, err := f.Client.Apply(ctx, leader.HTTP, c.EncodeCompat(nil))
 	if err != nil {
 		return replica.Result{}, err
 	}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -13,10 +14,12 @@ import (
 )
 
 // Membership runs on every server and acts while it leads: it keeps the
-// leader's own registry entry current, and promotes a non-voter to voter
-// once it has caught up (applied within PromoteLag entries of the leader
-// and no resync running), so a new node never weakens the quorum while it
-// is still copying.
+// leader's own registry entry current, polls every member's status for
+// the feature level it speaks (so the leader writes only what all of them
+// read; see replica.Node.RefreshLevels), and promotes a non-voter to
+// voter once it has caught up (applied within PromoteLag entries of the
+// leader and no resync running), so a new node never weakens the quorum
+// while it is still copying.
 type Membership struct {
 	Holder *NodeHolder
 	Client *wire.Client
@@ -49,8 +52,48 @@ func (m *Membership) Serve(ctx context.Context) error {
 			continue
 		}
 		m.registerSelf(ctx, n)
-		m.promote(ctx, n)
+		sts := m.poll(ctx, n)
+		if _, err := n.RefreshLevels(); err != nil {
+			m.Log.Warn("refreshing the cluster's feature level", "error", err)
+		}
+		m.promote(ctx, n, sts)
 	}
+}
+
+// poll fetches every other registered member's status, concurrently, and
+// notes the level each reports; members that do not answer are missing
+// from the result (their last noted level stands).
+func (m *Membership) poll(ctx context.Context, n *replica.Node) map[string]wire.NodeStatus {
+	f := n.Raft().GetConfiguration()
+	if f.Error() != nil {
+		return nil
+	}
+	reg := n.FSM().State().Nodes
+	var mu sync.Mutex
+	out := map[string]wire.NodeStatus{}
+	var wg sync.WaitGroup
+	for _, s := range f.Configuration().Servers {
+		info, ok := reg[string(s.ID)]
+		if string(s.ID) == n.ID() || !ok || info.HTTP == "" {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			st, err := m.Client.Status(sctx, info.HTTP)
+			if err != nil {
+				return
+			}
+			n.NoteLevel(info.ID, st.Level)
+			mu.Lock()
+			out[info.ID] = st
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	return out
 }
 
 func (m *Membership) registerSelf(ctx context.Context, n *replica.Node) {
@@ -65,12 +108,11 @@ func (m *Membership) registerSelf(ctx context.Context, n *replica.Node) {
 	}
 }
 
-func (m *Membership) promote(ctx context.Context, n *replica.Node) {
+func (m *Membership) promote(ctx context.Context, n *replica.Node, sts map[string]wire.NodeStatus) {
 	f := n.Raft().GetConfiguration()
 	if f.Error() != nil {
 		return
 	}
-	reg := n.FSM().State().Nodes
 	lag := m.PromoteLag
 	if lag == 0 {
 		lag = 64
@@ -79,14 +121,8 @@ func (m *Membership) promote(ctx context.Context, n *replica.Node) {
 		if s.Suffrage != raft.Nonvoter {
 			continue
 		}
-		info, ok := reg[string(s.ID)]
-		if !ok || info.HTTP == "" {
-			continue
-		}
-		sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		st, err := m.Client.Status(sctx, info.HTTP)
-		cancel()
-		if err != nil || (st.Sync != nil && st.Sync.Active) {
+		st, ok := sts[string(s.ID)]
+		if !ok || (st.Sync != nil && st.Sync.Active) {
 			continue
 		}
 		if st.AppliedIndex+lag < n.FSM().AppliedIndex() {

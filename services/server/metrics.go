@@ -1,6 +1,12 @@
 package server
 
 import (
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+
+	gometrics "github.com/hashicorp/go-metrics/compat"
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -9,11 +15,12 @@ import (
 	"github.com/keelstore/keel/services/wire"
 )
 
-// NewMetrics returns a registry with the Go and process collectors and the
-// node's gauges, read at scrape time from whatever node the holder has.
+// NewMetrics returns a registry with the Go and process collectors, the
+// node's gauges, read at scrape time from whatever node the holder has, and
+// hashicorp/raft's own go-metrics (the process's raftSink, see below).
 func NewMetrics(h *NodeHolder, r *Resyncer) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), processRaftSink())
 	gauge := func(name, help string, f func(n *replica.Node) float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
 			if n := h.Peek(); n != nil {
@@ -56,4 +63,192 @@ func NewMetrics(h *NodeHolder, r *Resyncer) *prometheus.Registry {
 		func() float64 { _, n := r.Totals(); return float64(n) }))
 	syncGauge("keel_resync_bytes_compared", "Bytes compared by the current or last resync.", func(s *wire.SyncStatus) float64 { return float64(s.BytesCompared) })
 	return reg
+}
+
+// hashicorp/raft reports its stage timings (raft.leader.dispatchLog,
+// raft.commitTime, raft.replication.appendEntries.rpc,
+// raft.rpc.appendEntries.storeLogs, raft.fsm.apply, ...) through the global
+// of github.com/hashicorp/go-metrics/compat, which forwards to
+// armon/go-metrics unless built with the hashicorpmetrics tag; importing
+// the same compat package keeps us on whichever global raft writes to.
+//
+// That global is process-wide and raft's metrics carry no node label, so
+// one raftSink is installed once per process (raftSinkOnce) and every
+// registry NewMetrics builds collects that same sink. With one server per
+// process, as `keel server` runs, /metrics shows that server's Raft alone;
+// where tests run several servers in one process, each one's /metrics
+// shows the sum over all of them. Installing a sink per server instead
+// would make the last server started steal the others' metrics.
+var (
+	raftSinkOnce sync.Once
+	raftSinkProc *raftSink
+)
+
+// processRaftSink installs the process's go-metrics sink on first use and
+// returns it.
+func processRaftSink() *raftSink {
+	raftSinkOnce.Do(func() {
+		raftSinkProc = newRaftSink()
+		conf := gometrics.DefaultConfig("")
+		conf.EnableHostname = false       // no host name inside gauge keys
+		conf.EnableRuntimeMetrics = false // no collector goroutine: the Go collector has these
+		if _, err := gometrics.NewGlobal(conf, raftSinkProc); err != nil {
+			// NewGlobal fails only for a bad configuration, which this is not.
+			panic(fmt.Sprintf("server: installing the go-metrics sink: %v", err))
+		}
+	})
+	return raftSinkProc
+}
+
+// raftSinkBuckets are the histogram bounds of go-metrics samples. Timings
+// arrive in milliseconds (go-metrics' timer granularity); the same bounds
+// serve raft's count samples (entries per batch).
+var raftSinkBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000}
+
+// raftSink is a go-metrics MetricSink that keeps an aggregate per series
+// and is a prometheus.Collector that reports them at scrape time: samples
+// as histograms, counters as counters, gauges as gauges. A key becomes a
+// metric name by joining its parts with '_' (raft.commitTime:
+// raft_commitTime) and mapping every other character than letters, digits
+// and '_' to '_' (':' is for recording rules). It starts no goroutine
+// and never expires a series.
+type raftSink struct {
+	mu     sync.Mutex             // guards the following
+	series map[string]*sinkSeries // by name and label values
+	shapes map[string]sinkShape   // each name's kind and label names, fixed at first sight
+	drops  uint64                 // updates whose kind or labels disagreed with their name's shape
+}
+
+type sinkKind int
+
+const (
+	sinkSample sinkKind = iota
+	sinkCounter
+	sinkGauge
+)
+
+type sinkShape struct {
+	kind   sinkKind
+	labels string // label names joined with ','
+}
+
+type sinkSeries struct {
+	name        string
+	kind        sinkKind
+	labelNames  []string
+	labelValues []string
+	count       uint64   // samples
+	sum         float64  // samples: total; counters: value; gauges: last value
+	buckets     []uint64 // samples: count per upper bound of raftSinkBuckets (not cumulative)
+}
+
+func newRaftSink() *raftSink {
+	return &raftSink{series: map[string]*sinkSeries{}, shapes: map[string]sinkShape{}}
+}
+
+// metricName maps a go-metrics key to a Prometheus metric name.
+func metricName(key []string) string {
+	name := []byte(strings.Join(key, "_"))
+	for i, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '_' || i > 0 && c >= '0' && c <= '9') {
+			name[i] = '_'
+		}
+	}
+	return string(name)
+}
+
+func (s *raftSink) update(kind sinkKind, key []string, val float32, labels []gometrics.Label) {
+	name := metricName(key)
+	names := make([]string, len(labels))
+	values := make([]string, len(labels))
+	for i, l := range labels {
+		names[i], values[i] = metricName([]string{l.Name}), l.Value
+	}
+	shape := sinkShape{kind: kind, labels: strings.Join(names, ",")}
+	id := name + "\xff" + strings.Join(values, "\xff")
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if have, ok := s.shapes[name]; !ok {
+		s.shapes[name] = shape
+	} else if have != shape {
+		s.drops++
+		return
+	}
+	se := s.series[id]
+	if se == nil {
+		se = &sinkSeries{name: name, kind: kind, labelNames: names, labelValues: values}
+		if kind == sinkSample {
+			se.buckets = make([]uint64, len(raftSinkBuckets))
+		}
+		s.series[id] = se
+	}
+	v := float64(val)
+	switch kind {
+	case sinkSample:
+		se.count++
+		se.sum += v
+		if i := sort.SearchFloat64s(raftSinkBuckets, v); i < len(raftSinkBuckets) {
+			se.buckets[i]++
+		}
+	case sinkCounter:
+		se.sum += v
+	case sinkGauge:
+		se.sum = v
+	}
+}
+
+// The go-metrics MetricSink methods.
+
+func (s *raftSink) SetGauge(key []string, val float32) { s.update(sinkGauge, key, val, nil) }
+func (s *raftSink) SetGaugeWithLabels(key []string, val float32, labels []gometrics.Label) {
+	s.update(sinkGauge, key, val, labels)
+}
+func (s *raftSink) EmitKey(key []string, val float32)     { s.update(sinkSample, key, val, nil) }
+func (s *raftSink) IncrCounter(key []string, val float32) { s.update(sinkCounter, key, val, nil) }
+func (s *raftSink) IncrCounterWithLabels(key []string, val float32, labels []gometrics.Label) {
+	s.update(sinkCounter, key, val, labels)
+}
+func (s *raftSink) AddSample(key []string, val float32) { s.update(sinkSample, key, val, nil) }
+func (s *raftSink) AddSampleWithLabels(key []string, val float32, labels []gometrics.Label) {
+	s.update(sinkSample, key, val, labels)
+}
+
+// Describe sends nothing: the series are known only as raft emits them,
+// which makes this an unchecked collector.
+func (s *raftSink) Describe(chan<- *prometheus.Desc) {}
+
+// Collect reports every series. The metrics are built under the lock and
+// sent after it, so a slow scrape does not hold up raft.
+func (s *raftSink) Collect(ch chan<- prometheus.Metric) {
+	for _, m := range s.metrics() {
+		ch <- m
+	}
+}
+
+func (s *raftSink) metrics() []prometheus.Metric {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]prometheus.Metric, 0, len(s.series)+1)
+	for _, se := range s.series {
+		switch se.kind {
+		case sinkSample:
+			desc := prometheus.NewDesc(se.name, "hashicorp/raft go-metrics sample (timings in milliseconds).", se.labelNames, nil)
+			cum := make(map[float64]uint64, len(raftSinkBuckets))
+			var n uint64
+			for i, b := range raftSinkBuckets {
+				n += se.buckets[i]
+				cum[b] = n
+			}
+			out = append(out, prometheus.MustNewConstHistogram(desc, se.count, se.sum, cum, se.labelValues...))
+		case sinkCounter:
+			desc := prometheus.NewDesc(se.name, "hashicorp/raft go-metrics counter.", se.labelNames, nil)
+			out = append(out, prometheus.MustNewConstMetric(desc, prometheus.CounterValue, se.sum, se.labelValues...))
+		case sinkGauge:
+			desc := prometheus.NewDesc(se.name, "hashicorp/raft go-metrics gauge.", se.labelNames, nil)
+			out = append(out, prometheus.MustNewConstMetric(desc, prometheus.GaugeValue, se.sum, se.labelValues...))
+		}
+	}
+	desc := prometheus.NewDesc("keel_raft_metrics_dropped_total", "go-metrics updates dropped because their kind or labels disagreed with an earlier update of the same name.", nil, nil)
+	return append(out, prometheus.MustNewConstMetric(desc, prometheus.CounterValue, float64(s.drops)))
 }

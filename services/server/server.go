@@ -41,6 +41,8 @@ type Config struct {
 	// Client calls other servers' APIs. Default: a client with a 10s
 	// per-request timeout.
 	Client *wire.Client
+	// Version is the build version the server reports (keel version).
+	Version string
 	// Log is the server's logger.
 	Log hclog.Logger
 }
@@ -129,7 +131,7 @@ func New(cfg Config) (*Server, error) {
 	raftSup.Add(&RaftService{Config: cfg.Node, Holder: s.holder, Log: log.Named("raft-service")})
 	root.Add(raftSup)
 	root.Add(&API{Listener: cfg.HTTP, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
-		Metrics: NewMetrics(s.holder, s.resync), Log: log.Named("http")})
+		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http")})
 	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery})
 	s.nbdTok = root.Add(nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout}))
 	s.root = root
@@ -169,14 +171,23 @@ func (s *Server) Run(ctx context.Context) error {
 	return err
 }
 
-// Join asks the member at addr (its HTTP address) to add self as a
-// non-voter, retrying for up to two minutes while the cluster has no
-// leader, and returns the volume size.
-func Join(ctx context.Context, c *wire.Client, addr string, self replica.NodeInfo, log hclog.Logger) (uint64, error) {
+// levelOr is a NodeConfig.Level with its default.
+func levelOr(l replica.Level) replica.Level {
+	if l == 0 {
+		return replica.CurrentLevel
+	}
+	return l
+}
+
+// Join asks the member at addr (its HTTP address) to add self, which
+// speaks level and runs build version, as a non-voter, retrying for up to
+// two minutes while the cluster has no leader, and returns the volume
+// size.
+func Join(ctx context.Context, c *wire.Client, addr string, self replica.NodeInfo, level replica.Level, version string, log hclog.Logger) (uint64, error) {
 	deadline := time.Now().Add(2 * time.Minute)
 	for attempt := 1; ; attempt++ {
 		var resp wire.JoinResponse
-		err := c.Do(ctx, "POST", addr, "/v1/cluster/join", wire.JoinRequest{Node: self}, &resp)
+		err := c.Do(ctx, "POST", addr, "/v1/cluster/join", wire.JoinRequest{Node: self, Level: level, Version: version}, &resp)
 		if err == nil {
 			log.Info("joined the cluster as a non-voter", "via", addr, "leader", resp.Leader, "size", resp.Size)
 			return resp.Size, nil

@@ -42,21 +42,27 @@ var _ nbd.Backend = (*Volume)(nil)
 
 func (v *Volume) Size() uint64 { return v.SizeBytes }
 
+// Capabilities: everything. Flush and FUA cost nothing (a write is answered
+// once it is durable in a quorum's logs) and act across connections; Cache
+// is a hint this backend ignores; extents come from this node's image. A
+// fast zero is honoured, see Zero.
+func (v *Volume) Capabilities() nbd.Caps { return nbd.CapsAll }
+
 // readable returns the node once its image can be read: running, not in
 // the middle of a resync (which leaves the image a mix of old and new
 // ranges), and, on a leader, holding every write committed before the
-// read (replica.Node.ReadBarrier). It waits up to WriteTimeout, then fails
-// with EIO.
-func (v *Volume) readable() (*replica.Node, error) {
+// read (replica.Node.ReadBarrier). It waits up to WriteTimeout (and while
+// ctx, the NBD connection's, lasts), then fails with EIO.
+func (v *Volume) readable(ctx context.Context) (*replica.Node, error) {
+	ctx, cancel := context.WithTimeout(ctx, v.WriteTimeout)
+	defer cancel()
 	n := v.Holder.Peek()
 	if n == nil || n.Resyncing() {
 		var err error
-		if n, err = v.waitReadable(); err != nil {
+		if n, err = v.waitReadable(ctx); err != nil {
 			return nil, err
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
-	defer cancel()
 	if err := n.ReadBarrier(ctx); err != nil {
 		// No quorum to commit the barrier: reads keep working (promise 2),
 		// from what this node has applied.
@@ -65,9 +71,7 @@ func (v *Volume) readable() (*replica.Node, error) {
 	return n, nil
 }
 
-func (v *Volume) waitReadable() (*replica.Node, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
-	defer cancel()
+func (v *Volume) waitReadable(ctx context.Context) (*replica.Node, error) {
 	for {
 		n, err := v.Holder.Get(ctx)
 		if err != nil {
@@ -84,58 +88,64 @@ func (v *Volume) waitReadable() (*replica.Node, error) {
 	}
 }
 
-func (v *Volume) ReadAt(p []byte, off uint64) error {
-	n, err := v.readable()
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off uint64) error {
+	n, err := v.readable(ctx)
 	if err != nil {
 		return err
 	}
 	return n.Image().ReadAt(p, off)
 }
 
-func (v *Volume) WriteAt(p []byte, off uint64, fua bool) error {
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
 	if len(p) <= replica.MaxCommandData {
-		return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
+		return v.apply(ctx, &replica.Command{Kind: replica.KindWrite, Offset: off, Data: p})
 	}
 	var g errgroup.Group
 	for done := 0; done < len(p); done += replica.MaxCommandData {
 		part := p[done:min(done+replica.MaxCommandData, len(p))]
 		at := off + uint64(done)
 		g.Go(func() error {
-			return v.apply(&replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
+			return v.apply(ctx, &replica.Command{Kind: replica.KindWrite, Offset: at, Data: part})
 		})
 	}
 	return g.Wait()
 }
 
-func (v *Volume) Flush() error { return nil }
+func (v *Volume) Flush(context.Context) error { return nil }
 
-func (v *Volume) Trim(off, length uint64, fua bool) error {
-	return v.apply(&replica.Command{Kind: replica.KindTrim, Offset: off, Length: length})
+func (v *Volume) Trim(ctx context.Context, off, length uint64, fua bool) error {
+	return v.apply(ctx, &replica.Command{Kind: replica.KindTrim, Offset: off, Length: length})
 }
 
-func (v *Volume) Zero(off, length uint64, f nbd.ZeroFlags) error {
-	c := &replica.Command{Kind: replica.KindZero, Offset: off, Length: length}
-	if f&nbd.ZeroNoHole != 0 {
-		c.ZeroFlags = replica.ZeroNoHole
-	}
-	return v.apply(c)
+// Zero is always fast, so nbd.ZeroFast needs no check: the command carries
+// no data (a few dozen bytes in the log, whatever the length), and each
+// replica applies it with fallocate, punching a hole or zeroing the range.
+// Even where a replica's filesystem can do neither and writes zeroes, that
+// is the same local work a write of the range would do, without moving the
+// data through the network and the log. So it is always serviced in less
+// time than the corresponding write, which is what the protocol asks of a
+// fast zero. (Refusing in the FSM is not an option: every replica must
+// apply the same command.) FUA needs nothing: committed means durable.
+func (v *Volume) Zero(ctx context.Context, off, length uint64, f nbd.ZeroFlags) error {
+	return v.apply(ctx, &replica.Command{Kind: replica.KindZero, Offset: off, Length: length, ZeroFlags: f & nbd.ZeroNoHole})
 }
 
-func (v *Volume) Extents(off, length uint64) ([]nbd.Extent, error) {
-	n, err := v.readable()
+func (v *Volume) Extents(ctx context.Context, off, length uint64) ([]nbd.Extent, error) {
+	n, err := v.readable(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return nbdserve.LocalImage{Image: n.Image()}.Extents(off, length)
+	return nbdserve.LocalImage{Image: n.Image()}.Extents(ctx, off, length)
 }
 
-func (v *Volume) Cache(off, length uint64) error { return nil }
+func (v *Volume) Cache(context.Context, uint64, uint64) error { return nil }
 
-// apply commits c through the leader, wherever it is, within WriteTimeout,
-// trying again while the node is not running or the leader cannot be
-// reached; a refusal by the state machine is the answer, not retried.
-func (v *Volume) apply(c *replica.Command) error {
-	ctx, cancel := context.WithTimeout(context.Background(), v.WriteTimeout)
+// apply commits c through the leader, wherever it is, within WriteTimeout
+// (and while ctx, the NBD connection's, lasts), trying again while the node
+// is not running or the leader cannot be reached; a refusal by the state
+// machine is the answer, not retried.
+func (v *Volume) apply(ctx context.Context, c *replica.Command) error {
+	ctx, cancel := context.WithTimeout(ctx, v.WriteTimeout)
 	defer cancel()
 	var last error
 	for attempt := 0; ; attempt++ {

@@ -21,6 +21,12 @@ const (
 	RefusedOutOfRange Refusal = 3 // replica.ErrOutOfRange: past the end of the image
 	RefusedBadCommand Refusal = 4 // replica.ErrBadCommand: the command did not decode
 	RefusedOther      Refusal = 5 // anything else the FSM answered
+	// RefusedFeatureLevel: replica.ErrFeatureLevel: the command needs a
+	// level some member does not speak; it was not proposed.
+	RefusedFeatureLevel Refusal = 6
+	// RefusedUnknownCommand: replica.ErrUnknownCommand: the command is of
+	// a level or kind the answering build does not know.
+	RefusedUnknownCommand Refusal = 7
 )
 
 var refusalErrs = map[Refusal]error{
@@ -28,6 +34,9 @@ var refusalErrs = map[Refusal]error{
 	RefusedWriterHeld: replica.ErrWriterHeld,
 	RefusedOutOfRange: replica.ErrOutOfRange,
 	RefusedBadCommand: replica.ErrBadCommand,
+
+	RefusedFeatureLevel:   replica.ErrFeatureLevel,
+	RefusedUnknownCommand: replica.ErrUnknownCommand,
 }
 
 // RefusalOf returns the refusal for an FSM result error (nil: NotRefused).
@@ -105,6 +114,10 @@ func (r Refusal) String() string {
 		return "out of range"
 	case RefusedBadCommand:
 		return "bad command"
+	case RefusedFeatureLevel:
+		return "feature level"
+	case RefusedUnknownCommand:
+		return "unknown command"
 	}
 	return "other"
 }

@@ -32,13 +32,29 @@ import (
 //	POST /v1/cluster/join                 JoinRequest -> JoinResponse (any member; forwarded to the leader)
 //	POST /v1/cluster/remove               {"id": ...}
 //	POST /v1/cluster/transfer-leadership  {"id": ...} (empty id: any voter)
-//	POST /v1/apply                        internal: an encoded command -> ApplyResponse (leader only; header Keel-Timeout-Ms)
+//	POST /v1/apply                        internal: an encoded command -> ApplyResponse (leader only; headers Keel-Timeout-Ms, Keel-Level)
 //	POST /v1/verify/digest?min_index=N    replica.Digest at a stable applied index
 //	GET  /v1/sync/hashes, /v1/sync/range  image sync source (replica/imagesync)
 //	GET  /metrics                         Prometheus metrics
 
+// Versions on the wire. Every JSON message below carries the sender's
+// feature level (replica.Level) in "level"; an absent one (zero) is a
+// build from before levels, level 1 (Level.Or). Every request the Client
+// sends says its level in LevelHeader. The command in an apply request is
+// in the form every build reads (replica.Command.EncodeCompat).
+
+// LevelHeader, on every request, is the sender's feature level.
+const LevelHeader = "Keel-Level"
+
+// Level is the feature level this build speaks on the wire.
+const Level = replica.CurrentLevel
+
 // NodeStatus is one node's view of itself.
 type NodeStatus struct {
+	// Version is the node's build version (keel version); Level the
+	// feature level it speaks.
+	Version      string           `json:"version,omitempty"`
+	Level        replica.Level    `json:"level,omitempty"`
 	Self         replica.NodeInfo `json:"self"`
 	State        string           `json:"state"` // Leader, Follower, Candidate, Shutdown, Starting
 	Leader       string           `json:"leader,omitempty"`
@@ -78,19 +94,25 @@ type Member struct {
 
 // ClusterStatus is a node's view of the whole cluster.
 type ClusterStatus struct {
-	Leader  string   `json:"leader,omitempty"`
-	Members []Member `json:"members"`
+	Level   replica.Level `json:"level,omitempty"` // the answering node's
+	Leader  string        `json:"leader,omitempty"`
+	Members []Member      `json:"members"`
 }
 
 // JoinRequest asks the cluster to add a node as a non-voter.
 type JoinRequest struct {
 	Node replica.NodeInfo `json:"node"`
+	// Level and Version are the joining node's: the leader counts the
+	// level into the cluster's before it adds the node.
+	Level   replica.Level `json:"level,omitempty"`
+	Version string        `json:"version,omitempty"`
 }
 
 // JoinResponse tells a joining node what it needs to start.
 type JoinResponse struct {
-	Size   uint64 `json:"size"`
-	Leader string `json:"leader"`
+	Level  replica.Level `json:"level,omitempty"` // the leader's
+	Size   uint64        `json:"size"`
+	Leader string        `json:"leader"`
 }
 
 // IDRequest names a member for remove and transfer-leadership.
@@ -105,11 +127,13 @@ const TimeoutHeader = "Keel-Timeout-Ms"
 
 // ApplyResponse is the result of a forwarded command.
 type ApplyResponse struct {
-	Index     uint64 `json:"index"`
-	Epoch     uint64 `json:"epoch"`
-	Duplicate bool   `json:"duplicate,omitempty"`
-	// Refused: the FSM refused the command (a Refusal code); Error says
-	// why.
+	Level     replica.Level `json:"level,omitempty"` // the answering leader's
+	Index     uint64        `json:"index"`
+	Epoch     uint64        `json:"epoch"`
+	Duplicate bool          `json:"duplicate,omitempty"`
+	// Refused: the FSM refused the command, or the leader did before
+	// proposing it (RefusedFeatureLevel, RefusedUnknownCommand): a Refusal
+	// code; Error says why.
 	Refused Refusal `json:"refused,omitempty"`
 	Error   string  `json:"error,omitempty"`
 	// Holder names the writer that holds the volume when a claim is
@@ -174,6 +198,7 @@ func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Hea
 	if err != nil {
 		return err
 	}
+	req.Header.Set(LevelHeader, strconv.Itoa(int(Level)))
 	for k, vs := range hdr {
 		for _, v := range vs {
 			req.Header.Add(k, v)

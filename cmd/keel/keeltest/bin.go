@@ -73,9 +73,27 @@ func RemoveBinary() {
 // under ctx and at most 5 minutes; the working directory must lie inside
 // the keel module.
 func Build(ctx context.Context, out string, race bool) error {
+	return BuildWith(ctx, out, BuildOptions{Race: race})
+}
+
+// BuildOptions are the choices of BuildWith.
+type BuildOptions struct {
+	// Race builds with -race.
+	Race bool
+	// Version, if set, is linked in as the binary's version
+	// (-ldflags "-X main.version=..."): a second build for mixed-version
+	// tests. Empty: the default ("dev").
+	Version string
+}
+
+// BuildWith is Build with options.
+func BuildWith(ctx context.Context, out string, o BuildOptions) error {
 	args := []string{"build", "-o", out}
-	if race {
+	if o.Race {
 		args = append(args, "-race")
+	}
+	if o.Version != "" {
+		args = append(args, "-ldflags", "-X main.version="+o.Version)
 	}
 	args = append(args, Package)
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)

@@ -29,6 +29,12 @@ type ClusterConfig struct {
 	// Dir holds each node's directory (Dir/ID) and log (Dir/ID.log), and
 	// each proxy's log; required.
 	Dir string
+	// LogDir, if set, holds the nodes' and proxies' logs instead of Dir.
+	LogDir string
+	// NBDSocketDir, if set, makes each node serve NBD on the unix socket
+	// NBDSocketDir/ID.sock instead of a loopback port. Socket paths are
+	// limited to 108 bytes (see SocketDir).
+	NBDSocketDir string
 	// N is how many servers Start brings up (n1 bootstraps, n2..nN join);
 	// 1 or more.
 	N int
@@ -88,6 +94,9 @@ func (c *ClusterConfig) defaults() {
 	def(&c.StopTimeout, 30*time.Second)
 	def(&c.PollEvery, 100*time.Millisecond)
 	def(&c.HTTPTimeout, 5*time.Second)
+	if c.LogDir == "" {
+		c.LogDir = c.Dir
+	}
 	if c.Logf == nil {
 		c.Logf = func(string, ...any) {}
 	}
@@ -112,8 +121,13 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		return nil, err
 	}
 	cfg.defaults()
-	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("keeltest: %w", err)
+	for _, d := range []string{cfg.Dir, cfg.LogDir, cfg.NBDSocketDir} {
+		if d == "" {
+			continue
+		}
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("keeltest: %w", err)
+		}
 	}
 	return &Cluster{cfg: cfg, client: wire.NewClient(cfg.HTTPTimeout)}, nil
 }
@@ -162,7 +176,7 @@ func (c *Cluster) Client() *wire.Client { return c.client }
 
 // Add makes a node that has not started, on free ports.
 func (c *Cluster) Add(id string) (*Node, error) {
-	n := &Node{ID: id, Dir: filepath.Join(c.cfg.Dir, id), LogPath: filepath.Join(c.cfg.Dir, id+".log"), c: c}
+	n := &Node{ID: id, Dir: filepath.Join(c.cfg.Dir, id), LogPath: filepath.Join(c.cfg.LogDir, id+".log"), c: c}
 	if err := n.pickPorts(); err != nil {
 		return nil, err
 	}
@@ -478,9 +492,14 @@ type Node struct {
 	ID      string
 	Dir     string // --dir; the image is Dir/disk.img
 	LogPath string // the output of every run, appended
-	// Raft, HTTP and NBD are 127.0.0.1:PORT. StartFresh picks new ones if
-	// one was taken; they do not change after it returns.
+	// Raft, HTTP and NBD are 127.0.0.1:PORT (NBD is unix:PATH with the
+	// cluster's NBDSocketDir). StartFresh picks new ones if one was taken;
+	// they do not change after it returns.
 	Raft, HTTP, NBD string
+	// Bin, if set, is the binary of this node's next runs instead of
+	// ClusterConfig.Bin (another build, for a mixed-version cluster). Set
+	// it while the node is stopped.
+	Bin string
 
 	c *Cluster
 
@@ -489,7 +508,12 @@ type Node struct {
 }
 
 func (n *Node) pickPorts() error {
-	for _, a := range []*string{&n.Raft, &n.HTTP, &n.NBD} {
+	addrs := []*string{&n.Raft, &n.HTTP, &n.NBD}
+	if n.c.cfg.NBDSocketDir != "" {
+		n.NBD = "unix:" + filepath.Join(n.c.cfg.NBDSocketDir, n.ID+".sock")
+		addrs = addrs[:2]
+	}
+	for _, a := range addrs {
 		var err error
 		if *a, err = FreeAddr(); err != nil {
 			return err
@@ -502,7 +526,25 @@ func (n *Node) pickPorts() error {
 func (n *Node) Image() string { return filepath.Join(n.Dir, "disk.img") }
 
 // URI is the node's NBD export as libnbd, qemu and fio spell it.
-func (n *Node) URI() string { return "nbd://" + n.NBD + "/keel" }
+func (n *Node) URI() string { return nbdURI(n.NBD) }
+
+// NBDSocket is the path of the node's NBD unix socket, "" if it serves
+// on a port.
+func (n *Node) NBDSocket() string {
+	if path, ok := strings.CutPrefix(n.NBD, "unix:"); ok {
+		return path
+	}
+	return ""
+}
+
+// nbdURI is the URI of the export keel serves on addr (HOST:PORT or
+// unix:PATH).
+func nbdURI(addr string) string {
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		return "nbd+unix:///keel?socket=" + path
+	}
+	return "nbd://" + addr + "/keel"
+}
 
 // Proc is the current (or last) run, nil before the first.
 func (n *Node) Proc() *Proc {
@@ -533,7 +575,11 @@ func (n *Node) Start(extra ...string) error {
 	if n.proc != nil && !n.proc.Exited() {
 		return fmt.Errorf("%s: started while still running", n.ID)
 	}
-	p, err := n.c.group.Start(ProcConfig{Bin: n.c.cfg.Bin, Name: n.ID, Args: n.Args(extra...), Env: n.c.cfg.Env, LogPath: n.LogPath})
+	bin := n.c.cfg.Bin
+	if n.Bin != "" {
+		bin = n.Bin
+	}
+	p, err := n.c.group.Start(ProcConfig{Bin: bin, Name: n.ID, Args: n.Args(extra...), Env: n.c.cfg.Env, LogPath: n.LogPath})
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 // Package keeltest is the process harness of Keel's end-to-end tests and
-// tools: it builds the keel binary once, starts `keel` subcommands as child
-// processes (output to a file and to an in-memory ring), signals, stops,
+// tools: it builds the keel binary once, starts `keel` subcommands (or any
+// other program: fio, nbdkit) as child processes, in the background or to
+// their end (output to a file and to an in-memory ring), signals, stops,
 // kills, pauses and waits for them, hands out free loopback ports and short
 // unix socket directories, scans a process's output for panics, data races
 // and fatal runtime errors, and runs a cluster of `keel server`s (and

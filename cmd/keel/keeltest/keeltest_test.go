@@ -1,7 +1,10 @@
 package keeltest
 
 import (
+	"context"
 	"errors"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -43,7 +46,13 @@ func TestProcKilledReportsSignal(t *testing.T) {
 }
 
 func TestProcStopPauseResume(t *testing.T) {
-	p := sh(t, "trap 'echo bye; exit 0' TERM; while :; do sleep 0.05; done")
+	p := sh(t, "trap 'echo bye; exit 0' TERM; echo ready; while :; do sleep 0.05; done")
+	// The trap must be set before the signal comes.
+	if err := Poll(t.Context(), 10*time.Second, 10*time.Millisecond, "ready", func() (bool, string, error) {
+		return strings.Contains(p.Output(), "ready"), "", nil
+	}); err != nil {
+		t.Fatal(err)
+	}
 	if err := p.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -134,5 +143,115 @@ func TestConfigsValidate(t *testing.T) {
 	}
 	if err := (ClusterConfig{Bin: "keel", Dir: "d", Size: "1M"}).Validate(); !errors.Is(err, ErrBadConfig) || !strings.Contains(err.Error(), "N 0") {
 		t.Errorf("ClusterConfig with N 0: %v", err)
+	}
+}
+
+func TestRunReturnsExitStatus(t *testing.T) {
+	log := filepath.Join(t.TempDir(), "run.log")
+	if err := Run(t.Context(), ProcConfig{Bin: "/bin/sh", Args: []string{"-c", "echo hi"}, LogPath: log}, time.Second); err != nil {
+		t.Errorf("Run of a clean exit: %v", err)
+	}
+	err := Run(t.Context(), ProcConfig{Bin: "/bin/sh", Args: []string{"-c", "exit 3"}, LogPath: log}, time.Second)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
+		t.Errorf("Run of exit 3: %v, want its exit status", err)
+	}
+	b, _ := os.ReadFile(log)
+	if !strings.Contains(string(b), ": sh -c echo hi\nhi\n") {
+		t.Errorf("log lacks the header naming the program and the output:\n%s", b)
+	}
+}
+
+func TestRunStopsWhenContextEnds(t *testing.T) {
+	log := filepath.Join(t.TempDir(), "run.log")
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() {
+		errc <- Run(ctx, ProcConfig{Bin: "/bin/sh", Name: "sh",
+			Args: []string{"-c", "trap 'echo bye; exit 0' TERM; echo ready; while :; do sleep 0.05; done"}, LogPath: log}, 10*time.Second)
+	}()
+	if err := Poll(t.Context(), 10*time.Second, 10*time.Millisecond, "ready", func() (bool, string, error) {
+		b, _ := os.ReadFile(log)
+		return strings.Contains(string(b), "ready"), string(b), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Errorf("Run after cancel: %v, want context.Canceled", err)
+	}
+	if b, _ := os.ReadFile(log); !strings.Contains(string(b), "bye") {
+		t.Errorf("the process did not get SIGTERM:\n%s", b)
+	}
+}
+
+func TestClusterPathsChosenByCaller(t *testing.T) {
+	dir := t.TempDir()
+	c, err := NewCluster(ClusterConfig{Bin: "keel", Dir: filepath.Join(dir, "data"), N: 1, Size: "1M",
+		LogDir: filepath.Join(dir, "logs"), NBDSocketDir: filepath.Join(dir, "socks")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := c.Add("n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "socks", "n1.sock")
+	if n.NBD != "unix:"+sock || n.NBDSocket() != sock || n.URI() != "nbd+unix:///keel?socket="+sock {
+		t.Errorf("NBD %q, socket %q, URI %q; want unix:%s", n.NBD, n.NBDSocket(), n.URI(), sock)
+	}
+	if !strings.Contains(strings.Join(n.Args(), " "), "--nbd unix:"+sock) {
+		t.Errorf("args %q lack --nbd unix:%s", n.Args(), sock)
+	}
+	if want := filepath.Join(dir, "logs", "n1.log"); n.LogPath != want {
+		t.Errorf("LogPath %s, want %s", n.LogPath, want)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "socks")); err != nil || !fi.IsDir() {
+		t.Errorf("socket directory not made: %v", err)
+	}
+
+	c2, err := NewCluster(ClusterConfig{Bin: "keel", Dir: dir, N: 1, Size: "1M"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n2, err := c2.Add("n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(n2.NBD, "127.0.0.1:") || n2.NBDSocket() != "" || n2.LogPath != filepath.Join(dir, "n1.log") {
+		t.Errorf("defaults: NBD %q, socket %q, log %s", n2.NBD, n2.NBDSocket(), n2.LogPath)
+	}
+}
+
+// TestProxyAddressAndLogChosenByCaller runs a stand-in for keel that
+// prints what the harness waits for.
+func TestProxyAddressAndLogChosenByCaller(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "fakekeel")
+	if err := os.WriteFile(bin, []byte("#!/bin/sh\necho \"proxy serving $*\"\nexec sleep 60\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewCluster(ClusterConfig{Bin: bin, Dir: dir, N: 1, Size: "1M"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	http, log := MustFreeAddr(t), filepath.Join(dir, "mine.log")
+	p, err := c.StartProxy(t.Context(), ProxyConfig{Name: "px", Listen: "unix:" + filepath.Join(dir, "px.sock"), HTTP: http, LogPath: log,
+		GlobalFlags: []string{"--cpu-profile", "f"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.HTTP != http || p.LogPath != log {
+		t.Errorf("HTTP %s, log %s; want %s, %s", p.HTTP, p.LogPath, http, log)
+	}
+	b, err := os.ReadFile(log)
+	if err != nil || !strings.Contains(string(b), "proxy serving --cpu-profile f proxy --servers  --listen unix:") ||
+		!strings.Contains(string(b), "--http "+http+" --writer px") {
+		t.Errorf("log %s (%v):\n%s", log, err, b)
+	}
+	if err := p.Stop(); err == nil {
+		t.Errorf("sleep killed by SIGTERM reported as a clean exit")
 	}
 }

@@ -1,11 +1,13 @@
 package keeltest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -30,7 +32,9 @@ const DefaultRingBytes = 256 << 10
 
 // ProcConfig says how to start one keel process.
 type ProcConfig struct {
-	// Bin is the keel binary; required (Binary builds one).
+	// Bin is the program: the keel binary (Binary builds one), or any
+	// other (a benchmark's fio or nbdkit), looked up in $PATH if it has no
+	// slash; required.
 	Bin string
 	// Name names the process in errors and in the log's header line;
 	// empty: the first argument.
@@ -92,7 +96,7 @@ func Start(cfg ProcConfig) (*Proc, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: log: %w", cfg.Name, err)
 	}
-	fmt.Fprintf(f, "=== %s %s: keel %s\n", time.Now().Format("15:04:05.000"), cfg.Name, strings.Join(cfg.Args, " "))
+	fmt.Fprintf(f, "=== %s %s: %s %s\n", time.Now().Format("15:04:05.000"), cfg.Name, filepath.Base(cfg.Bin), strings.Join(cfg.Args, " "))
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
@@ -119,6 +123,28 @@ func Start(cfg ProcConfig) (*Proc, error) {
 		close(p.done)
 	}()
 	return p, nil
+}
+
+// Run starts the process and waits until it exits. If ctx ends first it
+// stops the process (SIGTERM, then SIGKILL after stop) and returns ctx's
+// cause. Otherwise it returns the exit status: nil for status 0.
+func Run(ctx context.Context, cfg ProcConfig, stop time.Duration) error {
+	p, err := Start(cfg)
+	if err != nil {
+		return err
+	}
+	select {
+	case <-p.Done():
+		if err := p.Err(); err != nil {
+			return fmt.Errorf("%s: %w", p.Name(), err)
+		}
+		return nil
+	case <-ctx.Done():
+		if err := p.Stop(stop); errors.Is(err, ErrTimeout) {
+			return fmt.Errorf("%s: %w (%v)", p.Name(), context.Cause(ctx), err)
+		}
+		return fmt.Errorf("%s: %w", p.Name(), context.Cause(ctx))
+	}
 }
 
 // Name is the process's name.

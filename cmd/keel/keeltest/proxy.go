@@ -20,6 +20,12 @@ type ProxyConfig struct {
 	// Listen is --listen: 127.0.0.1:PORT or unix:PATH. Empty: a free
 	// loopback port, another one if it is taken meanwhile.
 	Listen string
+	// HTTP is --http, 127.0.0.1:PORT. Empty: a free loopback port, another
+	// one if it is taken meanwhile.
+	HTTP string
+	// LogPath is the file the output is appended to. Empty: the cluster's
+	// LogDir/proxy-NAME.log.
+	LogPath string
 	// Flags go after the harness's own (--servers with every node's HTTP
 	// address, --listen, --http, --writer), so a later flag given here wins.
 	Flags []string
@@ -48,7 +54,10 @@ func (c *Cluster) StartProxy(ctx context.Context, cfg ProxyConfig) (*Proxy, erro
 	if cfg.Name == "" {
 		return nil, fmt.Errorf("%w: ProxyConfig.Name is empty", ErrBadConfig)
 	}
-	p := &Proxy{Name: cfg.Name, c: c, LogPath: filepath.Join(c.cfg.Dir, "proxy-"+cfg.Name+".log")}
+	p := &Proxy{Name: cfg.Name, c: c, LogPath: cfg.LogPath}
+	if p.LogPath == "" {
+		p.LogPath = filepath.Join(c.cfg.LogDir, "proxy-"+cfg.Name+".log")
+	}
 	c.mu.Lock()
 	c.proxies = append(c.proxies, p)
 	c.mu.Unlock()
@@ -60,8 +69,11 @@ func (c *Cluster) StartProxy(ctx context.Context, cfg ProxyConfig) (*Proxy, erro
 				return nil, err
 			}
 		}
-		if p.HTTP, err = FreeAddr(); err != nil {
-			return nil, err
+		p.HTTP = cfg.HTTP
+		if p.HTTP == "" {
+			if p.HTTP, err = FreeAddr(); err != nil {
+				return nil, err
+			}
 		}
 		p.args = append(slices.Concat(c.cfg.GlobalFlags, cfg.GlobalFlags), "proxy", "--servers", strings.Join(c.HTTPAddrs(), ","),
 			"--listen", p.Listen, "--http", p.HTTP, "--writer", cfg.Name)
@@ -98,12 +110,7 @@ func (p *Proxy) start() error {
 func (p *Proxy) Args() []string { return slices.Clone(p.args) }
 
 // URI is the proxy's export as libnbd, qemu and fio spell it.
-func (p *Proxy) URI() string {
-	if path, ok := strings.CutPrefix(p.Listen, "unix:"); ok {
-		return "nbd+unix:///keel?socket=" + path
-	}
-	return "nbd://" + p.Listen + "/keel"
-}
+func (p *Proxy) URI() string { return nbdURI(p.Listen) }
 
 // Proc is the current (or last) run.
 func (p *Proxy) Proc() *Proc {
