@@ -48,6 +48,10 @@ type Server struct {
 	Path string
 	// Net is the network layer's table; nil: no network faults here.
 	Net *netfault.Table
+	// Dialer, if set, is the layer under the process's outgoing
+	// connections; PUT /v1/net goes through it (so that a partition resets
+	// the connections open), and it must use Net.
+	Dialer *netfault.Dialer
 	// Points arms the named panic points.
 	Points *faultpoint.Table
 	// Disk is the disk layer; nil: no disk faults here.
@@ -87,7 +91,11 @@ func (s *Server) Serve(ctx context.Context) error {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		if err := s.Net.Set(rules); err != nil {
+		set := s.Net.Set
+		if s.Dialer != nil {
+			set = s.Dialer.SetRules
+		}
+		if err := set(rules); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}

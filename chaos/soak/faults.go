@@ -38,8 +38,18 @@ const (
 	FaultNetFlaky        = "net-flaky"        // a fifth of all RPCs fail: dropped and reset connections
 )
 
+// Network fault kinds under the proxy's links to the servers' HTTP APIs
+// (netfault.Dialer in the proxy).
+const (
+	FaultProxyCutLeader = "proxy-cut-leader" // the proxy cannot reach the leader; followers forward
+	FaultProxyMinority  = "proxy-minority"   // the proxy reaches one server only, and that one is cut from the others: no quorum on its side
+	FaultProxyFlaky     = "proxy-net-flaky"  // a fifth of the proxy's requests to servers are reset
+	FaultProxyDelay     = "proxy-net-delay"  // the proxy's requests delayed 10ms plus up to 40ms
+)
+
 // NetworkFaults lists the network fault kinds.
-var NetworkFaults = []string{FaultPartition, FaultPartitionLeader, FaultPartitionOneWay, FaultPartitionAll, FaultNetDelay, FaultNetFlaky}
+var NetworkFaults = []string{FaultPartition, FaultPartitionLeader, FaultPartitionOneWay, FaultPartitionAll, FaultNetDelay, FaultNetFlaky,
+	FaultProxyCutLeader, FaultProxyMinority, FaultProxyFlaky, FaultProxyDelay}
 
 // Code fault kinds: supervise's named points armed to panic (package
 // faultpoint) through the chaos build's control sockets.
@@ -249,6 +259,52 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			err = err2
 		}
 		restart = in.c.Nodes()
+	case FaultProxyCutLeader, FaultProxyMinority, FaultProxyFlaky, FaultProxyDelay:
+		if in.pctl == nil {
+			err = errNoChaosBuild
+			break
+		}
+		var prules netfault.Rules
+		var srules map[string]netfault.Rules
+		switch pl.kind {
+		case FaultProxyFlaky:
+			prules, f.Target = netfault.Rules{FailPercent: 20}, "proxy"
+		case FaultProxyDelay:
+			prules, f.Target = netfault.Rules{Delay: 10 * time.Millisecond, Jitter: 40 * time.Millisecond}, "proxy"
+		case FaultProxyCutLeader:
+			pl.leader = true
+			v := in.victims(ctx, pl, 1)[0]
+			prules, f.Target = netfault.Rules{Drop: []string{v.HTTP}}, "proxy/"+v.ID
+		case FaultProxyMinority:
+			// The proxy keeps one server (not the leader if it can help
+			// it) and loses the others; that server is cut off from them.
+			pl.leader = false
+			keep := in.victims(ctx, pl, 1)[0]
+			pl.kind = FaultPartition
+			srules, _ = in.netRulesFor(keep, in.c.Nodes(), false)
+			for _, o := range in.c.Nodes() {
+				if o != keep {
+					prules.Drop = append(prules.Drop, o.HTTP)
+				}
+			}
+			f.Target, f.Unavailable = "proxy+"+keep.ID, true
+		}
+		f.Start = in.hist.Now()
+		err = in.pctl.SetNet(ctx, prules)
+		if err == nil && srules != nil {
+			err = in.setNet(ctx, srules)
+		}
+		hold()
+		f.Healed = in.hist.Now()
+		if err2 := in.pctl.SetNet(ctx, netfault.Rules{}); err2 != nil && err == nil {
+			err = err2
+		}
+		if srules != nil {
+			if err2 := in.setNet(ctx, nil); err2 != nil && err == nil {
+				err = err2
+			}
+		}
+		restart = in.c.Nodes()
 	case FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow:
 		if in.ctl == nil {
 			err = errNoChaosBuild
@@ -391,12 +447,18 @@ func (in *injector) netRules(ctx context.Context, pl plan) (map[string]netfault.
 	if pl.kind == FaultPartitionLeader {
 		pl.leader = true
 	}
-	v := in.victims(ctx, pl, 1)[0]
+	return in.netRulesFor(in.victims(ctx, pl, 1)[0], nodes, pl.kind == FaultPartitionOneWay)
+}
+
+// netRulesFor cuts v off from the other nodes: both ways, or only what v
+// sends.
+func (in *injector) netRulesFor(v *keeltest.Node, nodes []*keeltest.Node, oneWay bool) (map[string]netfault.Rules, string) {
+	out := map[string]netfault.Rules{}
 	var cut netfault.Rules
 	for _, o := range nodes {
 		if o != v {
 			cut.Drop = append(cut.Drop, o.Raft)
-			if pl.kind != FaultPartitionOneWay {
+			if !oneWay {
 				out[o.ID] = netfault.Rules{Drop: []string{v.Raft}}
 			}
 		}

@@ -26,6 +26,7 @@ import (
 	"github.com/keelstore/keel/chaos/faultpoint"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/proxy"
 	"github.com/keelstore/keel/supervise"
 )
 
@@ -61,12 +62,15 @@ func init() {
 		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab, Points: points(), Disk: disk, Crash: crash}
 		return serveControl(srv, log)
 	}
-	chaosProxy = func(writer string, log hclog.Logger) (func(), error) {
+	chaosProxy = func(writer string, cfg *proxy.Config, log hclog.Logger) (func(), error) {
 		dir := os.Getenv(control.EnvDir)
 		if dir == "" {
 			return func() {}, nil
 		}
-		srv := &control.Server{Path: control.SocketPath(dir, "proxy-"+writer), Points: points()}
+		tab := netfault.NewTable(1)
+		dialer := netfault.NewDialer(tab)
+		cfg.Dial = dialer.DialContext
+		srv := &control.Server{Path: control.SocketPath(dir, "proxy-"+writer), Net: tab, Dialer: dialer, Points: points()}
 		return serveControl(srv, log)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/proxy"
 )
 
 // chaosServer installs the chaos tests' fault layers into a server's
@@ -14,7 +15,7 @@ var chaosServer = func(id string, cfg *replica.NodeConfig, log hclog.Logger) (st
 	return func() {}, nil
 }
 
-// chaosProxy is chaosServer for a proxy named by its --writer.
-var chaosProxy = func(writer string, log hclog.Logger) (stop func(), err error) {
+// chaosProxy is chaosServer for a proxy named by its writer name.
+var chaosProxy = func(writer string, cfg *proxy.Config, log hclog.Logger) (stop func(), err error) {
 	return func() {}, nil
 }

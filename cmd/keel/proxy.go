@@ -111,12 +111,21 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 			return fmt.Errorf("--http %s: %w", f.http, err)
 		}
 	}
+	pcfg := proxy.Config{
+		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
+		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
+		PollInterval: f.poll, Log: log.Named("proxy"),
+	}
+	stopChaos, err := chaosProxy(writer, &pcfg, log)
+	if err != nil {
+		if httpL != nil {
+			httpL.Close()
+		}
+		return err
+	}
+	defer stopChaos()
 	pr, err := proxy.NewProcess(proxy.ProcessConfig{
-		Proxy: proxy.Config{
-			Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
-			WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
-			PollInterval: f.poll, Log: log.Named("proxy"),
-		},
+		Proxy:  pcfg,
 		Listen: f.listen, ExportName: f.name, HTTP: httpL,
 		ConnectTimeout: f.connect, DrainTimeout: f.drain, Log: log,
 	})
@@ -133,11 +142,6 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	stopChaos, err := chaosProxy(f.writer, log)
-	if err != nil {
-		return err
-	}
-	defer stopChaos()
 	return pr.Run(ctx)
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -91,6 +93,10 @@ type Config struct {
 	PollInterval time.Duration
 	// Log is the proxy's logger. Default: discard.
 	Log hclog.Logger
+	// Dial, if set, opens the proxy's connections to the servers' HTTP
+	// APIs instead of a plain net.Dialer: the hook of the chaos tests'
+	// network fault layer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 func (c Config) withDefaults() Config {
@@ -148,11 +154,16 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
-	status := wire.NewClient(2 * time.Second)
+	status, api := wire.NewClient(2*time.Second), wire.NewClient(0)
+	if cfg.Dial != nil {
+		for _, c := range []*wire.Client{status, api} {
+			c.HTTP.Transport.(*http.Transport).DialContext = cfg.Dial
+		}
+	}
 	p := &Proxy{
 		cfg:   cfg,
 		view:  newClusterView(cfg.Servers, status, cfg.Log.Named("cluster"), cfg.PollInterval, 20*time.Millisecond),
-		api:   wire.NewClient(0),
+		api:   api,
 		cache: newBlockCache(cfg.CacheBytes),
 		log:   cfg.Log,
 		ready: make(chan struct{}),
