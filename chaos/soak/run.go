@@ -35,6 +35,10 @@ type Config struct {
 	Faults []string
 	// NoFaults runs the workload without faults.
 	NoFaults bool
+	// FullRound keeps the run going past Duration until every kind in
+	// Faults was injected at least once (a slow machine gets fewer faults
+	// into the same time).
+	FullRound bool
 	// Size is the volume's size; default "64M".
 	Size string
 	// Workload tunes the clients (Dial and Blocks are filled in).
@@ -204,8 +208,13 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	}
 	clients := wl.cfg.Conns * wl.cfg.ClientsPerConn
 
-	runCtx, stop := context.WithTimeout(ctx, cfg.Duration)
+	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
+	deadline := time.Now().Add(cfg.Duration)
+	if cfg.NoFaults || !cfg.FullRound {
+		t := time.AfterFunc(cfg.Duration, stop)
+		defer t.Stop()
+	}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); wl.Run(runCtx) }()
@@ -241,14 +250,20 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			return c.Close()
 		}
 		pl := newPlanner(cfg.Seed, cfg.Faults, 3)
+		seen := map[string]bool{}
 		for runCtx.Err() == nil {
+			if cfg.FullRound && time.Now().After(deadline) && len(seen) == len(cfg.Faults) {
+				break
+			}
 			p := pl.next()
 			if !sleepCtx(runCtx, p.gap) {
 				break
 			}
 			// A fault runs to its end, healed, even past the duration.
 			res.Faults = append(res.Faults, in.run(ctx, p))
+			seen[p.kind] = true
 		}
+		stop()
 	}
 	wg.Wait()
 	res.Duration = hist.Now()
@@ -308,14 +323,18 @@ func chaosBuild(cl *keeltest.Cluster, dir string) bool {
 	return true
 }
 
-// BuildChaos builds keel with -tags chaos into out (the working directory
-// must lie inside the keel module).
-func BuildChaos(ctx context.Context, out string) error {
+// BuildChaos builds keel with -tags chaos (and -race with race) into out;
+// the working directory must lie inside the keel module.
+func BuildChaos(ctx context.Context, out string, race bool) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
-	b, err := exec.CommandContext(ctx, "go", "build", "-tags", "chaos", "-o", out, keeltest.Package).CombinedOutput()
+	args := []string{"build", "-tags", "chaos", "-o", out}
+	if race {
+		args = append(args, "-race")
+	}
+	b, err := exec.CommandContext(ctx, "go", append(args, keeltest.Package)...).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("soak: go build -tags chaos: %w\n%s", err, b)
+		return fmt.Errorf("soak: go %s: %w\n%s", strings.Join(args, " "), err, b)
 	}
 	return nil
 }

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/keelstore/keel/cmd/keel/keeltest"
 )
 
 // soakCases is the short soak of the test run (about three minutes and a
@@ -41,7 +43,7 @@ func TestSoak(t *testing.T) {
 	bin := os.Getenv("KEEL_CHAOS_BIN")
 	if bin == "" {
 		bin = filepath.Join(t.TempDir(), "keel")
-		if err := BuildChaos(context.Background(), bin); err != nil {
+		if err := BuildChaos(context.Background(), bin, os.Getenv(keeltest.EnvRace) == "1"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -55,7 +57,7 @@ func TestSoak(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+6*time.Minute)
 			defer cancel()
 			dir := t.TempDir()
-			res, err := Run(ctx, Config{Bin: bin, Dir: dir, Duration: time.Duration(secs) * time.Second, Seed: seed, Faults: tc.faults, Logf: t.Logf})
+			res, err := Run(ctx, Config{Bin: bin, Dir: dir, Duration: time.Duration(secs) * time.Second, Seed: seed, Faults: tc.faults, FullRound: true, Logf: t.Logf})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -65,7 +67,7 @@ func TestSoak(t *testing.T) {
 			}
 			for _, k := range tc.faults {
 				if !seen[k] {
-					t.Errorf("seed %d did not inject %s in %ds; lengthen the case", seed, k, secs)
+					t.Errorf("seed %d did not inject %s", seed, k)
 				}
 			}
 			if !res.OK() {

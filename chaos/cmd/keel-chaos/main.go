@@ -53,7 +53,7 @@ func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, 
 		defer os.RemoveAll(bdir)
 		bin = filepath.Join(bdir, "keel")
 		fmt.Println("keel-chaos: building keel with -tags chaos")
-		if err := soak.BuildChaos(ctx, bin); err != nil {
+		if err := soak.BuildChaos(ctx, bin, false); err != nil {
 			return 2, err
 		}
 	}
