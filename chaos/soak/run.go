@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -268,9 +269,23 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	wg.Wait()
 	res.Duration = hist.Now()
 
-	// After the run: everything healed (the injector waited for it); the
-	// volume must take a write, give back every block, and the replicas
-	// must be equal.
+	probeAndReadBack(ctx, &res, hist, dial, clients)
+	if _, err := cl.WaitConverged(ctx); err != nil {
+		res.Verify = fmt.Sprintf("servers did not converge: %v", err)
+	} else {
+		res.Verify = verifyReplicas(ctx, cfg.Bin, cl.Nodes()[0].HTTP)
+	}
+	res.Crashes = unexpectedCrashes(cl.Crashes())
+	judge(&res, hist, cfg.CheckTimeout, cfg.Dir, cfg.Logf)
+	if err := cl.StopAll(); err != nil {
+		cfg.Logf("stopping the cluster: %v", err)
+	}
+	return res, nil
+}
+
+// probeAndReadBack runs after the faults are healed: the volume must take
+// a write and give back every block changed.
+func probeAndReadBack(ctx context.Context, res *Result, hist *History, dial func(context.Context) (*nbd.Client, error), clients int) {
 	probe := Op{Client: clients, Kind: Write, Block: 0, Blocks: 1, Value: MakeValue(uint32(clients)+1, 1)}
 	pw := &Workload{cfg: WorkloadConfig{OpTimeout: time.Minute}, hist: hist}
 	if c, err := dial(ctx); err != nil {
@@ -283,33 +298,38 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		}
 	}
 	rbCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	var err error
 	res.ReadBackFailures, err = ReadBack(rbCtx, dial, hist, clients+1)
 	cancel()
 	if err != nil && res.Stuck == "" {
 		res.Stuck = err.Error()
 	}
-	if _, err := cl.WaitConverged(ctx); err != nil {
-		res.Verify = fmt.Sprintf("servers did not converge: %v", err)
-	} else if out, err := exec.CommandContext(ctx, cfg.Bin, "verify", "--http", cl.Nodes()[0].HTTP, "--timeout", "2m").CombinedOutput(); err != nil {
-		res.Verify = fmt.Sprintf("%v: %s", err, out)
-	}
-	res.Crashes = unexpectedCrashes(cl.Crashes())
+}
 
+// verifyReplicas runs keel verify against a member; "" when the replicas
+// are identical.
+func verifyReplicas(ctx context.Context, bin, http string) string {
+	out, err := exec.CommandContext(ctx, bin, "verify", "--http", http, "--timeout", "2m").CombinedOutput()
+	if err != nil {
+		return fmt.Sprintf("%v: %s", err, out)
+	}
+	return ""
+}
+
+// judge checks the history and saves it (with its visualisation) under
+// dir/failure when the soak failed.
+func judge(res *Result, hist *History, timeout time.Duration, dir string, logf func(string, ...any)) {
 	ops := hist.Ops()
-	res.Report = Check(ops, cfg.CheckTimeout)
+	res.Report = Check(ops, timeout)
 	res.Recovery = recovery(ops, res.Faults)
 	res.Errors, res.Unexpected = clientErrors(ops, res.Faults)
 	if !res.OK() {
-		dir := cfg.Dir + "/failure"
-		if _, err := SaveFailure(dir, ops, res.Report); err != nil {
-			cfg.Logf("saving the failure: %v", err)
+		fdir := filepath.Join(dir, "failure")
+		if _, err := SaveFailure(fdir, ops, res.Report); err != nil {
+			logf("saving the failure: %v", err)
 		}
-		res.FailureDir = dir
+		res.FailureDir = fdir
 	}
-	if err := cl.StopAll(); err != nil {
-		cfg.Logf("stopping the cluster: %v", err)
-	}
-	return res, nil
 }
 
 // chaosBuild reports whether the servers run a chaos build: each made its

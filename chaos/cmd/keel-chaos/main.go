@@ -33,18 +33,28 @@ func main() {
 	dir := flag.String("dir", "", "working directory (default: a new temporary one, removed on a pass)")
 	bin := flag.String("keel", "", "keel binary built with -tags chaos (default: built from this module)")
 	keep := flag.Bool("keep", false, "keep the working directory on a pass")
+	dev := flag.Int("dev", 0, "instead of starting a cluster, soak a running `keel dev` with this --base-port (it writes the volume; process faults only: "+strings.Join(soak.DevFaults, ",")+")")
 	flag.Parse()
+	if *dev != 0 && !flagSet("faults") {
+		*faults = strings.Join(soak.DevFaults, ",")
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	code, err := run(ctx, *duration, *seed, *faults, *dir, *bin, *keep)
+	code, err := run(ctx, *duration, *seed, *faults, *dir, *bin, *keep, *dev)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "keel-chaos:", err)
 	}
 	os.Exit(code)
 }
 
-func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, bin string, keep bool) (int, error) {
+func flagSet(name string) bool {
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, bin string, keep bool, dev int) (int, error) {
 	if bin == "" {
 		bdir, err := os.MkdirTemp("", "keel-chaos-bin-")
 		if err != nil {
@@ -73,7 +83,14 @@ func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, 
 		cfg.Faults = strings.Split(faults, ",")
 	}
 	fmt.Printf("keel-chaos: seed %d, duration %v, faults %s, dir %s\n", seed, duration, faults, dir)
-	res, err := soak.Run(ctx, cfg)
+	var res soak.Result
+	var err error
+	if dev != 0 {
+		res, err = soak.RunDev(ctx, soak.DevConfig{BasePort: dev, Bin: bin, Dir: dir, Duration: duration, Seed: seed,
+			Faults: cfg.Faults, Logf: cfg.Logf})
+	} else {
+		res, err = soak.Run(ctx, cfg)
+	}
 	if err != nil {
 		return 2, fmt.Errorf("%w (logs in %s)", err, dir)
 	}
