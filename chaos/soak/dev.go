@@ -196,4 +196,3 @@ func (in *devInjector) run(ctx context.Context, pl plan) Fault {
 	in.logf("fault %-12s %-10s at %6.1fs held %v%s", f.Kind, f.Target, f.Start.Seconds(), pl.hold.Round(time.Millisecond), errSuffix(f.Err))
 	return f
 }
-

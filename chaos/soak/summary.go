@@ -33,11 +33,18 @@ func (r Result) Summary() string {
 	}
 	fmt.Fprintf(&b, "client-visible errors: %d while unavailable (allowed), %d otherwise (read-back failures %d)\n",
 		allowed, r.Unexpected, r.ReadBackFailures)
-	shown := 0
-	for _, e := range r.Errors {
-		if !e.Allowed && shown < 10 {
-			fmt.Fprintf(&b, "  at %7.2fs %s: %s\n", e.At.Seconds(), e.Kind, e.Err)
-			shown++
+	// The unexpected ones first, then the allowed, ten of each at most.
+	for _, allowed := range []bool{false, true} {
+		shown := 0
+		for _, e := range r.Errors {
+			if e.Allowed == allowed && shown < 10 {
+				tag := "NOT ALLOWED"
+				if allowed {
+					tag = "allowed"
+				}
+				fmt.Fprintf(&b, "  at %7.2fs %-11s %s: %s\n", e.At.Seconds(), tag, e.Kind, e.Err)
+				shown++
+			}
 		}
 	}
 	var recs []string
