@@ -12,20 +12,20 @@ import (
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 )
 
-// soakCases is the short soak of the test run (about three minutes and a
-// half on a loaded machine): fixed seeds, each over a set of fault kinds that the
-// planner deals in shuffled rounds, so each case injects every kind of its
-// set at least once. A seed that ever fails stays here as a regression
+// soakCases is the short soak of the test run (about three minutes on a
+// loaded machine): fixed seeds, each over one family of fault kinds, run
+// for secs and then until every kind of the family was injected once
+// (Config.FullRound). A seed that ever fails stays here as a regression
 // case (say which run failed and why beside it).
 var soakCases = []struct {
 	seed   uint64
 	faults []string
 	secs   int
 }{
-	{1, ProcessFaults, 55},
-	{2, NetworkFaults, 50},
-	{3, DiskFaults, 40},
-	{4, CodeFaults, 35},
+	{1, ProcessFaults, 45},
+	{2, NetworkFaults, 45},
+	{3, DiskFaults, 30},
+	{4, CodeFaults, 25},
 }
 
 // $KEEL_SOAK_SECONDS overrides every case's duration. $KEEL_CHAOS_BIN
