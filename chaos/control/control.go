@@ -66,13 +66,28 @@ type Arm struct {
 	Count int    `json:"count"`
 }
 
+// Listen binds the socket at path, replacing one a killed run left.
+func Listen(path string) (net.Listener, error) {
+	_ = os.Remove(path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control: %w", err)
+	}
+	return l, nil
+}
+
 // Serve listens on Path until ctx ends, then closes and removes it.
 func (s *Server) Serve(ctx context.Context) error {
-	_ = os.Remove(s.Path) // a socket left by a killed run
-	l, err := net.Listen("unix", s.Path)
+	l, err := Listen(s.Path)
 	if err != nil {
-		return fmt.Errorf("control: %w", err)
+		return err
 	}
+	return s.ServeListener(ctx, l)
+}
+
+// ServeListener serves on l (from Listen) until ctx ends, then closes it
+// and removes Path.
+func (s *Server) ServeListener(ctx context.Context, l net.Listener) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/net", func(w http.ResponseWriter, r *http.Request) {
 		if s.Net == nil {

@@ -14,7 +14,11 @@ func TestControlNet(t *testing.T) {
 	s := &Server{Path: SocketPath(dir, "n1"), Net: tab}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx) }()
+	l, err := Listen(s.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- s.ServeListener(ctx, l) }()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -24,17 +28,8 @@ func TestControlNet(t *testing.T) {
 	c := NewClient(s.Path)
 	defer c.Close()
 	want := netfault.Rules{Drop: []string{"127.0.0.1:1"}, Delay: 5 * time.Millisecond}
-	// The server may not listen yet: retry the first call until it does.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := c.SetNet(ctx, want)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := c.SetNet(ctx, want); err != nil {
+		t.Fatal(err)
 	}
 	if got := tab.Rules(); got.Delay != want.Delay || len(got.Drop) != 1 {
 		t.Fatalf("table holds %+v, want %+v", got, want)
