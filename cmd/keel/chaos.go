@@ -82,13 +82,19 @@ func points() *faultpoint.Table {
 	return t
 }
 
-// serveControl runs the control socket until the returned stop is called.
+// serveControl binds the control socket (before the process reports
+// itself up, so a soak finds it) and serves it until the returned stop is
+// called.
 func serveControl(srv *control.Server, log hclog.Logger) (func(), error) {
+	l, err := control.Listen(srv.Path)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		if err := srv.Serve(ctx); err != nil {
+		if err := srv.ServeListener(ctx, l); err != nil {
 			log.Error("chaos control socket", "path", srv.Path, "error", err)
 		}
 	}()
