@@ -25,6 +25,7 @@ const (
 	FaultProxyStop   = "proxy-stop"   // SIGTERM the proxy, start it again
 	FaultQuorumLoss  = "quorum-loss"  // kill -9 two of three servers, start them again
 	FaultQuorumPause = "quorum-pause" // SIGSTOP two of three servers, then SIGCONT
+	FaultKillCatchUp = "kill-catchup" // kill -9 a follower, start it, kill it again while it catches up (from the log, or by an image resync), start it
 )
 
 // Network fault kinds, through the chaos build's netfault layer under each
@@ -78,7 +79,7 @@ const (
 var DiskFaults = []string{FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow}
 
 // ProcessFaults lists the process fault kinds.
-var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause}
+var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause, FaultKillCatchUp}
 
 // Fault is one fault injected: what, on whom, and when (times since the
 // history began).
@@ -103,6 +104,7 @@ type plan struct {
 	victims []int         // server indices when not the leader (and the second one for quorum faults)
 	hold    time.Duration // how long the fault lasts
 	gap     time.Duration // quiet time before it
+	again   time.Duration // kill-catchup: from the restart to the second kill
 }
 
 // planner turns the seed into a sequence of plans; it decides everything
@@ -135,6 +137,7 @@ func (p *planner) next() plan {
 	pl.leader = p.rng.IntN(2) == 0
 	perm := p.rng.Perm(p.n)
 	pl.victims = perm[:2]
+	pl.again = time.Duration(p.rng.IntN(1500)) * time.Millisecond
 	return pl
 }
 
@@ -217,6 +220,30 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 				err = err2
 			}
 		}
+	case FaultKillCatchUp:
+		pl.leader = false
+		n := in.victims(ctx, pl, 1)[0]
+		f.Target, f.Start = "["+n.ID+"]", in.hist.Now()
+		err = n.Kill()
+		hold()
+		if err == nil {
+			err = n.Restart(ctx)
+		}
+		if err == nil {
+			t := time.NewTimer(pl.again)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+			in.logf("%s: killed again %v after it came back (syncing: %v)", n.ID, pl.again, in.syncing(ctx, n))
+			err = n.Kill()
+		}
+		f.Healed = in.hist.Now()
+		if err == nil {
+			err = n.Restart(ctx)
+		}
+		restart = []*keeltest.Node{n}
 	case FaultPause, FaultQuorumPause:
 		count := 1
 		if pl.kind == FaultQuorumPause {
@@ -481,6 +508,12 @@ func (in *injector) setNet(ctx context.Context, rules map[string]netfault.Rules)
 		cancel()
 	}
 	return errors.Join(errs...)
+}
+
+// syncing reports whether n says an image resync is running.
+func (in *injector) syncing(ctx context.Context, n *keeltest.Node) bool {
+	st, err := n.Status(ctx)
+	return err == nil && st.Sync != nil && st.Sync.Active
 }
 
 var errNoChaosBuild = errors.New("this fault needs keel built with -tags chaos (soak.BuildChaos)")

@@ -45,8 +45,13 @@ type Config struct {
 	// Workload tunes the clients (Dial and Blocks are filled in).
 	Workload WorkloadConfig
 	// ServerFlags go to every server; default fast elections for a
-	// loopback cluster.
+	// loopback cluster, and with SnapshotOften its flags after them.
 	ServerFlags []string
+	// SnapshotOften makes the servers snapshot every 1000 entries (looked
+	// for every 2s) and keep only 100 entries behind a snapshot, so that
+	// faults land mid-snapshot and a server down for a few seconds comes
+	// back by an image resync.
+	SnapshotOften bool
 	// ProxyFlags go to the proxy.
 	ProxyFlags []string
 	// CheckTimeout bounds porcupine per block; default 30s.
@@ -100,6 +105,9 @@ func (c *Config) defaults() {
 	}
 	if c.ServerFlags == nil {
 		c.ServerFlags = []string{"--heartbeat-timeout", "500ms", "--election-timeout", "500ms", "--leader-lease-timeout", "250ms"}
+	}
+	if c.SnapshotOften {
+		c.ServerFlags = append(c.ServerFlags, "--snapshot-threshold", "1000", "--snapshot-interval", "2s", "--trailing-logs", "100")
 	}
 	if c.CheckTimeout == 0 {
 		c.CheckTimeout = 30 * time.Second

@@ -33,6 +33,7 @@ func main() {
 	dir := flag.String("dir", "", "working directory (default: a new temporary one, removed on a pass)")
 	bin := flag.String("keel", "", "keel binary built with -tags chaos (default: built from this module)")
 	keep := flag.Bool("keep", false, "keep the working directory on a pass")
+	snapOften := flag.Bool("snapshot-often", false, "servers snapshot every 1000 entries and keep 100 behind: faults land mid-snapshot and mid-resync")
 	dev := flag.Int("dev", 0, "instead of starting a cluster, soak a running `keel dev` with this --base-port (it writes the volume; process faults only: "+strings.Join(soak.DevFaults, ",")+")")
 	flag.Parse()
 	if *dev != 0 && !flagSet("faults") {
@@ -41,7 +42,7 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	code, err := run(ctx, *duration, *seed, *faults, *dir, *bin, *keep, *dev)
+	code, err := run(ctx, *duration, *seed, *faults, *dir, *bin, *keep, *dev, *snapOften)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "keel-chaos:", err)
 	}
@@ -54,7 +55,7 @@ func flagSet(name string) bool {
 	return set
 }
 
-func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, bin string, keep bool, dev int) (int, error) {
+func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, bin string, keep bool, dev int, snapOften bool) (int, error) {
 	if bin == "" {
 		bdir, err := os.MkdirTemp("", "keel-chaos-bin-")
 		if err != nil {
@@ -76,7 +77,8 @@ func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, 
 		dir, made = d, true
 	}
 	cfg := soak.Config{Bin: bin, Dir: dir, Duration: duration, Seed: seed,
-		Logf: func(f string, a ...any) { fmt.Printf(time.Now().Format("15:04:05 ")+f+"\n", a...) }}
+		SnapshotOften: snapOften,
+		Logf:          func(f string, a ...any) { fmt.Printf(time.Now().Format("15:04:05 ")+f+"\n", a...) }}
 	if faults == "none" {
 		cfg.NoFaults = true
 	} else {
