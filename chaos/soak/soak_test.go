@@ -18,14 +18,15 @@ import (
 // (Config.FullRound). A seed that ever fails stays here as a regression
 // case (say which run failed and why beside it).
 var soakCases = []struct {
-	seed   uint64
-	faults []string
-	secs   int
+	seed      uint64
+	faults    []string
+	secs      int
+	snapOften bool // Config.SnapshotOften
 }{
-	{1, ProcessFaults, 45},
-	{2, NetworkFaults, 45},
-	{3, DiskFaults, 30},
-	{4, CodeFaults, 25},
+	{1, ProcessFaults, 45, true},
+	{2, NetworkFaults, 45, false},
+	{3, DiskFaults, 30, false},
+	{4, CodeFaults, 25, false},
 }
 
 // $KEEL_SOAK_SECONDS overrides every case's duration. $KEEL_CHAOS_BIN
@@ -57,7 +58,7 @@ func TestSoak(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+6*time.Minute)
 			defer cancel()
 			dir := t.TempDir()
-			res, err := Run(ctx, Config{Bin: bin, Dir: dir, Duration: time.Duration(secs) * time.Second, Seed: seed, Faults: tc.faults, FullRound: true, Logf: t.Logf})
+			res, err := Run(ctx, Config{Bin: bin, Dir: dir, Duration: time.Duration(secs) * time.Second, Seed: seed, Faults: tc.faults, FullRound: true, SnapshotOften: tc.snapOften, Logf: t.Logf})
 			if err != nil {
 				t.Fatal(err)
 			}
