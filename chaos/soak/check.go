@@ -95,14 +95,34 @@ func (r Report) String() string {
 
 // perBlock splits ops into porcupine operations per block, unknown
 // outcomes ending after everything else.
+//
+// A write of unknown outcome whose value no read of its block returned
+// (the read-back included) is left out: taking effect never is one of its
+// outcomes, and in any linearization that includes it, it is overwritten
+// before the next read (or the reads would return its value), so leaving
+// it out changes no verdict. Each such write would otherwise stay open to
+// the end and multiply the checker's search; a long soak has hundreds.
 func perBlock(ops []Op) map[uint64][]porcupine.Operation {
 	var end time.Duration
+	seen := map[uint64]map[Value]bool{}
 	for _, op := range ops {
 		end = max(end, op.Return)
+		if op.Kind == Read && op.Out == OK {
+			for i, v := range op.Got {
+				blk := op.Block + uint64(i)
+				if seen[blk] == nil {
+					seen[blk] = map[Value]bool{}
+				}
+				seen[blk][v] = true
+			}
+		}
 	}
 	out := map[uint64][]porcupine.Operation{}
 	for _, op := range ops {
 		if op.Kind == Flush || op.Kind == Read && op.Out != OK {
+			continue
+		}
+		if op.Kind == Write && op.Out != OK && op.Blocks == 1 && !seen[op.Block][op.Value] {
 			continue
 		}
 		ret := int64(op.Return)

@@ -40,6 +40,8 @@ func TestCheckPasses(t *testing.T) {
 		"concurrent writes, either last":     {w(0, 3, a1, 0, 5*ms), w(1, 3, b1, ms, 4*ms), final(3, a1, 10*ms)},
 		"unknown write never applied":        {w(0, 3, a1, 0, ms), unknown(w(0, 3, a2, 2*ms, 3*ms)), rd(1, 3, a1, 4*ms, 5*ms), final(3, a1, 10*ms)},
 		"unknown write applied late":         {w(0, 3, a1, 0, ms), unknown(w(0, 3, a2, 2*ms, 3*ms)), rd(1, 3, a1, 4*ms, 5*ms), final(3, a2, 10*ms)},
+		"unknown write read, then overwritten": {w(0, 3, a1, 0, ms), unknown(w(0, 3, a2, 2*ms, 3*ms)), rd(1, 3, a2, 4*ms, 5*ms),
+			w(0, 3, b1, 6*ms, 7*ms), final(3, b1, 10*ms)},
 		"trim reads zero": {w(0, 3, a1, 0, ms), {Client: 0, Kind: Trim, Block: 2, Blocks: 3, Call: 2 * ms, Return: 3 * ms, Out: OK},
 			rd(1, 3, Zero, 4*ms, 5*ms), final(3, Zero, 10*ms), final(2, Zero, 10*ms), final(4, Zero, 10*ms)},
 		"failed read says nothing": {w(0, 3, a1, 0, ms), {Client: 1, Kind: Read, Block: 3, Blocks: 1, Call: 2 * ms, Return: 3 * ms, Out: Unknown}, final(3, a1, 10*ms)},
@@ -76,6 +78,10 @@ func TestCheckFails(t *testing.T) {
 			corrupt: true, violation: true},
 		"value never written": {ops: []Op{w(0, 3, a1, 0, ms), final(3, b1, 10*ms)}, lost: true, violation: true},
 		"not read back":       {ops: []Op{w(0, 3, a1, 0, ms)}, unread: true},
+		// The unknown write a2 is read before the acknowledged b1 and
+		// again after it: only a2 coming back after b1 would explain it.
+		"unknown write seen after an overwrite": {ops: []Op{unknown(w(0, 3, a2, 0, ms)), rd(1, 3, a2, 2*ms, 3*ms),
+			w(0, 3, b1, 4*ms, 5*ms), rd(1, 3, a2, 6*ms, 7*ms), final(3, b1, 10*ms)}, violation: true},
 	} {
 		t.Run(name, func(t *testing.T) {
 			r := Check(tc.ops, 10*time.Second)

@@ -9,6 +9,8 @@
 //
 //	go run ./chaos/cmd/keel-chaos --duration 10m --seed 7
 //
+// With --check FILE it only checks a saved history again.
+//
 // Exit status: 0 pass, 1 the soak found a problem, 2 it could not run.
 package main
 
@@ -35,7 +37,11 @@ func main() {
 	keep := flag.Bool("keep", false, "keep the working directory on a pass")
 	snapOften := flag.Bool("snapshot-often", false, "servers snapshot every 1000 entries and keep 100 behind: faults land mid-snapshot and mid-resync")
 	dev := flag.Int("dev", 0, "instead of starting a cluster, soak a running `keel dev` with this --base-port (it writes the volume; process faults only: "+strings.Join(soak.DevFaults, ",")+")")
+	check := flag.String("check", "", "only check a saved history (history.json of a failed soak) and print the verdict")
 	flag.Parse()
+	if *check != "" {
+		os.Exit(checkFile(*check))
+	}
 	if *dev != 0 && !flagSet("faults") {
 		*faults = strings.Join(soak.DevFaults, ",")
 	}
@@ -47,6 +53,22 @@ func main() {
 		fmt.Fprintln(os.Stderr, "keel-chaos:", err)
 	}
 	os.Exit(code)
+}
+
+// checkFile checks a saved history again, e.g. after the checker changed.
+func checkFile(path string) int {
+	ops, err := soak.LoadJSON(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "keel-chaos:", err)
+		return 2
+	}
+	start := time.Now()
+	r := soak.Check(ops, time.Minute)
+	fmt.Printf("%d operations checked in %v: %v\n", len(ops), time.Since(start).Round(time.Millisecond), r)
+	if !r.OK() {
+		return 1
+	}
+	return 0
 }
 
 func flagSet(name string) bool {
