@@ -345,6 +345,14 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 		f.Target, f.Start = "["+n.ID+"]", in.hist.Now()
 		proc := n.Proc()
 		err = in.ctl[n.ID].SetDisk(ctx, rules)
+		if err != nil && pl.kind == FaultPowerLoss {
+			// The crash may come at an fsync before the answer is sent.
+			select {
+			case <-proc.Done():
+				err = nil
+			case <-time.After(10 * time.Second):
+			}
+		}
 		hold()
 		if pl.kind == FaultPowerLoss && err == nil {
 			// The crash comes at the log's next fsync, with that append's
@@ -363,13 +371,15 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			}
 		}
 		f.Healed = in.hist.Now()
-		if !n.Running() && err == nil {
+		if !n.Running() {
 			// The server stopped at the disk error (or crashed): start it
 			// again, as an operator would once the disk is fixed.
 			if pl.kind != FaultPowerLoss {
 				in.logf("%s exited at the disk fault (%v); restarting it", n.ID, n.Proc().Err())
 			}
-			err = n.Restart(ctx)
+			if err2 := n.Restart(ctx); err2 != nil && err == nil {
+				err = err2
+			}
 		}
 		restart = []*keeltest.Node{n}
 	case FaultPanicRaft, FaultPanicMembership, FaultPanicStorm:
@@ -436,6 +446,9 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 		wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		err = in.c.WaitCaughtUp(wctx, n)
 		cancel()
+	}
+	if err2 := in.healAll(ctx); err2 != nil && err == nil {
+		err = err2
 	}
 	if err != nil {
 		f.Err = err.Error()
@@ -506,6 +519,26 @@ func (in *injector) setNet(ctx context.Context, rules map[string]netfault.Rules)
 			errs = append(errs, fmt.Errorf("%s: %w", n.ID, err))
 		}
 		cancel()
+	}
+	return errors.Join(errs...)
+}
+
+// healAll starts every server and the proxy that is not running (after a
+// fault that went wrong), so that one failed fault does not fail the
+// rest of the run.
+func (in *injector) healAll(ctx context.Context) error {
+	var errs []error
+	for _, n := range in.c.Nodes() {
+		if !n.Running() {
+			in.logf("%s is not running after the fault; starting it", n.ID)
+			if err := n.Restart(ctx); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if !in.proxy.Running() {
+		in.logf("the proxy is not running after the fault; starting it")
+		errs = append(errs, in.proxy.Restart(ctx))
 	}
 	return errors.Join(errs...)
 }
