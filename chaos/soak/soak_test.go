@@ -2,6 +2,7 @@ package soak
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -25,6 +26,10 @@ var soakCases = []struct {
 }{
 	{1, ProcessFaults, 45, true},
 	{2, NetworkFaults, 45, false},
+	// Seed 3 failed once (two soaks at once on a loaded machine): after
+	// disk-eio on n2 (3.4s of failed log writes), n2 stayed a follower at
+	// applied index 7769 while the leader had 8676, for the two minutes
+	// the harness waited. Not reproduced since; its logs were lost.
 	{3, DiskFaults, 30, false},
 	{4, CodeFaults, 25, false},
 }
@@ -72,11 +77,16 @@ func TestSoak(t *testing.T) {
 				}
 			}
 			if !res.OK() {
+				// Keep the logs and the history: the test's own directory
+				// goes when it ends.
 				keep := os.Getenv("KEEL_SOAK_KEEP")
-				if keep != "" {
-					_ = os.CopyFS(keep, os.DirFS(dir))
+				if keep == "" {
+					keep = filepath.Join(os.TempDir(), fmt.Sprintf("keel-soak-seed%d-%s", seed, time.Now().Format("150405")))
 				}
-				t.Fatalf("soak failed with seed %d (set KEEL_SOAK_KEEP=DIR to keep the logs and history)", seed)
+				if err := os.CopyFS(keep, os.DirFS(dir)); err != nil {
+					t.Logf("keeping the logs: %v", err)
+				}
+				t.Fatalf("soak failed with seed %d; logs and history in %s ($KEEL_SOAK_KEEP chooses where)", seed, keep)
 			}
 			if res.Report.Acked == 0 {
 				t.Fatal("no change was acknowledged")
