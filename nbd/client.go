@@ -58,6 +58,13 @@ type ClientConfig struct {
 	// refuses either, the connection is still made and BlockStatus fails
 	// with ENOTSUP. Default false.
 	MetaContext bool
+	// NoFragment sends every read with NBD_CMD_FLAG_DF once structured
+	// replies are in use: the server answers it with one data chunk and
+	// does not look for holes in the range first (a keel server would
+	// otherwise SEEK_DATA/SEEK_HOLE its image for every read of 64 KiB
+	// or more, which on tmpfs walks the file to its end). For a client
+	// that wants the bytes, such as keel proxy. Default false.
+	NoFragment bool
 	// HandshakeTimeout bounds connecting (Dial) and, separately, the
 	// whole option negotiation. Default 30s; range 1s to 1h.
 	HandshakeTimeout time.Duration
@@ -594,7 +601,11 @@ func (c *Client) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	if err := c.check(CmdRead, off, uint64(len(p)), EINVAL); err != nil || len(p) == 0 {
 		return err
 	}
-	return c.run(ctx, CmdRead, 0, off, uint64(len(p)), c.maxIO, p)
+	var flags uint16
+	if c.cfg.NoFragment && c.structured {
+		flags = CmdFlagDF
+	}
+	return c.run(ctx, CmdRead, flags, off, uint64(len(p)), c.maxIO, p)
 }
 
 // WriteAt writes p at offset off. With fua it returns only once the data is

@@ -451,6 +451,48 @@ func TestClientSplit(t *testing.T) {
 	}
 }
 
+// TestClientNoFragment: with NoFragment every read carries
+// NBD_CMD_FLAG_DF once structured replies are in use (so the server never
+// looks for holes), and never without them (the server would refuse it).
+func TestClientNoFragment(t *testing.T) {
+	for _, m := range clientModes {
+		for _, nofrag := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/nofragment=%v", m.name, nofrag), func(t *testing.T) {
+				checkClientLeaks(t)
+				var log requestLog
+				mem := nbdtest.NewMem(1 << 20)
+				ts := startServer(t, func(cfg *nbd.ServerConfig) {
+					cfg.Exports = []nbd.Export{{Name: "disk", Backend: mem}}
+					cfg.Hooks.HeaderRead = log.hook
+				})
+				cfg := m.cfg
+				cfg.NoFragment = nofrag
+				c := dialClient(t, ts.path, cfg)
+				ctx := opCtx(t)
+				data := pattern(3, 4096)
+				if err := c.WriteAt(ctx, data, 64<<10, false); err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, 192<<10) // hole, data, hole
+				if err := c.ReadAt(ctx, got, 0); err != nil {
+					t.Fatal(err)
+				}
+				want := make([]byte, 192<<10)
+				copy(want[64<<10:], data)
+				if !bytes.Equal(got, want) {
+					t.Fatal("read back differs from what was written")
+				}
+				wantDF := nofrag && !m.cfg.NoStructured
+				for _, r := range log.all() {
+					if r.Type == nbd.CmdRead && (r.Flags&nbd.CmdFlagDF != 0) != wantDF {
+						t.Errorf("read flags %#x, want DF %v", r.Flags, wantDF)
+					}
+				}
+			})
+		}
+	}
+}
+
 // TestClientAlignment: requests the server would refuse are refused
 // client-side, unsent.
 func TestClientAlignment(t *testing.T) {

@@ -34,6 +34,7 @@ type bench struct {
 
 	live []Proc     // the running suite's children, in start order
 	cpu  *Section   // the running suite's CPU figures
+	gib  *Section   // the same as CPU-seconds per GiB moved
 	mem  [][]string // the running suite's memory figures
 }
 
@@ -85,6 +86,8 @@ func (b *bench) noteMem(when string, p Proc) {
 func (b *bench) beginSuite(suite string, cpuNames []string) {
 	b.cpu = &Section{Title: suite + ": CPU while each job ran, % of one core (machine: all processes, of " +
 		strconv.Itoa(runtime.NumCPU()*100) + "%)", Grid: &Grid{Head: append(append([]string{"target", "job"}, cpuNames...), "machine")}}
+	b.gib = &Section{Title: suite + ": CPU-seconds per GiB the job moved, each process (the robust figure on a noisy machine; CPU over the whole run, ramp included, over fio's bytes per second)",
+		Grid: &Grid{Head: append([]string{"target", "job"}, cpuNames...)}}
 	b.mem = nil
 }
 
@@ -94,13 +97,16 @@ func (b *bench) endSuite(suite string) {
 	if b.cpu != nil && len(b.cpu.Grid.Body) > 0 {
 		b.rep.Sections = append(b.rep.Sections, *b.cpu)
 	}
+	if b.gib != nil && len(b.gib.Grid.Body) > 0 {
+		b.rep.Sections = append(b.rep.Sections, *b.gib)
+	}
 	if len(b.mem) > 0 {
 		b.rep.Sections = append(b.rep.Sections, Section{
 			Title: suite + ": memory, MiB (VmHWM is the peak since the process started)",
 			Grid:  &Grid{Head: []string{"process", "when", "VmRSS", "VmHWM", "RssAnon", "RssFile"}, Body: b.mem},
 		})
 	}
-	b.cpu, b.mem = nil, nil
+	b.cpu, b.gib, b.mem = nil, nil, nil
 }
 
 // fio is one fio run of the suite: target names the column, cpu the
@@ -148,6 +154,17 @@ func (b *bench) fioArgs(ctx context.Context, stem, target, label string, args []
 			}
 		}
 		b.cpu.Grid.Body = append(b.cpu.Grid.Body, append(row, fmt.Sprintf("%.0f", use.Machine)))
+	}
+	if b.gib != nil && len(cpu) > 0 && r.MBps > 0 {
+		row := []string{target, label}
+		for _, n := range b.gib.Grid.Head[2:] {
+			if v, ok := use.Procs[n]; ok {
+				row = append(row, fmt.Sprintf("%.1f", CPUSecondsPerGiB(v, r.MBps)))
+			} else {
+				row = append(row, "-")
+			}
+		}
+		b.gib.Grid.Body = append(b.gib.Grid.Body, row)
 	}
 	if r.Error != 0 {
 		b.odd("fio %s against %s reported error %d", label, target, r.Error)

@@ -388,8 +388,14 @@ func TestSuiteTables(t *testing.T) {
 		t.Errorf("cluster ratios: %s", got)
 	}
 	pt := ProxyTable(384<<20, c, "n1")
-	if got := heads(pt); got != "proxy/leader proxy/nbdkit proxy/keel-serve" || len(pt.Rows) != 3 {
-		t.Errorf("proxy table: %s, %d rows", got, len(pt.Rows))
+	if got := heads(pt); got != "proxy/leader proxy/nbdkit proxy/keel-serve" || len(pt.Rows) != 5 {
+		t.Errorf("proxy table: %s, %d rows, want 5 (with the cold reads: the volume is larger than the cache)", got, len(pt.Rows))
+	}
+	if pt := ProxyTable(256<<20, c, "n1"); len(pt.Rows) != 3 {
+		t.Errorf("proxy table of a volume no larger than the cache: %d rows, want 3 (no cold reads)", len(pt.Rows))
+	}
+	if got := proxyColdJobs("nbdkit"); got != nil {
+		t.Errorf("nbdkit runs the cold jobs: %v", got)
 	}
 	if got := len(clusterJobs("follower")); got != 2 {
 		t.Errorf("the follower runs %d jobs, want the 2 write jobs", got)
@@ -446,5 +452,18 @@ func TestImages(t *testing.T) {
 	}
 	if zero := make([]byte, 4096); bytes.Equal(a[1<<20:1<<20+4096], zero) {
 		t.Errorf("a random image holds a zero page")
+	}
+}
+
+func TestCPUSecondsPerGiB(t *testing.T) {
+	for _, tc := range []struct{ pct, mbps, want float64 }{
+		{100, 1073.741824, 1}, // one core while moving one GiB a second
+		{50, 1073.741824, 0.5},
+		{200, 107.3741824, 20},
+		{80, 0, 0},
+	} {
+		if got := CPUSecondsPerGiB(tc.pct, tc.mbps); math.Abs(got-tc.want) > 1e-9 {
+			t.Errorf("CPUSecondsPerGiB(%v, %v) = %v, want %v", tc.pct, tc.mbps, got, tc.want)
+		}
 	}
 }

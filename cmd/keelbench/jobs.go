@@ -33,6 +33,12 @@ var (
 	Fill = Job{"fill", "write", "1M", 8, UnitMBps}
 	// Warm reads a working set once, to warm caches (not time based).
 	Warm = Job{"warm", "read", "1M", 8, UnitMBps}
+
+	// RandReadCold and SeqReadCold read the whole volume, larger than the
+	// proxy's cache, through a proxy started afresh (its cache empty) and
+	// straight from the leader (proxy suite).
+	RandReadCold = Job{"rand-read-cold", "randread", "4k", 32, UnitIOPS}
+	SeqReadCold  = Job{"seq-read-cold", "read", "1M", 8, UnitMBps}
 )
 
 // StdJobs are the jobs of the nbd suite, in order.

@@ -146,3 +146,13 @@ func ReadMem(pid int) (Mem, error) {
 	}
 	return ParseStatus(string(data)), nil
 }
+
+// CPUSecondsPerGiB is what a process at pct % of one core spends per GiB
+// when the job moves mbps MB/s (10^6 bytes): pct/100 CPU-seconds each
+// second over mbps*10^6/2^30 GiB each second. 0 when nothing moved.
+func CPUSecondsPerGiB(pct, mbps float64) float64 {
+	if mbps <= 0 {
+		return 0
+	}
+	return (pct / 100) / (mbps * 1e6 / (1 << 30))
+}

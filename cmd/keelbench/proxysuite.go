@@ -14,10 +14,12 @@ import (
 var ProxyTargets = []string{"proxy", "leader", "nbdkit", "keel-serve"}
 
 // ProxyTable is the proxy suite's table: the write jobs through the proxy
-// and straight to the leader, warm-cache rand-read through all four.
+// and straight to the leader, warm-cache rand-read through all four, and
+// (when the volume is larger than the cache) the cold reads of the whole
+// volume through the proxy and straight from the leader.
 func ProxyTable(size int64, c Config, leader string) *Table {
 	t := &Table{Name: "proxy",
-		Title: fmt.Sprintf("proxy: volume %s, proxy --cache %s; rand-read on the first %s, warm; %v per job after %v warm-up; %s, targets in turn; leader %s of 3 voters",
+		Title: fmt.Sprintf("proxy: volume %s, proxy --cache %s; rand-read on the first %s, warm; *-cold over the whole volume, proxy restarted first; %v per job after %v warm-up; %s, targets in turn; leader %s of 3 voters",
 			FormatSize(size), FormatSize(c.Cache), FormatSize(c.WSet), c.Runtime, c.Ramp, rounds(c.Rounds), leader),
 		Targets: ProxyTargets,
 		Ratios: []Ratio{{Num: "proxy", Den: []string{"leader"}}, {Num: "proxy", Den: []string{"nbdkit"}},
@@ -26,7 +28,39 @@ func ProxyTable(size int64, c Config, leader string) *Table {
 	t.Row(SeqWrite.Name, SeqWrite.Unit)
 	t.Row(RandWrite.Name, RandWrite.Unit)
 	t.Row(RandRead.Name, RandRead.Unit)
+	if coldReads(size, c) {
+		t.Row(RandReadCold.Name, RandReadCold.Unit)
+		t.Row(SeqReadCold.Name, SeqReadCold.Unit)
+	}
 	return t
+}
+
+// coldReads: the cold jobs run only when the volume is larger than the
+// cache (else the proxy would end up serving them from memory).
+func coldReads(size int64, c Config) bool { return size > c.Cache }
+
+// proxyColdJobs: the cold reads compare the proxy with a direct
+// connection to a replica (the leader).
+func proxyColdJobs(target string) []Job {
+	if target == "proxy" || target == "leader" {
+		return []Job{RandReadCold, SeqReadCold}
+	}
+	return nil
+}
+
+// proxyColdGoals are issue 9's goals for the cold reads: through the
+// proxy at least 0.8x of a direct connection to a replica.
+func proxyColdGoals(t *Table) []string {
+	var out []string
+	for _, r := range t.Rows {
+		if r.Job != RandReadCold.Name && r.Job != SeqReadCold.Name {
+			continue
+		}
+		ratio, ok := RatioOf(Ratio{Num: "proxy", Den: []string{"leader"}}, r.Median)
+		out = append(out, goal(r.Job+" through the proxy (volume larger than the cache) >= 0.8x a direct connection to the leader",
+			FormatRatio(ratio, ok)+"x", ratio >= 0.8, ok))
+	}
+	return out
 }
 
 // proxyWriteJobs: while the proxy holds the volume the servers refuse
@@ -243,6 +277,38 @@ func (b *bench) runProxy(ctx context.Context) error {
 	rr := t.Row(RandRead.Name, RandRead.Unit)
 	ratio, ok := RatioOf(Ratio{Num: "proxy", Den: []string{"nbdkit"}}, rr.Median)
 	t.Notes = append(t.Notes, goal("warm-cache random 4k read through the proxy >= nbdkit file", FormatRatio(ratio, ok)+"x", ratio >= 1, ok))
+
+	// Cold reads of the whole volume: each proxy job on a proxy started
+	// afresh, so its cache starts empty.
+	if coldReads(size, cfg) {
+		for _, v := range Schedule(cfg.Rounds, []string{"proxy", "leader"}, proxyColdJobs) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if v.Target == "proxy" {
+				stopProxy()
+				if err := startProxy(); err != nil {
+					return err
+				}
+			}
+			var before map[string]uint64
+			if v.Target == "proxy" {
+				before = b.proxyCounters(ctx, proxy)
+			}
+			label := roundLabel(v.Job, v.Round)
+			r, ok := b.fio(ctx, "proxy", v.Target, label, FioRun{Job: v.Job, URI: NBDURI(socks[v.Target]),
+				Size: size, Runtime: cfg.Runtime, Ramp: cfg.Ramp}, cpu(v.Target))
+			t.Row(v.Job.Name, v.Job.Unit).Set(v.Target, v.Round, r.Value(v.Job.Unit), ok)
+			if v.Target == "proxy" {
+				u := CacheBetween(before, b.proxyCounters(ctx, proxy))
+				b.say("    proxy cache: %s", u)
+				t.Notes = append(t.Notes, fmt.Sprintf("proxy cache during %s: %s", label, u))
+			}
+		}
+		t.Notes = append(t.Notes, proxyColdGoals(t)...)
+	} else {
+		t.Notes = append(t.Notes, fmt.Sprintf("cold reads not run: the volume (%s) is not larger than the cache (%s)", FormatSize(size), FormatSize(cfg.Cache)))
+	}
 
 	// Memory with a full cache: read the whole volume (size > cache).
 	b.fio(ctx, "proxy", "proxy", "fill-read", FioRun{Job: Warm, URI: NBDURI(spec.Sock), Size: size}, cpu("proxy"))

@@ -217,8 +217,8 @@ func TestNBDSuite(t *testing.T) {
 			t.Errorf("nbd table lacks %q:\n%s", w, md)
 		}
 	}
-	if tb.NRounds() != 2 || len(b.rep.Sections) != 2 {
-		t.Errorf("%d rounds, %d sections (want CPU and memory)", tb.NRounds(), len(b.rep.Sections))
+	if tb.NRounds() != 2 || len(b.rep.Sections) != 3 {
+		t.Errorf("%d rounds, %d sections (want CPU, CPU-seconds per GiB and memory)", tb.NRounds(), len(b.rep.Sections))
 	}
 }
 
@@ -258,6 +258,7 @@ func TestClusterSuite(t *testing.T) {
 func TestProxySuite(t *testing.T) {
 	c := fakeConfig()
 	c.Profile = true
+	c.Size = 2 << 20 // larger than the cache: the cold reads run
 	b, f := newFakeBench(t, c)
 	if err := b.runProxy(context.Background()); err != nil {
 		t.Fatal(err)
@@ -280,23 +281,34 @@ func TestProxySuite(t *testing.T) {
 			t.Errorf("%s without a proxy; events %v", e, f.events)
 		}
 	}
+	// Each cold job through the proxy starts on a fresh proxy (empty cache).
+	for i, e := range f.events {
+		if strings.HasPrefix(e, "fio proxy ") && strings.Contains(e, "-cold") && (i == 0 || f.events[i-1] != "start proxy") {
+			t.Errorf("%s not right after a proxy start (after %q)", e, f.events[max(i-1, 0)])
+		}
+	}
 	got := strings.Join(f.fios(true), ", ")
 	want := "proxy seq-write, proxy rand-write, n1 seq-write, n1 rand-write, proxy seq-write, proxy rand-write, n1 seq-write, n1 rand-write, " +
-		"proxy rand-read, n1 rand-read, nbdkit rand-read, keel-serve rand-read, proxy rand-read, n1 rand-read, nbdkit rand-read, keel-serve rand-read"
+		"proxy rand-read, n1 rand-read, nbdkit rand-read, keel-serve rand-read, proxy rand-read, n1 rand-read, nbdkit rand-read, keel-serve rand-read, " +
+		"proxy rand-read-cold, proxy seq-read-cold, n1 rand-read-cold, n1 seq-read-cold, proxy rand-read-cold, proxy seq-read-cold, n1 rand-read-cold, n1 seq-read-cold"
 	if got != want {
 		t.Errorf("fio runs of the rounds\n got %s\nwant %s", got, want)
 	}
 	tb := b.rep.Tables[0]
 	md := tb.MedianGrid().Markdown()
 	for _, w := range []string{"| seq-write | MB/s | 500.0 | 400.0 | - | - | 1.25 | - | - |",
-		"| rand-read | IOPS | 500 | 400 | 200 | 600 | 1.25 | 2.50 | 0.83 |"} {
+		"| rand-read | IOPS | 500 | 400 | 200 | 600 | 1.25 | 2.50 | 0.83 |",
+		"| rand-read-cold | IOPS | 500 | 400 | - | - | 1.25 | - | - |",
+		"| seq-read-cold | MB/s | 500.0 | 400.0 | - | - | 1.25 | - | - |"} {
 		if !strings.Contains(md, w) {
 			t.Errorf("proxy table lacks %q:\n%s", w, md)
 		}
 	}
 	notes := strings.Join(tb.Notes, "\n")
 	for _, w := range []string{"proxy cache during rand-read-r1: 100.00% hits of 100 blocks", "through the proxy >= nbdkit file: 2.50x MET",
-		"under --cpu-profile: 500 IOPS; nbdkit right after: 200 IOPS; ratio 2.50", "cache + 64 MiB"} {
+		"under --cpu-profile: 500 IOPS; nbdkit right after: 200 IOPS; ratio 2.50", "cache + 64 MiB",
+		"proxy cache during rand-read-cold-r1:", "rand-read-cold through the proxy (volume larger than the cache) >= 0.8x a direct connection to the leader: 1.25x MET",
+		"seq-read-cold through the proxy (volume larger than the cache) >= 0.8x a direct connection to the leader: 1.25x MET"} {
 		if !strings.Contains(notes, w) {
 			t.Errorf("proxy notes lack %q:\n%s", w, notes)
 		}

@@ -35,6 +35,7 @@ type Proxy struct {
 	view  *clusterView
 	api   *wire.Client // apply calls; each attempt has its own deadline
 	cache *blockCache
+	ahead readAhead // tells sequential reads (which fetch ahead) from random ones
 	log   hclog.Logger
 
 	ready chan struct{} // closed once size is known
@@ -56,6 +57,7 @@ type Proxy struct {
 // Stats count what the proxy did; read them with Stats.
 type Stats struct {
 	Reads, CacheHits, CacheMisses, RemoteReads atomic.Uint64
+	RemoteReadBytes                            atomic.Uint64 // what the remote reads asked for
 	Writes, Retries, Duplicates, Refused       atomic.Uint64
 }
 
@@ -544,50 +546,94 @@ func (p *Proxy) Zero(ctx context.Context, off, length uint64, f nbd.ZeroFlags) e
 
 func (p *Proxy) ReadAt(ctx context.Context, b []byte, off uint64) error {
 	p.stats.Reads.Add(1)
-	if !p.cache.enabled() || !p.holding() {
+	if !p.cache.enabled() || !p.holding() || len(b) == 0 {
 		return p.readRemote(ctx, b, off)
 	}
 	end := off + uint64(len(b))
-	for first := off / cacheBlock; first*cacheBlock < end; {
-		if data, ok := p.cache.get(first); ok {
-			p.stats.CacheHits.Add(1)
-			copyBlock(b, off, first, data)
-			first++
-			continue
+	var arr [16]uint64
+	missing := p.cache.copyOut(b, off, arr[:0])
+	first, last := off/cacheBlock, (end-1)/cacheBlock
+	p.stats.CacheHits.Add(last - first + 1 - uint64(len(missing)))
+	p.stats.CacheMisses.Add(uint64(len(missing)))
+	missEnd := len(missing) > 0 && missing[len(missing)-1] == last
+	ahead := min(p.ahead.plan(off, uint64(len(b)), missEnd), p.size)
+	if len(missing) == 0 {
+		return nil
+	}
+	// Runs of missing blocks, each fetched in one read; the last one
+	// extended by the read-ahead, up to the next cached block.
+	var runs []span
+	for i := 0; i < len(missing); {
+		j := i
+		for j+1 < len(missing) && missing[j+1] == missing[j]+1 {
+			j++
 		}
-		// A run of missing blocks: fetch it in one read.
-		last := first
-		for (last+1)*cacheBlock < end {
-			if _, ok := p.cache.get(last + 1); ok {
-				break
-			}
-			last++
+		runs = append(runs, span{missing[i] * cacheBlock, min((missing[j]+1)*cacheBlock, p.size)})
+		i = j + 1
+	}
+	if r := &runs[len(runs)-1]; missEnd {
+		for r.end < ahead && !p.cache.has(r.end/cacheBlock) {
+			r.end = min(r.end+cacheBlock, p.size)
 		}
-		p.stats.CacheMisses.Add(last - first + 1)
-		if err := p.fetchBlocks(ctx, b, off, first, last); err != nil {
+	}
+	tok := p.cache.startFill()
+	if len(runs) == 1 {
+		return p.fetchRun(ctx, tok, b, off, runs[0])
+	}
+	var eg errgroup.Group
+	for _, r := range runs {
+		eg.Go(func() error { return p.fetchRun(ctx, tok, b, off, r) })
+	}
+	return eg.Wait()
+}
+
+// fetchRun reads run (whole blocks, or up to the volume's end) from a
+// replica, copies the part that overlaps [off, off+len(b)) into b and
+// fills the cache with it (tok from startFill before the read). A run
+// inside b is read straight into b; one that sticks out (an unaligned
+// read, read-ahead) goes through a pooled buffer.
+func (p *Proxy) fetchRun(ctx context.Context, tok uint64, b []byte, off uint64, run span) error {
+	end := off + uint64(len(b))
+	if run.start >= off && run.end <= end {
+		dst := b[run.start-off : run.end-off]
+		if err := p.readRemote(ctx, dst, run.start); err != nil {
 			return err
 		}
-		first = last + 1
+		p.cache.fillRange(tok, run.start, dst)
+		return nil
 	}
+	bufp := getRunBuf(int(run.end - run.start))
+	defer putRunBuf(bufp)
+	buf := *bufp
+	if err := p.readRemote(ctx, buf, run.start); err != nil {
+		return err
+	}
+	lo, hi := max(run.start, off), min(run.end, end)
+	copy(b[lo-off:hi-off], buf[lo-run.start:hi-run.start])
+	p.cache.fillRange(tok, run.start, buf)
 	return nil
 }
 
-// fetchBlocks reads blocks first..last from a replica, fills the cache with
-// them and copies the part that overlaps [off, off+len(b)) into b.
-func (p *Proxy) fetchBlocks(ctx context.Context, b []byte, off, first, last uint64) error {
-	start, end := first*cacheBlock, min((last+1)*cacheBlock, p.size)
-	tok := p.cache.startFill()
-	buf := make([]byte, end-start)
-	if err := p.readRemote(ctx, buf, start); err != nil {
-		return err
+// runBufSize is the capacity of the pooled buffers of fetchRun: a small
+// read with its read-ahead and its unaligned edges fits.
+const runBufSize = readAheadWindow + 64<<10
+
+var runBufs = sync.Pool{New: func() any { b := make([]byte, runBufSize); return &b }}
+
+func getRunBuf(n int) *[]byte {
+	if n > runBufSize {
+		b := make([]byte, n)
+		return &b
 	}
-	for blk := first; blk <= last; blk++ {
-		lo := (blk - first) * cacheBlock
-		data := buf[lo:min(lo+cacheBlock, uint64(len(buf)))]
-		copyBlock(b, off, blk, data)
-		p.cache.fill(tok, blk, data)
+	bp := runBufs.Get().(*[]byte)
+	*bp = (*bp)[:n]
+	return bp
+}
+
+func putRunBuf(bp *[]byte) {
+	if cap(*bp) == runBufSize {
+		runBufs.Put(bp)
 	}
-	return nil
 }
 
 // copyBlock copies the part of block blk (holding data) that overlaps
@@ -604,6 +650,7 @@ func copyBlock(b []byte, off, blk uint64, data []byte) {
 // write, trying others when one fails, for up to the read timeout.
 func (p *Proxy) readRemote(ctx context.Context, b []byte, off uint64) error {
 	p.stats.RemoteReads.Add(1)
+	p.stats.RemoteReadBytes.Add(uint64(len(b)))
 	return p.onReplica(ctx, func(ctx context.Context, c *nbd.Client) error { return c.ReadAt(ctx, b, off) })
 }
 

@@ -22,7 +22,7 @@ import (
 
 // runProxy starts a Proxy in front of the servers and serves it over NBD
 // on a unix socket; it returns the proxy and a connected client.
-func runProxy(t *testing.T, cfg proxy.Config) (*proxy.Proxy, *nbd.Client) {
+func runProxy(t testing.TB, cfg proxy.Config) (*proxy.Proxy, *nbd.Client) {
 	t.Helper()
 	if cfg.Log == nil {
 		cfg.Log = servertest.Logger(t, cfg.Writer)
@@ -77,7 +77,7 @@ func runProxy(t *testing.T, cfg proxy.Config) (*proxy.Proxy, *nbd.Client) {
 }
 
 // directClient connects to the server itself, bypassing the proxy.
-func directClient(t *testing.T, o *servertest.Node) *nbd.Client {
+func directClient(t testing.TB, o *servertest.Node) *nbd.Client {
 	t.Helper()
 	c, err := nbd.Dial(context.Background(), "tcp", o.NBD, nbd.ClientConfig{})
 	if err != nil {
@@ -91,13 +91,13 @@ func fill(v byte, n int) []byte { return bytes.Repeat([]byte{v}, n) }
 
 // TestProxyCoherentUnderConcurrency runs writers, zeroes, trims and reads
 // through one proxy with a small cache, from many goroutines at once. Each
-// goroutine owns every 8th 4 KiB slot, so the 64 KiB cache blocks are
-// shared and fills race with writes to neighbouring slots; every read must
-// return what its goroutine last wrote.
+// goroutine owns every 8th 1 KiB slot, so each 4 KiB cache block is shared
+// by four goroutines and fills race with writes to neighbouring slots;
+// every read must return what its goroutine last wrote.
 func TestProxyCoherentUnderConcurrency(t *testing.T) {
 	node := servertest.StartOne(t, 0)
 	p, c := runProxy(t, proxy.Config{Servers: []string{node.HTTP}, Writer: "w1", CacheBytes: 1 << 20})
-	const slot, slots, workers = 4096, 512, 8 // 2 MiB: twice the cache
+	const slot, slots, workers = 1024, 2048, 8 // 2 MiB: twice the cache
 	ctx := context.Background()
 	var wg sync.WaitGroup
 	errs := make(chan error, workers)

@@ -67,7 +67,7 @@ func (p *Proxy) counters() map[string]uint64 {
 	s := &p.stats
 	return map[string]uint64{
 		"reads": s.Reads.Load(), "cache_hits": s.CacheHits.Load(), "cache_misses": s.CacheMisses.Load(),
-		"remote_reads": s.RemoteReads.Load(), "writes": s.Writes.Load(), "retries": s.Retries.Load(),
+		"remote_reads": s.RemoteReads.Load(), "remote_read_bytes": s.RemoteReadBytes.Load(), "writes": s.Writes.Load(), "retries": s.Retries.Load(),
 		"duplicates": s.Duplicates.Load(), "refused": s.Refused.Load(),
 	}
 }
@@ -106,9 +106,10 @@ func (p *Proxy) metrics() *prometheus.Registry {
 	}
 	s := &p.stats
 	counter("keel_proxy_reads_total", "Read requests served.", s.Reads.Load)
-	counter("keel_proxy_cache_hits_total", "Cache blocks read from the cache.", s.CacheHits.Load)
-	counter("keel_proxy_cache_misses_total", "Cache blocks fetched from a replica.", s.CacheMisses.Load)
+	counter("keel_proxy_cache_hits_total", "Cache blocks (4 KiB) read from the cache.", s.CacheHits.Load)
+	counter("keel_proxy_cache_misses_total", "Cache blocks (4 KiB) a read found missing and fetched from a replica.", s.CacheMisses.Load)
 	counter("keel_proxy_remote_reads_total", "Reads sent to a replica.", s.RemoteReads.Load)
+	counter("keel_proxy_remote_read_bytes_total", "Bytes read from replicas (read-ahead included).", s.RemoteReadBytes.Load)
 	counter("keel_proxy_writes_total", "Write, trim and zero commands sent (a large write is several).", s.Writes.Load)
 	counter("keel_proxy_retries_total", "Commands re-sent after a failed attempt (failover, timeout).", s.Retries.Load)
 	counter("keel_proxy_duplicates_total", "Re-sent commands the cluster had already applied.", s.Duplicates.Load)

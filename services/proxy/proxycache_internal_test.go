@@ -5,6 +5,18 @@ import (
 	"testing"
 )
 
+// get returns a copy of block b when cached.
+func (c *blockCache) get(b uint64) ([]byte, bool) {
+	if !c.has(b) {
+		return nil, false
+	}
+	d := make([]byte, cacheBlock)
+	if miss := c.copyOut(d, b*cacheBlock, nil); len(miss) > 0 {
+		return nil, false
+	}
+	return d, true
+}
+
 func TestBlockCacheFillRules(t *testing.T) {
 	blk := func(v byte) []byte { return bytes.Repeat([]byte{v}, cacheBlock) }
 	c := newBlockCache(4 * cacheBlock)
@@ -128,15 +140,74 @@ func TestBlockCachePoison(t *testing.T) {
 	if _, ok := c.get(1); ok {
 		t.Fatal("poisoned block cached again by a later read")
 	}
+	// Poisoning is by poisonUnit: the rest of the unit goes too...
 	c.fill(c.startFill(), 2, make([]byte, cacheBlock))
-	if _, ok := c.get(2); !ok {
-		t.Fatal("a neighbour of the poisoned block is not cached")
+	if _, ok := c.get(2); ok {
+		t.Fatal("a block in the poisoned unit is cached")
 	}
-	if !c.poison(0, maxPoisoned*cacheBlock) {
+	// ...its neighbours do not.
+	next := uint64(poisonUnit / cacheBlock)
+	c.fill(c.startFill(), next, make([]byte, cacheBlock))
+	if _, ok := c.get(next); !ok {
+		t.Fatal("the block after the poisoned unit is not cached")
+	}
+	if !c.poison(0, maxPoisoned*poisonUnit) {
 		t.Fatal("poisoning more than maxPoisoned blocks did not turn the cache off")
 	}
 	c.fill(c.startFill(), 5, make([]byte, cacheBlock))
 	if c.len() != 0 {
 		t.Errorf("cache holds %d blocks after it was turned off", c.len())
+	}
+}
+
+// TestBlockCacheReusesSlots: a full cache evicts its least recently used
+// block into the slot the new one takes, allocating nothing; a block read
+// (copyOut) counts as a use.
+func TestBlockCacheReusesSlots(t *testing.T) {
+	blk := func(v byte) []byte { return bytes.Repeat([]byte{v}, cacheBlock) }
+	c := newBlockCache(3 * cacheBlock)
+	for b := uint64(0); b < 3; b++ {
+		c.fill(c.startFill(), b, blk(byte(b+1)))
+	}
+	if _, ok := c.get(0); !ok { // 0 is now the most recent; 1 the least
+		t.Fatal("block 0 not cached")
+	}
+	c.fill(c.startFill(), 3, blk(4))
+	if c.has(1) || !c.has(0) || !c.has(2) || !c.has(3) {
+		t.Fatalf("after a fill into a full cache: 0 %v 1 %v 2 %v 3 %v; want block 1 (least recently used) evicted",
+			c.has(0), c.has(1), c.has(2), c.has(3))
+	}
+	if d, _ := c.get(3); !bytes.Equal(d, blk(4)) {
+		t.Error("block 3 holds the wrong bytes")
+	}
+	if d, _ := c.get(0); !bytes.Equal(d, blk(1)) {
+		t.Error("block 0 was overwritten by the fill of block 3")
+	}
+	data := blk(9)
+	tok := c.startFill()
+	b := uint64(10)
+	if n := testing.AllocsPerRun(100, func() { c.fill(tok, b, data); b++ }); n != 0 {
+		t.Errorf("a fill into a full cache allocates %.1f times, want 0", n)
+	}
+	// A range read copies out hits and lists the misses, in order.
+	c.fillRange(c.startFill(), 200*cacheBlock, append(blk(7), blk(8)...))
+	got := make([]byte, 4*cacheBlock)
+	miss := c.copyOut(got, 199*cacheBlock, nil)
+	if len(miss) != 2 || miss[0] != 199 || miss[1] != 202 {
+		t.Errorf("misses %v, want [199 202]", miss)
+	}
+	if !bytes.Equal(got[cacheBlock:3*cacheBlock], append(blk(7), blk(8)...)) {
+		t.Error("copyOut did not copy the cached blocks 200 and 201")
+	}
+}
+
+// TestBlockCacheShortLastBlock: the volume's last block may be short; it
+// is cached with its length and read back as such.
+func TestBlockCacheShortLastBlock(t *testing.T) {
+	c := newBlockCache(4 * cacheBlock)
+	c.fillRange(c.startFill(), 5*cacheBlock, append(bytes.Repeat([]byte{1}, cacheBlock), 2, 2, 2))
+	got := make([]byte, 3)
+	if miss := c.copyOut(got, 6*cacheBlock, nil); len(miss) != 0 || !bytes.Equal(got, []byte{2, 2, 2}) {
+		t.Errorf("short block: misses %v, bytes %v", miss, got)
 	}
 }

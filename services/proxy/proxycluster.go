@@ -529,6 +529,7 @@ func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger) (*nbd.Cli
 	defer cancel()
 	c, err := nbd.Dial(dctx, network, a, nbd.ClientConfig{
 		MetaContext:      true,
+		NoFragment:       true, // one data chunk per read: the server never looks for holes first
 		HandshakeTimeout: 2 * time.Second,
 		CloseTimeout:     time.Second,
 		MaxInFlight:      128,
