@@ -39,8 +39,8 @@ const (
 	FaultNetFlaky        = "net-flaky"        // a fifth of all RPCs fail: dropped and reset connections
 )
 
-// Network fault kinds under the proxy's links to the servers' HTTP APIs
-// (netfault.Dialer in the proxy).
+// Network fault kinds under the proxy's links to the servers: their HTTP
+// APIs and NBD exports (netfault.Dialer in the proxy).
 const (
 	FaultProxyCutLeader = "proxy-cut-leader" // the proxy cannot reach the leader; followers forward
 	FaultProxyMinority  = "proxy-minority"   // the proxy reaches one server only, and that one is cut from the others: no quorum on its side
@@ -301,7 +301,7 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 		case FaultProxyCutLeader:
 			pl.leader = true
 			v := in.victims(ctx, pl, 1)[0]
-			prules, f.Target = netfault.Rules{Drop: []string{v.HTTP}}, "proxy/"+v.ID
+			prules, f.Target = netfault.Rules{Drop: []string{v.HTTP, v.NBD}}, "proxy/"+v.ID
 		case FaultProxyMinority:
 			// The proxy keeps one server (not the leader if it can help
 			// it) and loses the others; that server is cut off from them.
@@ -311,7 +311,7 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			srules, _ = in.netRulesFor(keep, in.c.Nodes(), false)
 			for _, o := range in.c.Nodes() {
 				if o != keep {
-					prules.Drop = append(prules.Drop, o.HTTP)
+					prules.Drop = append(prules.Drop, o.HTTP, o.NBD)
 				}
 			}
 			f.Target, f.Unavailable = "proxy+"+keep.ID, true

@@ -95,9 +95,9 @@ type Config struct {
 	PollInterval time.Duration
 	// Log is the proxy's logger. Default: discard.
 	Log hclog.Logger
-	// Dial, if set, opens the proxy's connections to the servers' HTTP
-	// APIs instead of a plain net.Dialer: the hook of the chaos tests'
-	// network fault layer.
+	// Dial, if set, opens the proxy's connections to the servers (their
+	// HTTP APIs and, for reads, their NBD exports) instead of a plain
+	// net.Dialer: the hook of the chaos tests' network fault layer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
@@ -684,7 +684,7 @@ func (p *Proxy) onReplica(ctx context.Context, fn func(context.Context, *nbd.Cli
 			}
 			continue
 		}
-		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"))
+		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"), p.cfg.Dial)
 		if err == nil {
 			s.inflight.Add(1)
 			err = fn(ctx, c)
