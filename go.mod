@@ -3,6 +3,7 @@ module github.com/keelstore/keel
 go 1.26.8
 
 require (
+	github.com/anishathalye/porcupine v1.3.1
 	github.com/cespare/xxhash/v2 v2.3.0
 	github.com/cloudflare/tableflip v1.2.3
 	github.com/cockroachdb/datadriven v1.0.2

@@ -10,6 +10,9 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	wal "github.com/hashicorp/raft-wal"
+	walfs "github.com/hashicorp/raft-wal/fs"
+	"github.com/hashicorp/raft-wal/segment"
+	"github.com/hashicorp/raft-wal/types"
 )
 
 // LogStoreKind names a Raft log store implementation.
@@ -35,6 +38,13 @@ type Stores struct {
 // OpenStores opens (creating if needed) the log and stable stores of kind
 // under dir.
 func OpenStores(kind LogStoreKind, dir string, log hclog.Logger) (*Stores, error) {
+	return OpenStoresFS(kind, dir, log, nil)
+}
+
+// OpenStoresFS is OpenStores with raft-wal's segment files under
+// wrap(the real file system) when wrap is set (the chaos tests' disk fault
+// layer; ignored for bolt).
+func OpenStoresFS(kind LogStoreKind, dir string, log hclog.Logger, wrap func(types.VFS) types.VFS) (*Stores, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("replica: creating %s: %w", dir, err)
 	}
@@ -44,7 +54,13 @@ func OpenStores(kind LogStoreKind, dir string, log hclog.Logger) (*Stores, error
 		if err := os.MkdirAll(wdir, 0o755); err != nil {
 			return nil, fmt.Errorf("replica: creating %s: %w", wdir, err)
 		}
-		w, err := wal.Open(wdir, wal.WithLogger(log.Named("wal")))
+		var w *wal.WAL
+		var err error
+		if wrap != nil {
+			w, err = wal.Open(wdir, wal.WithLogger(log.Named("wal")), wal.WithSegmentFiler(segment.NewFiler(wdir, wrap(walfs.New()))))
+		} else {
+			w, err = wal.Open(wdir, wal.WithLogger(log.Named("wal")))
+		}
 		if err != nil {
 			return nil, fmt.Errorf("replica: opening raft-wal in %s: %w", dir, err)
 		}

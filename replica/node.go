@@ -15,6 +15,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
+	"github.com/hashicorp/raft-wal/types"
 	"golang.org/x/sys/unix"
 
 	"github.com/keelstore/keel/replica/rawimage"
@@ -90,6 +91,13 @@ type NodeConfig struct {
 	// Transport overrides the TCP transport (tests use raft's in-memory
 	// transport).
 	Transport raft.Transport
+	// WrapTransport, if set, wraps the transport (the TCP one, or
+	// Transport) before raft gets it: the hook of the chaos tests' network
+	// fault layer. The node still closes the transport it made itself.
+	WrapTransport func(raft.Transport) raft.Transport
+	// WrapWALFS, if set, wraps the file system under raft-wal's segment
+	// files: the hook of the chaos tests' disk fault layer.
+	WrapWALFS func(types.VFS) types.VFS
 	// HeartbeatTimeout, ElectionTimeout and LeaderLeaseTimeout are Raft's.
 	// Defaults DefaultHeartbeatTimeout and friends.
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
@@ -222,8 +230,10 @@ type Node struct {
 	stores *Stores
 	snaps  *raft.FileSnapshotStore
 	trans  raft.Transport
-	fsm    *FSM
-	raft   *raft.Raft
+	// ownTrans is the transport before WrapTransport.
+	ownTrans raft.Transport
+	fsm      *FSM
+	raft     *raft.Raft
 
 	// ctx is the node's lifetime: cancelled by Close, it ends everything
 	// the node runs in the background (the snapshot trigger, an image
@@ -275,7 +285,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if n.stores, err = OpenStores(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log); err != nil {
+	if n.stores, err = OpenStoresFS(cfg.LogStore, filepath.Join(cfg.Dir, raftDir), cfg.Log, cfg.WrapWALFS); err != nil {
 		return nil, err
 	}
 	if cfg.LogCacheBytes > 0 {
@@ -318,6 +328,10 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("replica: raft transport on %s: %w", cfg.RaftAddr, err)
 		}
+	}
+	n.ownTrans = n.trans
+	if cfg.WrapTransport != nil {
+		n.trans = cfg.WrapTransport(n.trans)
 	}
 
 	rc := raft.DefaultConfig()
@@ -774,7 +788,7 @@ func (n *Node) voters() int {
 
 func (n *Node) closeResources() error {
 	var errs []error
-	if tc, ok := n.trans.(raft.WithClose); ok && n.cfg.Transport == nil {
+	if tc, ok := n.ownTrans.(raft.WithClose); ok && n.cfg.Transport == nil {
 		errs = append(errs, tc.Close())
 	}
 	if n.stores != nil {

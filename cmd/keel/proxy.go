@@ -122,14 +122,23 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 			return fmt.Errorf("--http %s: %w", f.http, err)
 		}
 	}
+	pcfg := proxy.Config{
+		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
+		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
+		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
+	}
+	stopChaos, err := chaosProxy(writer, &pcfg, log)
+	if err != nil {
+		if httpL != nil {
+			httpL.Close()
+		}
+		return err
+	}
+	defer stopChaos()
 	hup, stopHup := relaySIGHUP()
 	defer stopHup()
 	pr, err := proxy.NewProcess(proxy.ProcessConfig{
-		Proxy: proxy.Config{
-			Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
-			WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
-			PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
-		},
+		Proxy:  pcfg,
 		Listen: f.listen, ExportName: f.name, HTTP: httpL,
 		ConnectTimeout: f.connect, DrainTimeout: f.drain, Log: log,
 		Upgrader: u, Upgrades: hup,

@@ -207,6 +207,13 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		},
 		Log: log.Named("replica"),
 	}
+	stopChaos, err := chaosServer(f.id, &nodeCfg, log)
+	if err != nil {
+		httpL.Close()
+		nbdL.Close()
+		return err
+	}
+	defer stopChaos()
 	volSize := size
 	if volSize == 0 {
 		st, err := os.Stat(filepath.Join(f.dir, replica.ImageFile))

@@ -210,6 +210,7 @@ func (a *acceptor) Serve(ctx context.Context) error {
 		if a.paused.Load() && !a.park(ctx) {
 			return nil
 		}
+		supervise.Point(supervise.PointAccept)
 		nc, err := a.l.Accept()
 		if err != nil {
 			if ctx.Err() != nil {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -101,6 +103,10 @@ type Config struct {
 	Inherited bool
 	// Log is the proxy's logger. Default: discard.
 	Log hclog.Logger
+	// Dial, if set, opens the proxy's connections to the servers (their
+	// HTTP APIs and, for reads, their NBD exports) instead of a plain
+	// net.Dialer: the hook of the chaos tests' network fault layer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 func (c Config) withDefaults() Config {
@@ -158,11 +164,16 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
-	status := wire.NewClient(2 * time.Second)
+	status, api := wire.NewClient(2*time.Second), wire.NewClient(0)
+	if cfg.Dial != nil {
+		for _, c := range []*wire.Client{status, api} {
+			c.HTTP.Transport.(*http.Transport).DialContext = cfg.Dial
+		}
+	}
 	p := &Proxy{
 		cfg:   cfg,
 		view:  newClusterView(cfg.Servers, status, cfg.Log.Named("cluster"), cfg.PollInterval, 20*time.Millisecond),
-		api:   wire.NewClient(0),
+		api:   api,
 		cache: newBlockCache(cfg.CacheBytes),
 		log:   cfg.Log,
 		ready: make(chan struct{}),
@@ -708,7 +719,7 @@ func (p *Proxy) onReplica(ctx context.Context, fn func(context.Context, *nbd.Cli
 			}
 			continue
 		}
-		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"))
+		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"), p.cfg.Dial)
 		if err == nil {
 			s.inflight.Add(1)
 			err = fn(ctx, c)

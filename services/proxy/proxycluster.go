@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -508,8 +509,9 @@ func (s *serverState) readable(index uint64) bool {
 	return ok && s.applied.Load() >= index
 }
 
-// nbdClient returns the server's NBD connection, dialing it if needed.
-func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger) (*nbd.Client, error) {
+// nbdClient returns the server's NBD connection, dialing it (with dial
+// when set: Config.Dial) if needed.
+func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*nbd.Client, error) {
 	s.mu.Lock()
 	if c := s.client; c != nil {
 		select {
@@ -533,14 +535,24 @@ func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger) (*nbd.Cli
 	network, a := dialAddr(addr)
 	dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	c, err := nbd.Dial(dctx, network, a, nbd.ClientConfig{
+	ccfg := nbd.ClientConfig{
 		MetaContext:      true,
 		NoFragment:       true, // one data chunk per read: the server never looks for holes first
 		HandshakeTimeout: 2 * time.Second,
 		CloseTimeout:     time.Second,
 		MaxInFlight:      128,
 		Logger:           log,
-	})
+	}
+	var c *nbd.Client
+	var err error
+	if dial != nil {
+		var nc net.Conn
+		if nc, err = dial(dctx, network, a); err == nil {
+			c, err = nbd.NewClient(dctx, nc, ccfg)
+		}
+	} else {
+		c, err = nbd.Dial(dctx, network, a, ccfg)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s's NBD at %s: %w", s.http, addr, err)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/supervise"
 )
 
 // Membership runs on every server and acts while it leads: it keeps the
@@ -45,6 +46,7 @@ func (m *Membership) Serve(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
+		supervise.Point(supervise.PointMembership)
 		n := m.Holder.Peek()
 		if n == nil || !n.IsLeader() {
 			continue

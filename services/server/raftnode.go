@@ -12,6 +12,7 @@ import (
 	"github.com/thejerf/suture/v4"
 
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/supervise"
 )
 
 // NodeHolder hands the running replica.Node to the services that use it.
@@ -94,6 +95,7 @@ func (s *RaftService) Serve(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+			supervise.Point(supervise.PointRaft)
 			if n.Raft().State() == raft.Shutdown {
 				return errors.New("raft shut down on its own")
 			}

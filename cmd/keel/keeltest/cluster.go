@@ -46,6 +46,9 @@ type ClusterConfig struct {
 	// GlobalFlags go before the subcommand of every server and proxy,
 	// e.g. --log-level debug.
 	GlobalFlags []string
+	// Env is added to the environment of every server and proxy, e.g.
+	// the chaos build's $KEEL_CHAOS_DIR.
+	Env []string
 	// Logf, if set, hears of retries and other events worth a line.
 	Logf func(format string, args ...any)
 	// UpTimeout bounds a start: exec to answering HTTP, or to leading
@@ -576,7 +579,7 @@ func (n *Node) Start(extra ...string) error {
 	if n.Bin != "" {
 		bin = n.Bin
 	}
-	p, err := n.c.group.Start(ProcConfig{Bin: bin, Name: n.ID, Args: n.Args(extra...), LogPath: n.LogPath})
+	p, err := n.c.group.Start(ProcConfig{Bin: bin, Name: n.ID, Args: n.Args(extra...), Env: n.c.cfg.Env, LogPath: n.LogPath})
 	if err != nil {
 		return err
 	}

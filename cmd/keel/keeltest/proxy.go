@@ -98,7 +98,7 @@ func (p *Proxy) start() error {
 	if p.proc != nil && !p.proc.Exited() {
 		return fmt.Errorf("proxy %s: started while still running", p.Name)
 	}
-	proc, err := p.c.group.Start(ProcConfig{Bin: p.c.cfg.Bin, Name: "proxy " + p.Name, Args: p.args, LogPath: p.LogPath})
+	proc, err := p.c.group.Start(ProcConfig{Bin: p.c.cfg.Bin, Name: "proxy " + p.Name, Args: p.args, Env: p.c.cfg.Env, LogPath: p.LogPath})
 	if err != nil {
 		return err
 	}
