@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keelstore/keel/chaos/control"
@@ -225,6 +226,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		defer t.Stop()
 	}
 	var wg sync.WaitGroup
+	var nFaults atomic.Int64 // len(res.Faults), for the progress line
 	wg.Add(2)
 	go func() { defer wg.Done(); wl.Run(runCtx) }()
 	go func() {
@@ -238,7 +240,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			case <-t.C:
 				acked, errs, reconns := wl.Progress()
 				cfg.Logf("progress %5.0fs: acknowledged changes %d, errors %d, reconnects %d, faults %d",
-					hist.Now().Seconds(), acked, errs, reconns, len(res.Faults))
+					hist.Now().Seconds(), acked, errs, reconns, nFaults.Load())
 			}
 		}
 	}()
@@ -270,6 +272,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			}
 			// A fault runs to its end, healed, even past the duration.
 			res.Faults = append(res.Faults, in.run(ctx, p))
+			nFaults.Store(int64(len(res.Faults)))
 			seen[p.kind] = true
 		}
 		stop()

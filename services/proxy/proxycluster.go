@@ -411,11 +411,12 @@ func (v *clusterView) pollOnce(ctx context.Context, s *serverState) {
 		// where it was it must not answer reads that need more.
 		s.applied.Store(st.AppliedIndex)
 	}
+	nowUp := s.up
 	s.mu.Unlock()
 	if err == nil && v.onEpoch != nil {
 		v.onEpoch(st.Writer, st.Epoch)
 	}
-	if wasUp != s.up {
+	if wasUp != nowUp {
 		if err != nil {
 			v.log.Warn("server not answering", "server", s.http, "error", err)
 		} else {
