@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/keelstore/keel/chaos/control"
@@ -283,6 +284,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	probeAndReadBack(ctx, &res, hist, dial, clients)
 	if _, err := cl.WaitConverged(ctx); err != nil {
 		res.Verify = fmt.Sprintf("servers did not converge: %v", err)
+		dumpStacks(cl, cfg.Logf)
 	} else {
 		res.Verify = verifyReplicas(ctx, cfg.Bin, cl.Nodes()[0].HTTP)
 	}
@@ -478,4 +480,22 @@ func clientErrors(ops []Op, faults []Fault) ([]ClientError, int) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].At < out[j].At })
 	return out, unexpected
+}
+
+// dumpStacks asks every running server for its goroutines (SIGQUIT makes
+// the Go runtime print them all and exit), so a replica that stopped
+// making progress leaves in its log where it is waiting.
+func dumpStacks(cl *keeltest.Cluster, logf func(string, ...any)) {
+	for _, n := range cl.Running() {
+		p := n.Proc()
+		if p == nil || p.Exited() {
+			continue
+		}
+		if err := p.Signal(syscall.SIGQUIT); err != nil {
+			logf("%s: SIGQUIT for a stack dump: %v", p.Name(), err)
+			continue
+		}
+		_ = p.Wait(10 * time.Second)
+		logf("%s: goroutine stacks written to %s", p.Name(), p.LogPath())
+	}
 }
