@@ -47,6 +47,8 @@ type File struct {
 	path     string
 	size     uint64
 	readOnly bool
+	// ranges makes a read atomic with a change it overlaps (rangelock.go).
+	ranges rangeLock
 }
 
 // Open opens the image at path, creating it (sparse, at opts.Size) when it
@@ -170,7 +172,9 @@ func (img *File) Close() error { return img.f.Close() }
 
 // ReadAt fills p from off.
 func (img *File) ReadAt(p []byte, off uint64) error {
+	l := img.ranges.rlock(off, uint64(len(p)))
 	n, err := img.f.ReadAt(p, int64(off))
+	img.ranges.runlock(l)
 	if err == io.EOF && n == len(p) {
 		err = nil
 	}
@@ -185,7 +189,10 @@ func (img *File) WriteAt(p []byte, off uint64, fua bool) error {
 	if off > img.size || uint64(len(p)) > img.size-off {
 		return fmt.Errorf("rawimage: writing %d bytes at %d: past the end of the %d-byte image", len(p), off, img.size)
 	}
-	if _, err := img.f.WriteAt(p, int64(off)); err != nil {
+	l := img.ranges.lock(off, uint64(len(p)))
+	_, err := img.f.WriteAt(p, int64(off))
+	img.ranges.unlock(l)
+	if err != nil {
 		return fmt.Errorf("rawimage: writing %d bytes at %d: %w", len(p), off, err)
 	}
 	if fua {
@@ -225,7 +232,9 @@ func unsupported(err error) bool {
 // Trim discards the range by punching a hole; it reads back as zeroes. On a
 // filesystem that cannot punch holes it does nothing (a trim is a hint).
 func (img *File) Trim(off, length uint64, fua bool) error {
+	l := img.ranges.lock(off, length)
 	err := img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	img.ranges.unlock(l)
 	if err != nil && !unsupported(err) {
 		return fmt.Errorf("rawimage: punching hole of %d bytes at %d: %w", length, off, err)
 	}
@@ -241,7 +250,20 @@ func (img *File) Trim(off, length uint64, fua bool) error {
 // nbd.ErrNotFast is returned and nothing changes. nbd.ZeroFUA syncs before
 // returning.
 func (img *File) Zero(off, length uint64, f nbd.ZeroFlags) error {
-	noHole := f&nbd.ZeroNoHole != 0
+	l := img.ranges.lock(off, length)
+	err := img.zero(off, length, f&nbd.ZeroNoHole != 0, f&nbd.ZeroFast != 0)
+	img.ranges.unlock(l)
+	if err != nil {
+		return err
+	}
+	if f&nbd.ZeroFUA != 0 {
+		return img.Sync()
+	}
+	return nil
+}
+
+// zero is Zero under the range lock, without the sync.
+func (img *File) zero(off, length uint64, noHole, fast bool) error {
 	var err error
 	if !noHole {
 		err = img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
@@ -250,16 +272,13 @@ func (img *File) Zero(off, length uint64, f nbd.ZeroFlags) error {
 		err = img.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	}
 	if unsupported(err) {
-		if f&nbd.ZeroFast != 0 {
+		if fast {
 			return fmt.Errorf("rawimage: zeroing %d bytes at %d: the filesystem can neither punch holes nor zero ranges: %w", length, off, nbd.ErrNotFast)
 		}
 		err = img.writeZeroes(off, length)
 	}
 	if err != nil {
 		return fmt.Errorf("rawimage: zeroing %d bytes at %d: %w", length, off, err)
-	}
-	if f&nbd.ZeroFUA != 0 {
-		return img.Sync()
 	}
 	return nil
 }
