@@ -230,13 +230,19 @@ func (p *Proc) Stop(timeout time.Duration) error { return p.StopWith(syscall.SIG
 
 // StopWith sends sig and waits up to timeout for the exit, then kills the
 // process. It returns the exit status (nil for status 0), ErrTimeout if it
-// had to kill, and ErrExited if the process had exited before.
+// had to kill, and ErrExited if the process had exited before. Before the
+// kill it sends SIGQUIT and waits a moment, so that a Go process prints
+// every goroutine's stack into its log: where a stop hangs is the first
+// thing anyone reading a failure needs.
 func (p *Proc) StopWith(sig os.Signal, timeout time.Duration) error {
 	if err := p.Signal(sig); err != nil {
 		return err
 	}
 	err := p.Wait(timeout)
 	if errors.Is(err, ErrTimeout) {
+		if p.Signal(syscall.SIGQUIT) == nil {
+			_ = p.Wait(quitWait)
+		}
 		_ = p.cmd.Process.Kill()
 		<-p.done
 		return fmt.Errorf("%w of %v", err, sig)
@@ -246,6 +252,10 @@ func (p *Proc) StopWith(sig os.Signal, timeout time.Duration) error {
 	}
 	return nil
 }
+
+// quitWait is how long a process that did not stop gets to print its
+// goroutines after SIGQUIT before it is killed.
+const quitWait = 5 * time.Second
 
 // Kill sends SIGKILL and waits for the exit; ErrExited if it had exited.
 func (p *Proc) Kill() error {
