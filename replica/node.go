@@ -330,6 +330,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 		}
 	}
 	n.ownTrans = n.trans
+	n.trans = drainPipelines(n.trans) // pipeline.go: hashicorp/raft#612
 	if cfg.WrapTransport != nil {
 		n.trans = cfg.WrapTransport(n.trans)
 	}
