@@ -98,6 +98,9 @@ type NodeConfig struct {
 	// WrapWALFS, if set, wraps the file system under raft-wal's segment
 	// files: the hook of the chaos tests' disk fault layer.
 	WrapWALFS func(types.VFS) types.VFS
+	// ImageHook, if set, sees every operation on the image first: the hook
+	// of the chaos tests' fault layer under the image.
+	ImageHook rawimage.Hook
 	// HeartbeatTimeout, ElectionTimeout and LeaderLeaseTimeout are Raft's.
 	// Defaults DefaultHeartbeatTimeout and friends.
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
@@ -281,7 +284,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	if n.lock, err = lockDir(cfg.Dir); err != nil {
 		return nil, err
 	}
-	n.img, err = rawimage.Open(filepath.Join(cfg.Dir, ImageFile), rawimage.Options{Size: cfg.Size})
+	n.img, err = rawimage.Open(filepath.Join(cfg.Dir, ImageFile), rawimage.Options{Size: cfg.Size, Hook: cfg.ImageHook})
 	if err != nil {
 		return nil, err
 	}

@@ -11,8 +11,10 @@
 //	PUT  /v1/point {"point": NAME, "count": N}: the next N passes through
 //	               supervise's point NAME panic (package faultpoint)
 //	PUT  /v1/disk  replace the disk rules (diskfault.Rules)
-//	POST /v1/crash simulate power loss: what was not fsynced is lost (a
-//	               random prefix of it torn in), then the process kills
+//	PUT  /v1/image replace the image rules (imagefault.Rules)
+//	POST /v1/crash simulate power loss: what was not fsynced is lost (of
+//	               the log, a random prefix of it torn in; of the image,
+//	               a random set of blocks kept), then the process kills
 //	               itself with SIGKILL; the request gets no answer
 //
 // Without the chaos tag, nothing of chaos/ is linked into keel and no
@@ -33,6 +35,7 @@ import (
 
 	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/chaos/faultpoint"
+	"github.com/keelstore/keel/chaos/imagefault"
 	"github.com/keelstore/keel/chaos/netfault"
 )
 
@@ -54,8 +57,10 @@ type Server struct {
 	Dialer *netfault.Dialer
 	// Points arms the named panic points.
 	Points *faultpoint.Table
-	// Disk is the disk layer; nil: no disk faults here.
+	// Disk is the disk layer under the log; nil: no disk faults here.
 	Disk *diskfault.FS
+	// Image is the layer under the image; nil: no image faults here.
+	Image *imagefault.Layer
 	// Crash simulates power loss and kills the process; nil: refused.
 	Crash func()
 }
@@ -148,6 +153,22 @@ func (s *Server) ServeListener(ctx context.Context, l net.Listener) error {
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
+	mux.HandleFunc("PUT /v1/image", func(w http.ResponseWriter, r *http.Request) {
+		if s.Image == nil {
+			http.Error(w, "no image layer in this process", http.StatusNotFound)
+			return
+		}
+		var rules imagefault.Rules
+		if err := json.NewDecoder(r.Body).Decode(&rules); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := s.Image.Set(rules); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
 	mux.HandleFunc("POST /v1/crash", func(w http.ResponseWriter, r *http.Request) {
 		if s.Crash == nil {
 			http.Error(w, "this process cannot crash on request", http.StatusNotFound)
@@ -195,6 +216,11 @@ func (c *Client) SetNet(ctx context.Context, r netfault.Rules) error { return c.
 // SetDisk replaces the process's disk rules.
 func (c *Client) SetDisk(ctx context.Context, r diskfault.Rules) error {
 	return c.put(ctx, "/v1/disk", r)
+}
+
+// SetImage replaces the process's image rules.
+func (c *Client) SetImage(ctx context.Context, r imagefault.Rules) error {
+	return c.put(ctx, "/v1/image", r)
 }
 
 // Crash asks the process to lose what it has not fsynced and die; the

@@ -11,6 +11,7 @@ import (
 
 	"github.com/keelstore/keel/chaos/control"
 	"github.com/keelstore/keel/chaos/diskfault"
+	"github.com/keelstore/keel/chaos/imagefault"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"github.com/keelstore/keel/supervise"
@@ -65,18 +66,25 @@ const (
 var CodeFaults = []string{FaultPanicRaft, FaultPanicMembership, FaultPanicAccept, FaultPanicStorm}
 
 // Disk fault kinds, through the chaos build's diskfault layer under one
-// server's Raft log (raft-wal's segment files).
+// server's Raft log (raft-wal's segment files) and its imagefault layer
+// under the image.
 const (
-	FaultPowerLoss  = "power-loss"    // writes stay in memory until fsync; then a crash loses (or tears) them and the server restarts
+	FaultPowerLoss  = "power-loss"    // log writes stay in memory until fsync, image changes are remembered until fdatasync; then a crash loses (or tears) the log's and loses a random set of the image's, and the server restarts
 	FaultDiskEIO    = "disk-eio"      // log writes fail with EIO
 	FaultDiskENOSPC = "disk-enospc"   // log writes fail with ENOSPC
 	FaultSyncEIO    = "disk-sync-eio" // log fsyncs fail with EIO
 	FaultReadEIO    = "disk-read-eio" // log reads fail with EIO
 	FaultDiskSlow   = "disk-slow"     // every log write and fsync takes 20ms more
+
+	FaultImageEIO     = "image-eio"      // image writes, trims and zeroes fail with EIO: the server stops (exit 70) and is restarted once healed
+	FaultImageENOSPC  = "image-enospc"   // the same with ENOSPC
+	FaultImageReadEIO = "image-read-eio" // image reads fail with EIO: the proxy reads from the other replicas
+	FaultImageSyncEIO = "image-sync-eio" // image fdatasyncs fail with EIO (snapshots, FUA writes, flushes)
 )
 
 // DiskFaults lists the disk fault kinds.
-var DiskFaults = []string{FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow}
+var DiskFaults = []string{FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow,
+	FaultImageEIO, FaultImageENOSPC, FaultImageReadEIO, FaultImageSyncEIO}
 
 // ProcessFaults lists the process fault kinds.
 var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause, FaultKillCatchUp}
@@ -332,7 +340,8 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			}
 		}
 		restart = in.c.Nodes()
-	case FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow:
+	case FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSyncEIO, FaultReadEIO, FaultDiskSlow,
+		FaultImageEIO, FaultImageENOSPC, FaultImageReadEIO, FaultImageSyncEIO:
 		if in.ctl == nil {
 			err = errNoChaosBuild
 			break
@@ -342,9 +351,25 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			FaultPowerLoss: {Lazy: true, CrashAtSync: true}, FaultDiskEIO: {FailWrite: "EIO"}, FaultDiskENOSPC: {FailWrite: "ENOSPC"},
 			FaultSyncEIO: {FailSync: "EIO"}, FaultReadEIO: {FailRead: "EIO"}, FaultDiskSlow: {Slow: 20 * time.Millisecond},
 		}[pl.kind]
+		image := map[string]imagefault.Rules{
+			FaultPowerLoss: {Lazy: true}, FaultImageEIO: {FailChange: "EIO"}, FaultImageENOSPC: {FailChange: "ENOSPC"},
+			FaultImageReadEIO: {FailRead: "EIO"}, FaultImageSyncEIO: {FailSync: "EIO"},
+		}[pl.kind]
 		f.Target, f.Start = "["+n.ID+"]", in.hist.Now()
 		proc := n.Proc()
-		err = in.ctl[n.ID].SetDisk(ctx, rules)
+		if image != (imagefault.Rules{}) {
+			// The image's first: a power loss then remembers every image
+			// change until the crash the log's rules bring.
+			err = in.ctl[n.ID].SetImage(ctx, image)
+		}
+		if pl.kind == FaultPowerLoss && err == nil {
+			// Let image changes pile up unsynced for half the hold; the
+			// log's rules crash the server at its next fsync after that.
+			sleepCtx(ctx, pl.hold/2)
+		}
+		if rules != (diskfault.Rules{}) && err == nil {
+			err = in.ctl[n.ID].SetDisk(ctx, rules)
+		}
 		if err != nil && pl.kind == FaultPowerLoss {
 			// The crash may come at an fsync before the answer is sent.
 			select {
@@ -367,6 +392,9 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			}
 		} else if n.Running() {
 			if err2 := in.ctl[n.ID].SetDisk(ctx, diskfault.Rules{}); err2 != nil && err == nil {
+				err = err2
+			}
+			if err2 := in.ctl[n.ID].SetImage(ctx, imagefault.Rules{}); err2 != nil && err == nil {
 				err = err2
 			}
 		}

@@ -12,6 +12,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"syscall"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/keelstore/keel/chaos/control"
 	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/chaos/faultpoint"
+	"github.com/keelstore/keel/chaos/imagefault"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/services/proxy"
@@ -51,15 +53,20 @@ func init() {
 		cfg.WrapTransport = func(t raft.Transport) raft.Transport { return netfault.Wrap(t, tab) }
 		disk := diskfault.New(walfs.New(), seed)
 		cfg.WrapWALFS = func(types.VFS) types.VFS { return disk }
+		image := imagefault.New(filepath.Join(cfg.Dir, replica.ImageFile), seed)
+		cfg.ImageHook = image
 		crash := func() {
 			pending := disk.Pending()
 			lost, err := disk.Crash()
-			log.Warn("CHAOS: simulated power loss", "bytes_unsynced", pending, "bytes_lost", lost, "error", err)
+			blocks := image.Pending()
+			undone, kept, ierr := image.Crash()
+			log.Warn("CHAOS: simulated power loss", "bytes_unsynced", pending, "bytes_lost", lost, "error", err,
+				"image_blocks_unsynced", blocks, "image_blocks_lost", undone, "image_blocks_kept", kept, "image_error", ierr)
 			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			select {} // SIGKILL is on its way
 		}
 		disk.OnCrash(crash)
-		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab, Points: points(), Disk: disk, Crash: crash}
+		srv := &control.Server{Path: control.SocketPath(dir, id), Net: tab, Points: points(), Disk: disk, Image: image, Crash: crash}
 		return serveControl(srv, log)
 	}
 	chaosProxy = func(writer string, cfg *proxy.Config, log hclog.Logger) (func(), error) {

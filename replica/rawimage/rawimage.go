@@ -39,6 +39,9 @@ type Options struct {
 	Size uint64
 	// ReadOnly opens the image for reading only (shared lock).
 	ReadOnly bool
+	// Hook, if set, sees every operation first (hook.go); nil in
+	// production.
+	Hook Hook
 }
 
 // File is an open image. Its methods are safe for concurrent use.
@@ -49,6 +52,7 @@ type File struct {
 	readOnly bool
 	// ranges makes a read atomic with a change it overlaps (rangelock.go).
 	ranges rangeLock
+	hook   Hook
 }
 
 // Open opens the image at path, creating it (sparse, at opts.Size) when it
@@ -81,7 +85,7 @@ func Open(path string, opts Options) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("rawimage: opening %s: %w", path, err)
 	}
-	img := &File{f: f, path: path, readOnly: opts.ReadOnly}
+	img := &File{f: f, path: path, readOnly: opts.ReadOnly, hook: opts.Hook}
 	if err := img.lock(); err != nil {
 		f.Close()
 		return nil, err
@@ -173,7 +177,10 @@ func (img *File) Close() error { return img.f.Close() }
 // ReadAt fills p from off.
 func (img *File) ReadAt(p []byte, off uint64) error {
 	l := img.ranges.rlock(off, uint64(len(p)))
-	n, err := img.f.ReadAt(p, int64(off))
+	n, err := 0, img.before(OpRead, off, uint64(len(p)))
+	if err == nil {
+		n, err = img.f.ReadAt(p, int64(off))
+	}
 	img.ranges.runlock(l)
 	if err == io.EOF && n == len(p) {
 		err = nil
@@ -190,7 +197,10 @@ func (img *File) WriteAt(p []byte, off uint64, fua bool) error {
 		return fmt.Errorf("rawimage: writing %d bytes at %d: past the end of the %d-byte image", len(p), off, img.size)
 	}
 	l := img.ranges.lock(off, uint64(len(p)))
-	_, err := img.f.WriteAt(p, int64(off))
+	err := img.before(OpWrite, off, uint64(len(p)))
+	if err == nil {
+		_, err = img.f.WriteAt(p, int64(off))
+	}
 	img.ranges.unlock(l)
 	if err != nil {
 		return fmt.Errorf("rawimage: writing %d bytes at %d: %w", len(p), off, err)
@@ -203,6 +213,9 @@ func (img *File) WriteAt(p []byte, off uint64, fua bool) error {
 
 // Sync puts every completed write on stable storage (fdatasync).
 func (img *File) Sync() error {
+	if err := img.before(OpSync, 0, 0); err != nil {
+		return fmt.Errorf("rawimage: fdatasync %s: %w", img.path, err)
+	}
 	for {
 		err := unix.Fdatasync(int(img.f.Fd()))
 		if err == unix.EINTR {
@@ -210,6 +223,9 @@ func (img *File) Sync() error {
 		}
 		if err != nil {
 			return fmt.Errorf("rawimage: fdatasync %s: %w", img.path, err)
+		}
+		if img.hook != nil {
+			img.hook.Synced()
 		}
 		return nil
 	}
@@ -233,7 +249,10 @@ func unsupported(err error) bool {
 // filesystem that cannot punch holes it does nothing (a trim is a hint).
 func (img *File) Trim(off, length uint64, fua bool) error {
 	l := img.ranges.lock(off, length)
-	err := img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	err := img.before(OpTrim, off, length)
+	if err == nil {
+		err = img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	}
 	img.ranges.unlock(l)
 	if err != nil && !unsupported(err) {
 		return fmt.Errorf("rawimage: punching hole of %d bytes at %d: %w", length, off, err)
@@ -264,7 +283,10 @@ func (img *File) Zero(off, length uint64, f nbd.ZeroFlags) error {
 
 // zero is Zero under the range lock, without the sync.
 func (img *File) zero(off, length uint64, noHole, fast bool) error {
-	var err error
+	err := img.before(OpZero, off, length)
+	if err != nil {
+		return fmt.Errorf("rawimage: zeroing %d bytes at %d: %w", length, off, err)
+	}
 	if !noHole {
 		err = img.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	}
@@ -295,6 +317,14 @@ func (img *File) writeZeroes(off, length uint64) error {
 		length -= n
 	}
 	return nil
+}
+
+// before tells the hook, if any, about op.
+func (img *File) before(op Op, off, length uint64) error {
+	if img.hook == nil {
+		return nil
+	}
+	return img.hook.Before(op, off, length)
 }
 
 // Extent is a run of the image that is all data or all hole.
