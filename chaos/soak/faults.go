@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/keelstore/keel/chaos/imagefault"
 	"github.com/keelstore/keel/chaos/netfault"
 	"github.com/keelstore/keel/cmd/keel/keeltest"
+	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 )
 
@@ -27,6 +29,7 @@ const (
 	FaultQuorumLoss  = "quorum-loss"  // kill -9 two of three servers, start them again
 	FaultQuorumPause = "quorum-pause" // SIGSTOP two of three servers, then SIGCONT
 	FaultKillCatchUp = "kill-catchup" // kill -9 a follower, start it, kill it again while it catches up (from the log, or by an image resync), start it
+	FaultMembership  = "membership"   // remove a follower from the cluster, wipe it, join it again; mid-change kill -9 the joining node or the leader
 )
 
 // Network fault kinds, through the chaos build's netfault layer under each
@@ -87,7 +90,7 @@ var DiskFaults = []string{FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSy
 	FaultImageEIO, FaultImageENOSPC, FaultImageReadEIO, FaultImageSyncEIO}
 
 // ProcessFaults lists the process fault kinds.
-var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause, FaultKillCatchUp}
+var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause, FaultKillCatchUp, FaultMembership}
 
 // Fault is one fault injected: what, on whom, and when (times since the
 // history began).
@@ -252,6 +255,10 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			err = n.Restart(ctx)
 		}
 		restart = []*keeltest.Node{n}
+	case FaultMembership:
+		var vs []*keeltest.Node
+		vs, err = in.membership(ctx, pl, &f)
+		restart = vs
 	case FaultPause, FaultQuorumPause:
 		count := 1
 		if pl.kind == FaultQuorumPause {
@@ -591,4 +598,84 @@ func errSuffix(s string) string {
 		return ""
 	}
 	return ": ERROR " + s
+}
+
+// membership removes a follower, wipes its directory and joins it again
+// under the same id, so it comes back as a non-voter that must resync the
+// whole image before it is promoted; pl.again into that catch-up it kills
+// the joining node or (pl.leader) the leader, and starts it again. With
+// the follower out, the two voters left are the quorum: killing the
+// leader then makes the volume unavailable until it is back.
+func (in *injector) membership(ctx context.Context, pl plan, f *Fault) ([]*keeltest.Node, error) {
+	pl.leader = false
+	lead, err := in.c.Leader(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var v *keeltest.Node
+	for _, n := range in.victims(ctx, pl, 2) {
+		if n != lead {
+			v = n
+			break
+		}
+	}
+	if v == nil {
+		return nil, fmt.Errorf("membership: no follower to remove")
+	}
+	f.Target, f.Start = "["+v.ID+"]", in.hist.Now()
+	cl := in.c.Client()
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
+	err = cl.Do(rctx, "POST", lead.HTTP, "/v1/cluster/remove", wire.IDRequest{ID: v.ID}, nil)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("membership: removing %s: %w", v.ID, err)
+	}
+	if err := v.Stop(); err != nil && !errors.Is(err, keeltest.ErrExited) {
+		in.logf("%s: stopping it after its removal: %v", v.ID, err)
+	}
+	if err := os.RemoveAll(v.Dir); err != nil {
+		return nil, err
+	}
+	var via *keeltest.Node
+	for _, n := range in.c.Running() {
+		if n != v {
+			via = n
+			break
+		}
+	}
+	if via == nil {
+		return nil, fmt.Errorf("membership: nobody to join %s through", v.ID)
+	}
+	if err := v.StartFresh(ctx, "--join", via.HTTP); err != nil {
+		return nil, fmt.Errorf("membership: joining %s again: %w", v.ID, err)
+	}
+	sleepCtx(ctx, pl.again)
+	victim := v
+	if pl.hold > 2*time.Second { // about half the plans: the leader instead
+		if l, err := in.c.Leader(ctx); err == nil && l != v {
+			victim, f.Unavailable = l, true
+		}
+	}
+	in.logf("%s: killed %v into %s's rejoin (syncing: %v)", victim.ID, pl.again, v.ID, in.syncing(ctx, v))
+	if err := victim.Kill(); err != nil {
+		return nil, err
+	}
+	f.Healed = in.hist.Now()
+	if err := victim.Restart(ctx); err != nil {
+		return nil, err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	var ids []string
+	for _, n := range in.c.Nodes() {
+		ids = append(ids, n.ID)
+	}
+	l, err := in.c.Leader(wctx)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := in.c.WaitVoters(wctx, l, ids, nil); err != nil {
+		return nil, fmt.Errorf("membership: %s not a voter again: %w", v.ID, err)
+	}
+	return []*keeltest.Node{v, victim}, nil
 }
