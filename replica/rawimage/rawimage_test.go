@@ -18,7 +18,7 @@ const mib = 1 << 20
 
 // openNew creates a new image of size bytes in a fresh directory and closes
 // it when the test ends.
-func openNew(t *testing.T, size uint64) (*rawimage.File, string) {
+func openNew(t testing.TB, size uint64) (*rawimage.File, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
 	img, err := rawimage.Open(path, rawimage.Options{Size: size})
