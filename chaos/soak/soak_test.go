@@ -32,7 +32,7 @@ var soakCases = []struct {
 	// hashicorp/raft#612, a deadlock in raft's append pipeline after a
 	// refused append; fixed by replica/pipeline.go (its test replays it).
 	// It reproduced in about one run in five of this seed's disk faults
-	// with a -race build; none in 40 runs after the fix.
+	// with a -race build; none in 26 runs after the fix.
 	{3, DiskFaults, 30, false},
 	{4, CodeFaults, 25, false},
 }
