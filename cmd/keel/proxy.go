@@ -27,6 +27,7 @@ type proxyFlags struct {
 	writeTimeout time.Duration
 	readTimeout  time.Duration
 	attempt      time.Duration
+	relayAfter   time.Duration
 	poll         time.Duration
 	connect      time.Duration
 	drain        time.Duration
@@ -77,6 +78,7 @@ closes the connections (qemu reconnects) and releases the volume.`,
 	fl.DurationVar(&f.writeTimeout, "write-timeout", 30*time.Second, "how long a write waits for a leader and a quorum before failing with EIO")
 	fl.DurationVar(&f.readTimeout, "read-timeout", 30*time.Second, "how long a read waits for an up-to-date replica before failing with EIO")
 	fl.DurationVar(&f.attempt, "attempt-timeout", 0, "how long one call to the leader may take before the write is re-sent (default 5s, or --write-timeout if shorter)")
+	fl.DurationVar(&f.relayAfter, "relay-after", 0, "once no leader has answered this proxy for this long, send writes through a follower that can reach one (default 500ms)")
 	fl.DurationVar(&f.poll, "poll-interval", 200*time.Millisecond, "how often each server's status is read while a leader is known")
 	fl.DurationVar(&f.connect, "connect-timeout", 60*time.Second, "at start, how long to wait for a server to answer")
 	fl.StringVar(&f.http, "http", "", "serve status (/v1/status) and Prometheus metrics (/metrics) on HOST:PORT; off by default")
@@ -124,7 +126,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	}
 	pcfg := proxy.Config{
 		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
-		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt,
+		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt, RelayAfter: f.relayAfter,
 		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
 	}
 	stopChaos, err := chaosProxy(writer, &pcfg, log)
@@ -165,7 +167,7 @@ func proxyFlagError(err error) error {
 	r := strings.NewReplacer(
 		"proxy: Servers", "--servers", "proxy: Writer", "--writer",
 		"proxy: WriteTimeout", "--write-timeout", "proxy: ReadTimeout", "--read-timeout",
-		"proxy: AttemptTimeout", "--attempt-timeout", "proxy: PollInterval", "--poll-interval",
+		"proxy: AttemptTimeout", "--attempt-timeout", "proxy: RelayAfter", "--relay-after", "proxy: PollInterval", "--poll-interval",
 		"proxy: ConnectTimeout", "--connect-timeout")
 	return errors.New(r.Replace(err.Error()))
 }

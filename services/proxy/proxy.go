@@ -58,9 +58,9 @@ type Proxy struct {
 
 // Stats count what the proxy did; read them with Stats.
 type Stats struct {
-	Reads, CacheHits, CacheMisses, RemoteReads atomic.Uint64
-	RemoteReadBytes                            atomic.Uint64 // what the remote reads asked for
-	Writes, Retries, Duplicates, Refused       atomic.Uint64
+	Reads, CacheHits, CacheMisses, RemoteReads    atomic.Uint64
+	RemoteReadBytes                               atomic.Uint64 // what the remote reads asked for
+	Writes, Retries, Relayed, Duplicates, Refused atomic.Uint64
 }
 
 // Config configures a Proxy.
@@ -91,6 +91,11 @@ type Config struct {
 	// write is re-sent (with the same request id). Default 5s; range 100ms
 	// to WriteTimeout.
 	AttemptTimeout time.Duration
+	// RelayAfter: once no leader has answered this proxy for this long,
+	// writes go through a follower that follows one, which forwards them
+	// (a proxy cut from the leader alone keeps writing while a quorum
+	// exists). Default 500ms; range 10ms to WriteTimeout.
+	RelayAfter time.Duration
 	// PollInterval is how often each server's status is read while a
 	// leader is known; while none is, every 20ms. Default 200ms; range 10ms
 	// to 10s.
@@ -122,6 +127,9 @@ func (c Config) withDefaults() Config {
 	if c.PollInterval == 0 {
 		c.PollInterval = 200 * time.Millisecond
 	}
+	if c.RelayAfter == 0 {
+		c.RelayAfter = min(500*time.Millisecond, c.WriteTimeout)
+	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
 	}
@@ -150,6 +158,9 @@ func (c Config) Validate() error {
 	}
 	if c.AttemptTimeout < 100*time.Millisecond || c.AttemptTimeout > c.WriteTimeout {
 		return fmt.Errorf("proxy: AttemptTimeout %v: must be from 100ms to the write timeout %v", c.AttemptTimeout, c.WriteTimeout)
+	}
+	if c.RelayAfter < 10*time.Millisecond || c.RelayAfter > c.WriteTimeout {
+		return fmt.Errorf("proxy: RelayAfter %v: must be from 10ms to the write timeout %v", c.RelayAfter, c.WriteTimeout)
 	}
 	if c.PollInterval < 10*time.Millisecond || c.PollInterval > 10*time.Second {
 		return fmt.Errorf("proxy: PollInterval %v: must be from 10ms to 10s", c.PollInterval)
@@ -510,7 +521,7 @@ func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, erro
 			case <-time.After(min(time.Duration(attempt)*5*time.Millisecond, 100*time.Millisecond)):
 			}
 		}
-		l, err := p.view.Leader(ctx)
+		l, relayed, err := p.view.Target(ctx, p.cfg.RelayAfter)
 		if err != nil {
 			if last == nil {
 				last = err
@@ -518,19 +529,32 @@ func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, erro
 			return wire.ApplyResponse{}, last
 		}
 		actx, cancel := context.WithTimeout(ctx, p.cfg.AttemptTimeout)
-		stop := context.AfterFunc(l.lostContext(), cancel)
-		r, err := p.api.Apply(actx, l.http, data)
-		stop()
+		var r wire.ApplyResponse
+		who := "leader"
+		if relayed {
+			who = "relay"
+			p.stats.Relayed.Add(1)
+			r, err = p.api.Relay(actx, l.http, data)
+		} else {
+			stop := context.AfterFunc(l.lostContext(), cancel)
+			r, err = p.api.Apply(actx, l.http, data)
+			stop()
+		}
 		cancel()
 		if err != nil {
-			last = fmt.Errorf("leader %s: %w", l.http, err)
+			last = fmt.Errorf("%s %s: %w", who, l.http, err)
 			if ctx.Err() == nil {
-				p.view.LeaderFailed(l)
+				if relayed {
+					l.markDown()
+					p.view.Kick()
+				} else {
+					p.view.LeaderFailed(l)
+				}
 			}
 			continue
 		}
 		if r.Refused == wire.NotRefused && r.Error != "" {
-			last = fmt.Errorf("leader %s: %s", l.http, r.Error)
+			last = fmt.Errorf("%s %s: %s", who, l.http, r.Error)
 			continue
 		}
 		l.noteApplied(r.Index)

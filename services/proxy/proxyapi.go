@@ -67,7 +67,7 @@ func (p *Proxy) counters() map[string]uint64 {
 	s := &p.stats
 	return map[string]uint64{
 		"reads": s.Reads.Load(), "cache_hits": s.CacheHits.Load(), "cache_misses": s.CacheMisses.Load(),
-		"remote_reads": s.RemoteReads.Load(), "remote_read_bytes": s.RemoteReadBytes.Load(), "writes": s.Writes.Load(), "retries": s.Retries.Load(),
+		"remote_reads": s.RemoteReads.Load(), "remote_read_bytes": s.RemoteReadBytes.Load(), "writes": s.Writes.Load(), "retries": s.Retries.Load(), "relayed": s.Relayed.Load(),
 		"duplicates": s.Duplicates.Load(), "refused": s.Refused.Load(),
 	}
 }
@@ -112,6 +112,7 @@ func (p *Proxy) metrics() *prometheus.Registry {
 	counter("keel_proxy_remote_read_bytes_total", "Bytes read from replicas (read-ahead included).", s.RemoteReadBytes.Load)
 	counter("keel_proxy_writes_total", "Write, trim and zero commands sent (a large write is several).", s.Writes.Load)
 	counter("keel_proxy_retries_total", "Commands re-sent after a failed attempt (failover, timeout).", s.Retries.Load)
+	counter("keel_proxy_relayed_total", "Commands sent through a follower because no leader answered this proxy.", s.Relayed.Load)
 	counter("keel_proxy_duplicates_total", "Re-sent commands the cluster had already applied.", s.Duplicates.Load)
 	counter("keel_proxy_refused_total", "Commands refused because this proxy was fenced.", s.Refused.Load)
 	gauge("keel_proxy_holding", "1 while this proxy is the volume's writer.", func() float64 {

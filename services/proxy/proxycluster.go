@@ -40,6 +40,9 @@ type clusterView struct {
 	bg      sync.WaitGroup  // barrier fetches and connection closes; Serve waits for them
 	servers map[string]*serverState
 	leader  *serverState  // nil while unknown
+	// leaderless is when leader last became nil (the zero time at
+	// first): how long no leader has answered this proxy.
+	leaderless time.Time
 	changed chan struct{} // closed and replaced whenever something a waiter may want changes
 	kick    chan struct{} // closed and replaced to make every poller poll now
 	barrier *barrierCall  // the leader's log index being fetched now, if any
@@ -63,6 +66,7 @@ type serverState struct {
 	nbdAddr  string
 	up       bool   // the last status call answered
 	role     string // Leader, Follower, ...
+	leaderID string // the leader this server follows, "" when it knows none
 	syncing  bool   // resyncing its image: reads would wait
 	size     uint64
 	client   *nbd.Client
@@ -158,6 +162,54 @@ func (v *clusterView) Leader(ctx context.Context) (*serverState, error) {
 		case <-ch:
 		}
 	}
+}
+
+// Target waits until the leader answers, or, once none has answered this
+// proxy for relayAfter, a follower does that follows a leader: it relays
+// a write to the leader (wire.RelayHeader). relayed says which it is. A
+// proxy cut from the leader alone thus keeps writing while a quorum
+// exists.
+func (v *clusterView) Target(ctx context.Context, relayAfter time.Duration) (s *serverState, relayed bool, err error) {
+	for {
+		v.mu.Lock()
+		l, ch, since := v.leader, v.changed, v.leaderless
+		v.mu.Unlock()
+		if l != nil {
+			return l, false, nil
+		}
+		wait := relayAfter - time.Since(since)
+		if wait <= 0 {
+			if r := v.relay(); r != nil {
+				return r, true, nil
+			}
+			wait = relayAfter
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, false, fmt.Errorf("no leader found among %s: %w", strings.Join(v.addrs(), ", "), context.Cause(ctx))
+		case <-ch:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// relay picks, among the servers answering that follow a leader and are
+// not resyncing, the one with the highest applied index; nil if none.
+func (v *clusterView) relay() *serverState {
+	var best *serverState
+	var bestApplied uint64
+	for _, s := range v.snapshot() {
+		s.mu.Lock()
+		ok := s.up && s.role == "Follower" && s.leaderID != "" && !s.syncing
+		s.mu.Unlock()
+		if a := s.applied.Load(); ok && (best == nil || a > bestApplied) {
+			best, bestApplied = s, a
+		}
+	}
+	return best
 }
 
 func (v *clusterView) addrs() []string {
@@ -399,7 +451,7 @@ func (v *clusterView) pollOnce(ctx context.Context, s *serverState) {
 	wasUp := s.up
 	s.up = err == nil
 	if err == nil {
-		s.id, s.role, s.size = st.Self.ID, st.State, st.ImageSize
+		s.id, s.role, s.size, s.leaderID = st.Self.ID, st.State, st.ImageSize, st.Leader
 		s.syncing = st.Sync != nil && st.Sync.Active
 		if st.Self.NBD != s.nbdAddr && s.client != nil {
 			s.client.Close()
@@ -450,6 +502,9 @@ func (v *clusterView) setLeaderLocked(s *serverState) {
 			old.lost()
 		}
 		old.mu.Unlock()
+	}
+	if s == nil && v.leader != nil {
+		v.leaderless = time.Now()
 	}
 	v.leader = s
 	if s != nil {

@@ -362,12 +362,15 @@ func (a *API) handleApply(w http.ResponseWriter, r *http.Request) {
 		wire.WriteJSON(w, http.StatusBadRequest, wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusedBadCommand, Error: err.Error()})
 		return
 	}
-	if !n.IsLeader() {
+	relay := r.Header.Get(wire.RelayHeader) == "1"
+	if !n.IsLeader() && !relay {
 		l, _ := n.Leader()
 		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: "not the leader", NotLeader: true, Leader: l.HTTP})
 		return
 	}
-	res, err := n.Apply(ctx, &c)
+	// A relayed command goes to the leader through this node's forwarder
+	// (Node.Propose), which answers once this node has applied it too.
+	res, err := n.Propose(ctx, &c)
 	if err != nil {
 		wire.WriteJSON(w, http.StatusServiceUnavailable, wire.ErrorBody{Error: err.Error(), NotLeader: errors.Is(err, replica.ErrNotLeader)})
 		return

@@ -132,6 +132,13 @@ type IDRequest struct {
 // Client.Apply sets it from its context's deadline.
 const TimeoutHeader = "Keel-Timeout-Ms"
 
+// RelayHeader, set to "1" on POST /v1/apply, asks a follower to forward
+// the command to the leader and answer once it has applied it itself,
+// instead of answering "not the leader": a proxy that cannot reach the
+// leader writes through a follower that can. A server of a build without
+// it answers "not the leader", which the proxy retries like any refusal.
+const RelayHeader = "Keel-Relay"
+
 // ApplyResponse is the result of a forwarded command.
 type ApplyResponse struct {
 	Level     replica.Level `json:"level,omitempty"` // the answering leader's
@@ -258,14 +265,27 @@ func (c *Client) Cluster(ctx context.Context, addr string) (ClusterStatus, error
 // Apply forwards an encoded command to the leader at addr, telling it
 // ctx's deadline (TimeoutHeader).
 func (c *Client) Apply(ctx context.Context, addr string, cmd []byte) (ApplyResponse, error) {
+	return c.apply(ctx, addr, cmd, false)
+}
+
+// Relay sends an encoded command to the follower at addr, which forwards
+// it to the leader (RelayHeader) and answers once it has applied it.
+func (c *Client) Relay(ctx context.Context, addr string, cmd []byte) (ApplyResponse, error) {
+	return c.apply(ctx, addr, cmd, true)
+}
+
+func (c *Client) apply(ctx context.Context, addr string, cmd []byte, relay bool) (ApplyResponse, error) {
 	var r ApplyResponse
-	var hdr http.Header
+	hdr := http.Header{}
 	if d, ok := ctx.Deadline(); ok {
 		ms := time.Until(d).Milliseconds()
 		if ms <= 0 {
 			return r, fmt.Errorf("POST %s/v1/apply: %w", addr, context.DeadlineExceeded)
 		}
-		hdr = http.Header{TimeoutHeader: {strconv.FormatInt(ms, 10)}}
+		hdr.Set(TimeoutHeader, strconv.FormatInt(ms, 10))
+	}
+	if relay {
+		hdr.Set(RelayHeader, "1")
 	}
 	err := c.do(ctx, http.MethodPost, addr, "/v1/apply", hdr, cmd, &r)
 	return r, err
