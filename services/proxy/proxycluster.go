@@ -39,14 +39,14 @@ type clusterView struct {
 	serving bool            // Serve runs: goroutines may be started in bg
 	bg      sync.WaitGroup  // barrier fetches and connection closes; Serve waits for them
 	servers map[string]*serverState
-	leader  *serverState  // nil while unknown
+	leader  *serverState // nil while unknown
 	// leaderless is when leader last became nil (the zero time at
 	// first): how long no leader has answered this proxy.
 	leaderless time.Time
-	changed chan struct{} // closed and replaced whenever something a waiter may want changes
-	kick    chan struct{} // closed and replaced to make every poller poll now
-	barrier *barrierCall  // the leader's log index being fetched now, if any
-	next    *barrierCall  // the fetch that starts once barrier is done
+	changed    chan struct{} // closed and replaced whenever something a waiter may want changes
+	kick       chan struct{} // closed and replaced to make every poller poll now
+	barrier    *barrierCall  // the leader's log index being fetched now, if any
+	next       *barrierCall  // the fetch that starts once barrier is done
 }
 
 // barrierCall is one fetch of the leader's last log index, shared by the
