@@ -49,6 +49,11 @@ type ClusterConfig struct {
 	// Env is added to the environment of every server and proxy, e.g.
 	// the chaos build's $KEEL_CHAOS_DIR.
 	Env []string
+	// PidFiles runs every server and proxy with --pid-file (Node.PidFile,
+	// Proxy.PidFile) and its output straight to its log (ProcConfig.Direct),
+	// so that it can be upgraded in place (keel upgrade) and the harness
+	// follow the successor (Node.Adopt, Proxy.Adopt).
+	PidFiles bool
 	// Logf, if set, hears of retries and other events worth a line.
 	Logf func(format string, args ...any)
 	// UpTimeout bounds a start: exec to answering HTTP, or to leading
@@ -564,6 +569,9 @@ func (n *Node) Args(extra ...string) []string {
 	args := append(slices.Clone(n.c.cfg.GlobalFlags), "server", "--dir", n.Dir, "--id", n.ID,
 		"--raft", n.Raft, "--http", n.HTTP, "--nbd", n.NBD)
 	args = append(args, n.c.cfg.Flags...)
+	if n.c.cfg.PidFiles {
+		args = append(args, "--pid-file", n.PidFile())
+	}
 	return append(args, extra...)
 }
 
@@ -579,11 +587,28 @@ func (n *Node) Start(extra ...string) error {
 	if n.Bin != "" {
 		bin = n.Bin
 	}
-	p, err := n.c.group.Start(ProcConfig{Bin: bin, Name: n.ID, Args: n.Args(extra...), Env: n.c.cfg.Env, LogPath: n.LogPath})
+	p, err := n.c.group.Start(ProcConfig{Bin: bin, Name: n.ID, Args: n.Args(extra...), Env: n.c.cfg.Env, LogPath: n.LogPath, Direct: n.c.cfg.PidFiles})
 	if err != nil {
 		return err
 	}
 	n.proc = p
+	return nil
+}
+
+// PidFile is where the node's --pid-file is (ClusterConfig.PidFiles):
+// beside its log, so that wiping its directory keeps it.
+func (n *Node) PidFile() string { return strings.TrimSuffix(n.LogPath, ".log") + ".pid" }
+
+// Adopt makes the process pid, which took over from the node's current
+// run in an upgrade, its current run.
+func (n *Node) Adopt(pid int) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.proc == nil {
+		return fmt.Errorf("%s: never started", n.ID)
+	}
+	n.proc = n.proc.Successor(pid)
+	n.c.group.Adopt(n.proc)
 	return nil
 }
 

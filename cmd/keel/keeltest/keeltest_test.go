@@ -3,6 +3,7 @@ package keeltest
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -254,4 +255,62 @@ func TestProxyAddressAndLogChosenByCaller(t *testing.T) {
 	if err := p.Stop(); err == nil {
 		t.Errorf("sleep killed by SIGTERM reported as a clean exit")
 	}
+}
+
+// TestSuccessorFollowsAHandover: a Direct process that starts its
+// successor and exits (as keel upgrade does) is followed by pid; the
+// successor's output lands in the same log, and it can be signalled and
+// seen to exit.
+func TestSuccessorFollowsAHandover(t *testing.T) {
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "pid")
+	// The successor ignores SIGTERM, so only the harness's SIGKILL ends it.
+	script := `sh -c 'trap "" TERM; echo up:$$; while :; do sleep 0.05; done' & echo $! > ` + pidFile + `; echo first`
+	p, err := Start(ProcConfig{Bin: "/bin/sh", Name: "sh", Args: []string{"-c", script}, LogPath: filepath.Join(dir, "sh.log"), Direct: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Wait(10 * time.Second); err != nil {
+		t.Fatalf("the first process: %v", err)
+	}
+	var pid int
+	if err := Poll(t.Context(), 10*time.Second, 10*time.Millisecond, "pid file", func() (bool, string, error) {
+		b, err := os.ReadFile(pidFile)
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		_, err = fmt.Sscan(string(b), &pid)
+		return err == nil, fmt.Sprint(err), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	q := p.Successor(pid)
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) })
+	if q.Exited() || q.Pid() != pid {
+		t.Fatalf("successor %d: exited %v, pid %d", pid, q.Exited(), q.Pid())
+	}
+	if err := Poll(t.Context(), 10*time.Second, 10*time.Millisecond, "successor's output", func() (bool, string, error) {
+		// (The header line holds the script, so look for the pid.)
+		return strings.Contains(readLog(t, filepath.Join(dir, "sh.log")), fmt.Sprintf("up:%d", pid)), "", nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Stop(300 * time.Millisecond); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("Stop of a successor that ignores SIGTERM: %v, want ErrTimeout (then killed)", err)
+	}
+	if !q.Exited() {
+		t.Fatal("the successor still runs after Stop killed it")
+	}
+	if err := q.Signal(syscall.SIGTERM); !errors.Is(err, ErrExited) {
+		t.Errorf("Signal after the exit: %v, want ErrExited", err)
+	}
+}
+
+func readLog(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }

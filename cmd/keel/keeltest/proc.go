@@ -49,6 +49,12 @@ type ProcConfig struct {
 	// RingBytes is how much of the latest output Tail keeps in memory;
 	// 0 means DefaultRingBytes.
 	RingBytes int
+	// Direct gives the process LogPath itself as stdout and stderr, no
+	// pipe: a process that hands over to a successor (keel upgrade)
+	// passes the file on, so every generation's output lands in the log
+	// and none writes to a pipe that closed with its first ancestor.
+	// Tail then reads the file's end.
+	Direct bool
 }
 
 // Validate names the first bad field.
@@ -70,7 +76,9 @@ func (c ProcConfig) Validate() error {
 // any goroutine.
 type Proc struct {
 	name     string
-	cmd      *exec.Cmd
+	cmd      *exec.Cmd // nil for a successor (Successor): not our child
+	pid      int
+	direct   bool // output straight to logPath (ProcConfig.Direct)
 	logPath  string
 	logStart int64 // where this run's output starts in logPath
 	ring     *ring
@@ -102,11 +110,15 @@ func Start(cfg ProcConfig) (*Proc, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: log: %w", cfg.Name, err)
 	}
-	p := &Proc{name: cfg.Name, logPath: cfg.LogPath, logStart: fi.Size(), ring: newRing(cfg.RingBytes), done: make(chan struct{})}
+	p := &Proc{name: cfg.Name, logPath: cfg.LogPath, logStart: fi.Size(), ring: newRing(cfg.RingBytes), done: make(chan struct{}), direct: cfg.Direct}
 	cmd := exec.Command(cfg.Bin, cfg.Args...)
 	cmd.Env = append(os.Environ(), cfg.Env...)
-	out := &sink{f: f, r: p.ring}
-	cmd.Stdout, cmd.Stderr = out, out
+	if cfg.Direct {
+		cmd.Stdout, cmd.Stderr = f, f
+	} else {
+		out := &sink{f: f, r: p.ring}
+		cmd.Stdout, cmd.Stderr = out, out
+	}
 	// A grandchild (keel dev's servers) may hold the pipe after the child
 	// exits; Wait gives up on it after this.
 	cmd.WaitDelay = 5 * time.Second
@@ -115,7 +127,7 @@ func Start(cfg ProcConfig) (*Proc, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: start %s: %w", cfg.Name, cfg.Bin, err)
 	}
-	p.cmd = cmd
+	p.cmd, p.pid = cmd, cmd.Process.Pid
 	go func() {
 		err := cmd.Wait()
 		f.Close()
@@ -151,7 +163,44 @@ func Run(ctx context.Context, cfg ProcConfig, stop time.Duration) error {
 func (p *Proc) Name() string { return p.name }
 
 // Pid is the process id.
-func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+func (p *Proc) Pid() int { return p.pid }
+
+// Successor is the process pid that took over from p (an upgrade: p's
+// child, which p's exit left to init). Its output goes where p's went (p
+// must be Direct); it is signalled by pid, and its exit is found by
+// polling (its status is unknown: Err is nil).
+func (p *Proc) Successor(pid int) *Proc {
+	fi, err := os.Stat(p.logPath)
+	start := p.logStart
+	if err == nil {
+		start = fi.Size()
+	}
+	q := &Proc{name: p.name, pid: pid, direct: true, logPath: p.logPath, logStart: start, ring: p.ring, done: make(chan struct{})}
+	go func() {
+		for pidAlive(pid) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		close(q.done)
+	}()
+	return q
+}
+
+// pidAlive reports whether pid runs: it exists and is not a zombie (a
+// successor's parent may not reap it).
+func pidAlive(pid int) bool {
+	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// pid (comm) STATE ...: comm may hold spaces and parentheses.
+	if i := strings.LastIndexByte(string(b), ')'); i >= 0 && i+2 < len(b) {
+		return b[i+2] != 'Z'
+	}
+	return true
+}
 
 // LogPath is the file the output goes to.
 func (p *Proc) LogPath() string { return p.logPath }
@@ -180,7 +229,7 @@ func (p *Proc) Err() error {
 // ExitCode is the exit status, or -1 if the process runs or was killed by
 // a signal.
 func (p *Proc) ExitCode() int {
-	if !p.Exited() {
+	if !p.Exited() || p.cmd == nil {
 		return -1
 	}
 	return p.cmd.ProcessState.ExitCode()
@@ -188,7 +237,7 @@ func (p *Proc) ExitCode() int {
 
 // ExitSignal is the signal that ended the process, if one did.
 func (p *Proc) ExitSignal() (syscall.Signal, bool) {
-	if !p.Exited() {
+	if !p.Exited() || p.cmd == nil {
 		return 0, false
 	}
 	ws, ok := p.cmd.ProcessState.Sys().(syscall.WaitStatus)
@@ -203,7 +252,13 @@ func (p *Proc) Signal(sig os.Signal) error {
 	if p.Exited() {
 		return fmt.Errorf("%s: %w: %v", p.name, ErrExited, p.err)
 	}
-	if err := p.cmd.Process.Signal(sig); err != nil {
+	var err error
+	if p.cmd != nil {
+		err = p.cmd.Process.Signal(sig)
+	} else {
+		err = syscall.Kill(p.pid, sig.(syscall.Signal))
+	}
+	if err != nil {
 		return fmt.Errorf("%s: signal %v: %w", p.name, sig, err)
 	}
 	return nil
@@ -243,7 +298,7 @@ func (p *Proc) StopWith(sig os.Signal, timeout time.Duration) error {
 		if p.Signal(syscall.SIGQUIT) == nil {
 			_ = p.Wait(quitWait)
 		}
-		_ = p.cmd.Process.Kill()
+		_ = p.Signal(syscall.SIGKILL)
 		<-p.done
 		return fmt.Errorf("%w of %v", err, sig)
 	}
@@ -291,8 +346,15 @@ func (p *Proc) Lines() []string {
 	return strings.Split(s[:i], "\n")
 }
 
-// Tail is the latest output, at most the ring's size.
-func (p *Proc) Tail() string { return p.ring.String() }
+// Tail is the latest output, at most the ring's size (of a Direct
+// process, the log's end).
+func (p *Proc) Tail() string {
+	if !p.direct {
+		return p.ring.String()
+	}
+	s := p.Output()
+	return s[max(0, len(s)-len(p.ring.buf)):]
+}
 
 // Scan returns ErrCrash with the offending lines if this run's output
 // holds a panic, a data race or a fatal runtime error.
@@ -383,6 +445,13 @@ func (g *Group) Start(cfg ProcConfig) (*Proc, error) {
 	g.procs = append(g.procs, p)
 	g.mu.Unlock()
 	return p, nil
+}
+
+// Adopt makes the group own p too (a Successor).
+func (g *Group) Adopt(p *Proc) {
+	g.mu.Lock()
+	g.procs = append(g.procs, p)
+	g.mu.Unlock()
 }
 
 // Running lists the group's processes that have not exited.

@@ -78,6 +78,9 @@ func (c *Cluster) StartProxy(ctx context.Context, cfg ProxyConfig) (*Proxy, erro
 		p.args = append(slices.Concat(c.cfg.GlobalFlags, cfg.GlobalFlags), "proxy", "--servers", strings.Join(c.HTTPAddrs(), ","),
 			"--listen", p.Listen, "--http", p.HTTP, "--writer", cfg.Name)
 		p.args = append(p.args, cfg.Flags...)
+		if c.cfg.PidFiles {
+			p.args = append(p.args, "--pid-file", p.PidFile())
+		}
 		if err := p.start(); err != nil {
 			return nil, err
 		}
@@ -98,11 +101,28 @@ func (p *Proxy) start() error {
 	if p.proc != nil && !p.proc.Exited() {
 		return fmt.Errorf("proxy %s: started while still running", p.Name)
 	}
-	proc, err := p.c.group.Start(ProcConfig{Bin: p.c.cfg.Bin, Name: "proxy " + p.Name, Args: p.args, Env: p.c.cfg.Env, LogPath: p.LogPath})
+	proc, err := p.c.group.Start(ProcConfig{Bin: p.c.cfg.Bin, Name: "proxy " + p.Name, Args: p.args, Env: p.c.cfg.Env, LogPath: p.LogPath, Direct: p.c.cfg.PidFiles})
 	if err != nil {
 		return err
 	}
 	p.proc = proc
+	return nil
+}
+
+// PidFile is the proxy's --pid-file (ClusterConfig.PidFiles), beside its
+// log.
+func (p *Proxy) PidFile() string { return strings.TrimSuffix(p.LogPath, ".log") + ".pid" }
+
+// Adopt makes the process pid, which took over from the current run in an
+// upgrade, the current run.
+func (p *Proxy) Adopt(pid int) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.proc == nil {
+		return fmt.Errorf("proxy %s: never started", p.Name)
+	}
+	p.proc = p.proc.Successor(pid)
+	p.c.group.Adopt(p.proc)
 	return nil
 }
 
