@@ -64,27 +64,44 @@ func (h *NodeHolder) Get(ctx context.Context) (*replica.Node, error) {
 // service fails and its supervisor starts it again.
 type RaftService struct {
 	Config replica.NodeConfig
-	Holder *NodeHolder
+	// Listener, when set, is the Raft listener shared by this process's
+	// transports (an upgrade passes it on); nil: the node listens on
+	// Config.RaftAddr itself.
+	Listener *RaftListener
+	// Opened, when set, is a node already open (a process taking over
+	// from its parent opens it during the handover): the first Serve runs
+	// it instead of opening one.
+	Opened *OpenNode
+	// WaitLocked is how long opening waits for the data directory's lock
+	// held by another process (after a failed upgrade, the child that
+	// held it is being killed); zero: not at all, the process stops.
+	WaitLocked time.Duration
+	Holder     *NodeHolder
 	Log    hclog.Logger
 }
 
 func (s *RaftService) String() string { return "raft " + s.Config.ID }
 
 func (s *RaftService) Serve(ctx context.Context) error {
-	n, err := replica.OpenNode(ctx, s.Config)
-	if err != nil {
-		if errors.Is(err, replica.ErrDirLocked) {
-			// Not something a restart fixes: stop the process.
-			s.Log.Error("cannot start", "error", err)
-			return terminate{err}
+	on := s.Opened
+	s.Opened = nil
+	if on == nil {
+		var err error
+		if on, err = s.open(ctx); err != nil {
+			if errors.Is(err, replica.ErrDirLocked) {
+				// Not something a restart fixes: stop the process.
+				s.Log.Error("cannot start", "error", err)
+				return terminate{err}
+			}
+			return err
 		}
-		return err
 	}
+	n := on.Node
 	s.Holder.set(n)
 	s.Log.Info("raft node running", "id", n.ID(), "raft", n.Self().Raft, "image", n.Image().Path())
 	defer func() {
 		s.Holder.set(nil)
-		if err := n.Close(); err != nil {
+		if err := on.Close(); err != nil {
 			s.Log.Warn("closing raft node", "error", err)
 		}
 	}()
@@ -101,6 +118,67 @@ func (s *RaftService) Serve(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// open opens the node, retrying while another process holds the directory
+// for up to WaitLocked.
+func (s *RaftService) open(ctx context.Context) (*OpenNode, error) {
+	deadline := time.Now().Add(s.WaitLocked)
+	for {
+		on, err := Open(ctx, s.Config, s.Listener)
+		if err == nil || !errors.Is(err, replica.ErrDirLocked) || time.Now().After(deadline) {
+			return on, err
+		}
+		s.Log.Info("data directory still locked; waiting", "error", err)
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// OpenNode is a replica.Node with the transport it was opened on.
+type OpenNode struct {
+	Node  *replica.Node
+	trans *raft.NetworkTransport // nil: the node's own
+}
+
+// Open opens the node of cfg: on a transport over l when l is set (cfg's
+// RaftAddr is then what peers are told), else as cfg says.
+func Open(ctx context.Context, cfg replica.NodeConfig, l *RaftListener) (*OpenNode, error) {
+	on := &OpenNode{}
+	if l != nil {
+		log := cfg.Log
+		if log == nil {
+			log = hclog.NewNullLogger()
+		}
+		t, err := l.Transport(cfg.RaftAddr, log.Named("transport"))
+		if err != nil {
+			return nil, err
+		}
+		on.trans, cfg.Transport = t, t
+	}
+	n, err := replica.OpenNode(ctx, cfg)
+	if err != nil {
+		if on.trans != nil {
+			on.trans.Close()
+		}
+		return nil, err
+	}
+	on.Node = n
+	return on, nil
+}
+
+// Close closes the node (raft, stores, image, the directory's lock), then
+// its transport: established Raft connections close, the listener stays.
+func (on *OpenNode) Close() error {
+	err := on.Node.Close()
+	if on.trans != nil {
+		on.trans.CloseStreams()
+		err = errors.Join(err, on.trans.Close())
+	}
+	return err
 }
 
 // terminate stops the whole supervision tree (suture's
