@@ -20,8 +20,13 @@ import (
 type NodeHolder struct {
 	mu      sync.Mutex // guards the following
 	node    *replica.Node
-	changed chan struct{} // closed and replaced when node changes
+	gone    error         // while set (and node is nil), Get fails at once with it
+	changed chan struct{} // closed and replaced when node or gone changes
 }
+
+// ErrHandedOver: this process has handed the node over to its successor
+// (an upgrade); a caller should ask again, and reaches the successor.
+var ErrHandedOver = errors.New("server: the node is handed over to a new process")
 
 // NewNodeHolder returns an empty holder.
 func NewNodeHolder() *NodeHolder { return &NodeHolder{changed: make(chan struct{})} }
@@ -29,6 +34,19 @@ func NewNodeHolder() *NodeHolder { return &NodeHolder{changed: make(chan struct{
 func (h *NodeHolder) set(n *replica.Node) {
 	h.mu.Lock()
 	h.node = n
+	if n != nil {
+		h.gone = nil
+	}
+	close(h.changed)
+	h.changed = make(chan struct{})
+	h.mu.Unlock()
+}
+
+// setGone makes Get fail at once with err while no node runs (nil: wait
+// again).
+func (h *NodeHolder) setGone(err error) {
+	h.mu.Lock()
+	h.gone = err
 	close(h.changed)
 	h.changed = make(chan struct{})
 	h.mu.Unlock()
@@ -41,14 +59,18 @@ func (h *NodeHolder) Peek() *replica.Node {
 	return h.node
 }
 
-// Get waits for the node to run, or for ctx to end.
+// Get waits for the node to run, or for ctx to end; it fails at once
+// with ErrHandedOver once the node has passed to a successor process.
 func (h *NodeHolder) Get(ctx context.Context) (*replica.Node, error) {
 	for {
 		h.mu.Lock()
-		n, ch := h.node, h.changed
+		n, gone, ch := h.node, h.gone, h.changed
 		h.mu.Unlock()
 		if n != nil {
 			return n, nil
+		}
+		if gone != nil {
+			return nil, gone
 		}
 		select {
 		case <-ch:

@@ -66,6 +66,10 @@ func (h *handover) Quiesce(ctx context.Context) ([]byte, []upgrade.Conn, error) 
 	}
 	h.released = true
 	start := time.Now()
+	// From now on, API calls that need the node fail at once (a proxy
+	// or peer asks another server, or this one again and reaches the
+	// child) instead of waiting for a node this process will not run.
+	s.holder.setGone(ErrHandedOver)
 	if err := s.raftSup.RemoveAndWait(s.raftTok, 30*time.Second); err != nil {
 		h.pending = conns
 		return nil, nil, fmt.Errorf("server: stopping raft for the handover: %w", err)
@@ -78,6 +82,7 @@ func (h *handover) Resume(conns []upgrade.Conn) {
 	s := h.s
 	if h.released {
 		s.cfg.Log.Warn("the new process failed after this one released the node: opening it again")
+		s.holder.setGone(nil)
 		s.raftTok = s.raftSup.Add(s.raftService(nil, reopenWaitLocked))
 	}
 	s.nbdSvc.Resume(append(h.pending, conns...))
