@@ -99,7 +99,7 @@ type RaftService struct {
 	// held it is being killed); zero: not at all, the process stops.
 	WaitLocked time.Duration
 	Holder     *NodeHolder
-	Log    hclog.Logger
+	Log        hclog.Logger
 }
 
 func (s *RaftService) String() string { return "raft " + s.Config.ID }

@@ -53,7 +53,7 @@ func (s *Server) openAfterParent(ctx context.Context) func([]byte) error {
 // handover is the parent's part in an upgrade.
 type handover struct {
 	s        *Server
-	released bool          // the Raft service was stopped: Resume starts it again
+	released bool           // the Raft service was stopped: Resume starts it again
 	pending  []upgrade.Conn // quiesced, not passed to the session (Quiesce failed late)
 }
 
