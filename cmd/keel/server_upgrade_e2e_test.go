@@ -38,7 +38,7 @@ type upgradeCluster struct {
 	dir string
 }
 
-func newUpgradeCluster(t *testing.T, bin string, flags ...string) *upgradeCluster {
+func newUpgradeCluster(t testing.TB, bin string, flags ...string) *upgradeCluster {
 	t.Helper()
 	dir := t.TempDir()
 	wrapper := filepath.Join(dir, "keel-server.sh")
@@ -62,7 +62,7 @@ func (u *upgradeCluster) path(n *keeltest.Node, ext string) string {
 	return filepath.Join(u.dir, n.ID+ext)
 }
 
-func (u *upgradeCluster) pid(t *testing.T, n *keeltest.Node) int {
+func (u *upgradeCluster) pid(t testing.TB, n *keeltest.Node) int {
 	t.Helper()
 	pid, err := upgrade.ReadPID(u.path(n, ".pid"))
 	if err != nil {
@@ -80,7 +80,7 @@ func (u *upgradeCluster) upgrade(t *testing.T, n *keeltest.Node, bin string) res
 
 // cleanup stops the generations the harness did not start, then checks
 // every log for a crash.
-func (u *upgradeCluster) cleanup(t *testing.T) {
+func (u *upgradeCluster) cleanup(t testing.TB) {
 	for _, id := range []string{"n1", "n2", "n3"} {
 		pidFile := filepath.Join(u.dir, id+".pid")
 		if pid, err := upgrade.ReadPID(pidFile); err == nil && upgrade.Alive(pid) {
@@ -107,7 +107,7 @@ func (u *upgradeCluster) cleanup(t *testing.T) {
 
 // caughtUp waits until n follows the leader among the nodes (or leads) and
 // has applied what the leader had applied when the wait began.
-func (u *upgradeCluster) caughtUp(t *testing.T, n *keeltest.Node) {
+func (u *upgradeCluster) caughtUp(t testing.TB, n *keeltest.Node) {
 	t.Helper()
 	lead := u.MustLeader(u.Nodes()...)
 	target := u.MustStatus(lead).AppliedIndex
