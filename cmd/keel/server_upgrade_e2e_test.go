@@ -133,7 +133,7 @@ func TestServerUpgradeUnderLoad(t *testing.T) {
 	c := newUpgradeCluster(t, binA)
 	p := c.MustProxy(keeltest.ProxyConfig{Name: "vm1"})
 	fio := startFio(t, "server-upgrades", p.URI(), "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=8",
-		"--verify=crc32c", "--verify_backlog=256", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=60s")
+		"--verify=crc32c", "--verify_backlog=256", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=30s")
 	keeltest.MustPoll(t, 60*time.Second, "fio writes through the proxy", func() (bool, string) {
 		st, err := proxyStatusAt(t, p.HTTP)
 		return err == nil && st.Counters["writes"] > 0, fmt.Sprint(st.Counters, err)
