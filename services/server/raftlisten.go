@@ -52,8 +52,12 @@ func (r *RaftListener) Close() error { return r.l.Close() }
 var ErrLeaseHeld = errors.New("server: the Raft listener is leased to a transport that is still open")
 
 // Transport returns a new Raft transport that accepts on the listener
-// until it is closed and advertises advertise (HOST:PORT) to peers.
+// until it is closed and advertises advertise (HOST:PORT) to peers; log
+// nil: the listener's.
 func (r *RaftListener) Transport(advertise string, log hclog.Logger) (*raft.NetworkTransport, error) {
+	if log == nil {
+		log = r.log
+	}
 	addr, err := net.ResolveTCPAddr("tcp", advertise)
 	if err != nil {
 		return nil, fmt.Errorf("server: Raft address %q: %w", advertise, err)

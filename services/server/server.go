@@ -196,6 +196,9 @@ func (s *Server) Holder() *NodeHolder { return s.holder }
 // taking over from its parent could not.
 func (s *Server) Run(ctx context.Context) error {
 	log, u := s.cfg.Log, s.cfg.Upgrader
+	if s.rl != nil {
+		defer s.rl.Close() // after the tree, whose transports lease it
+	}
 	rootCtx, cancelRoot := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelRoot()
 	rootErr := s.root.ServeBackground(rootCtx)
