@@ -48,6 +48,9 @@ func newUpgradeCluster(t testing.TB, bin string, flags ...string) *upgradeCluste
 	for _, id := range []string{"n1", "n2", "n3"} {
 		installBinary(t, bin, filepath.Join(dir, id+".keel"))
 	}
+	// A race-enabled binary sleeps 1s at exit by default: every upgrade
+	// (the old process's exit, keel upgrade's own) would pay it.
+	t.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
 	u := &upgradeCluster{dir: dir}
 	t.Cleanup(func() { u.cleanup(t) }) // runs after the cluster's own cleanup has killed the first generations
 	u.TCluster = keeltest.MustCluster(t, keeltest.ClusterConfig{
@@ -132,8 +135,12 @@ func TestServerUpgradeUnderLoad(t *testing.T) {
 	binB := buildVersion(t, "upgrade-b")
 	c := newUpgradeCluster(t, binA)
 	p := c.MustProxy(keeltest.ProxyConfig{Name: "vm1"})
+	runtime := "30s" // 15 upgrades take 5-10s here, 20-30s with -race
+	if os.Getenv(keeltest.EnvRace) == "1" {
+		runtime = "60s"
+	}
 	fio := startFio(t, "server-upgrades", p.URI(), "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=8",
-		"--verify=crc32c", "--verify_backlog=256", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=30s")
+		"--verify=crc32c", "--verify_backlog=256", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime="+runtime)
 	keeltest.MustPoll(t, 60*time.Second, "fio writes through the proxy", func() (bool, string) {
 		st, err := proxyStatusAt(t, p.HTTP)
 		return err == nil && st.Counters["writes"] > 0, fmt.Sprint(st.Counters, err)

@@ -96,7 +96,9 @@ type RaftService struct {
 	Opened *OpenNode
 	// WaitLocked is how long opening waits for the data directory's lock
 	// held by another process (after a failed upgrade, the child that
-	// held it is being killed); zero: not at all, the process stops.
+	// held it is being killed) or for the Raft listener held by this
+	// process's last run (still stopping); zero: not at all, and a locked
+	// directory stops the process.
 	WaitLocked time.Duration
 	Holder     *NodeHolder
 	Log        hclog.Logger
@@ -148,10 +150,10 @@ func (s *RaftService) open(ctx context.Context) (*OpenNode, error) {
 	deadline := time.Now().Add(s.WaitLocked)
 	for {
 		on, err := Open(ctx, s.Config, s.Listener)
-		if err == nil || !errors.Is(err, replica.ErrDirLocked) || time.Now().After(deadline) {
+		if err == nil || !(errors.Is(err, replica.ErrDirLocked) || errors.Is(err, ErrLeaseHeld)) || time.Now().After(deadline) {
 			return on, err
 		}
-		s.Log.Info("data directory still locked; waiting", "error", err)
+		s.Log.Info("the node is still held (by a child that failed, or this process's last run); waiting", "error", err)
 		select {
 		case <-ctx.Done():
 			return nil, err

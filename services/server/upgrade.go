@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"fmt"
+	"runtime/pprof"
+	"strings"
 	"time"
 
 	"github.com/keelstore/keel/upgrade"
@@ -28,7 +30,18 @@ const (
 	// the child's lock on the directory to go (the session kills the
 	// child once the parent has taken everything back).
 	reopenWaitLocked = 30 * time.Second
+	// raftStopTimeout bounds the parent's stop of its Raft service; the
+	// upgrade fails after it (and the node opens again once the old run
+	// has stopped).
+	raftStopTimeout = 30 * time.Second
 )
+
+// stacks is every goroutine's stack, for a stop that hangs.
+func stacks() string {
+	var b strings.Builder
+	_ = pprof.Lookup("goroutine").WriteTo(&b, 2)
+	return b.String()
+}
 
 // openAfterParent is the child's resumeState: the parent has released
 // the directory; open the node and run it.
@@ -70,8 +83,9 @@ func (h *handover) Quiesce(ctx context.Context) ([]byte, []upgrade.Conn, error) 
 	// or peer asks another server, or this one again and reaches the
 	// child) instead of waiting for a node this process will not run.
 	s.holder.setGone(ErrHandedOver)
-	if err := s.raftSup.RemoveAndWait(s.raftTok, 30*time.Second); err != nil {
+	if err := s.raftSup.RemoveAndWait(s.raftTok, raftStopTimeout); err != nil {
 		h.pending = conns
+		s.cfg.Log.Error("raft did not stop for the handover; goroutines follow", "timeout", raftStopTimeout, "stacks", stacks())
 		return nil, nil, fmt.Errorf("server: stopping raft for the handover: %w", err)
 	}
 	s.cfg.Log.Info("raft stopped and the data directory released for the new process", "took", time.Since(start), "connections", len(conns))
