@@ -165,23 +165,24 @@ func (s *RaftService) open(ctx context.Context) (*OpenNode, error) {
 // OpenNode is a replica.Node with the transport it was opened on.
 type OpenNode struct {
 	Node  *replica.Node
-	trans *raft.NetworkTransport // nil: the node's own
+	trans *pipelinedTransport // nil: the node's own
+	log   hclog.Logger
 }
 
 // Open opens the node of cfg: on a transport over l when l is set (cfg's
 // RaftAddr is then what peers are told), else as cfg says.
 func Open(ctx context.Context, cfg replica.NodeConfig, l *RaftListener) (*OpenNode, error) {
-	on := &OpenNode{}
+	on := &OpenNode{log: cfg.Log}
+	if on.log == nil {
+		on.log = hclog.NewNullLogger()
+	}
 	if l != nil {
-		log := cfg.Log
-		if log == nil {
-			log = hclog.NewNullLogger()
-		}
-		t, err := l.Transport(cfg.RaftAddr, log.Named("transport"))
+		t, err := l.Transport(cfg.RaftAddr, on.log.Named("transport"))
 		if err != nil {
 			return nil, err
 		}
-		on.trans, cfg.Transport = t, t
+		on.trans = newPipelinedTransport(t)
+		cfg.Transport = on.trans
 	}
 	n, err := replica.OpenNode(ctx, cfg)
 	if err != nil {
@@ -196,8 +197,40 @@ func Open(ctx context.Context, cfg replica.NodeConfig, l *RaftListener) (*OpenNo
 
 // Close closes the node (raft, stores, image, the directory's lock), then
 // its transport: established Raft connections close, the listener stays.
+// Once Raft's shutdown has begun, its replication pipelines are closed
+// (see pipelinedTransport).
 func (on *OpenNode) Close() error {
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() { // ends with Close (stop)
+		defer close(stopped)
+		if on.trans == nil {
+			return
+		}
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			if on.Node.Raft().State() == raft.Shutdown {
+				// Give a clean shutdown its moment, then break a stuck one.
+				select {
+				case <-stop:
+					return
+				case <-time.After(200 * time.Millisecond):
+				}
+				if n := on.trans.closePipelines(); n > 0 {
+					on.log.Warn("closed replication pipelines that held raft's shutdown", "pipelines", n)
+				}
+				return
+			}
+		}
+	}()
 	err := on.Node.Close()
+	close(stop)
+	<-stopped
 	if on.trans != nil {
 		on.trans.CloseStreams()
 		err = errors.Join(err, on.trans.Close())
