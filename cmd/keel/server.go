@@ -62,7 +62,14 @@ up. A node restarted on an existing DIR needs neither.
 Every node serves NBD on --nbd. Reads come from the local image; writes are
 committed through Raft on a quorum before they are acknowledged (a follower
 forwards them to the leader). Without a quorum, reads keep working and
-writes fail with EIO after --write-timeout.`,
+writes fail with EIO after --write-timeout.
+
+SIGHUP (keel upgrade --pid-file PATH) replaces the process by a fresh start
+of its binary in place: a leader hands leadership over, the old process
+stops Raft and releases DIR, the new one (which inherited the Raft, HTTP and
+NBD listeners) opens it and takes over every NBD connection. A new binary
+that fails is refused and the old process keeps serving. Upgrade one node
+at a time (docs/upgrade.md).`,
 		Example: `  keel server --dir /var/lib/keel/vm1 --id n1 --raft 10.0.0.1:7001 --nbd 10.0.0.1:10809 --http 10.0.0.1:7002 --bootstrap --size 64G
   keel server --dir /var/lib/keel/vm1 --id n2 --raft 10.0.0.2:7001 --nbd 10.0.0.2:10809 --http 10.0.0.2:7002 --join 10.0.0.1:7002`,
 		Args: cobra.NoArgs,
