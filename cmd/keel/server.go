@@ -41,6 +41,7 @@ type serverFlags struct {
 	logCache     string
 	heartbeat    time.Duration
 	pidFile      string
+	upgradeTO    time.Duration
 	election     time.Duration
 	lease        time.Duration
 }
@@ -61,14 +62,22 @@ up. A node restarted on an existing DIR needs neither.
 Every node serves NBD on --nbd. Reads come from the local image; writes are
 committed through Raft on a quorum before they are acknowledged (a follower
 forwards them to the leader). Without a quorum, reads keep working and
-writes fail with EIO after --write-timeout.`,
+writes fail with EIO after --write-timeout.
+
+SIGHUP (keel upgrade --pid-file PATH) replaces the process by a fresh start
+of its binary in place: a leader hands leadership over, the old process
+stops Raft and releases DIR, the new one (which inherited the Raft, HTTP and
+NBD listeners) opens it and takes over every NBD connection. A new binary
+that fails is refused and the old process keeps serving. Upgrade one node
+at a time (docs/upgrade.md).`,
 		Example: `  keel server --dir /var/lib/keel/vm1 --id n1 --raft 10.0.0.1:7001 --nbd 10.0.0.1:10809 --http 10.0.0.1:7002 --bootstrap --size 64G
   keel server --dir /var/lib/keel/vm1 --id n2 --raft 10.0.0.2:7001 --nbd 10.0.0.2:10809 --http 10.0.0.2:7002 --join 10.0.0.1:7002`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g, f) },
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here at start (for systemd's PIDFile=); SIGHUP is refused, and keel upgrade reports it")
+	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary: leadership is handed over, NBD connections are kept")
+	fl.DurationVar(&f.upgradeTO, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
 	fl.StringVar(&f.dir, "dir", "", "data directory: DIR/disk.img and the Raft state (required)")
 	fl.StringVar(&f.id, "id", "", "this node's id in the cluster, e.g. n1 (required)")
 	fl.StringVar(&f.raftAddr, "raft", "", "HOST:PORT for Raft traffic between servers (required)")
@@ -135,55 +144,44 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return err
 	}
 
-	httpL, err := net.Listen("tcp", f.httpAddr)
+	u, err := upgrade.New(upgrade.Config{PIDFile: f.pidFile, Timeout: f.upgradeTO, Version: version, Log: log.Named("upgrade")})
 	if err != nil {
-		return fmt.Errorf("--http %s: %w", f.httpAddr, err)
+		return err
 	}
-	nbdL, uri, err := nbdserve.Listen(f.nbdAddr)
+	defer u.Stop()
+	var ls listeners
+	fail := func(err error) error {
+		ls.close()
+		u.Fail(err) // a child tells its parent, which keeps serving
+		return err
+	}
+	httpL, err := u.Listen("tcp", f.httpAddr)
 	if err != nil {
-		httpL.Close()
-		return fmt.Errorf("--nbd: %w", err)
+		return fail(fmt.Errorf("--http %s: %w", f.httpAddr, err))
 	}
+	ls = append(ls, httpL)
+	raftL, err := u.Listen("tcp", f.raftAddr)
+	if err != nil {
+		return fail(fmt.Errorf("--raft %s: %w", f.raftAddr, err))
+	}
+	ls = append(ls, raftL)
+	nbdL, uri, err := nbdserve.ListenWith(f.nbdAddr, u)
+	if err != nil {
+		return fail(fmt.Errorf("--nbd: %w", err))
+	}
+	ls = append(ls, nbdL)
 	client := wire.NewClient(10 * time.Second)
 	self := replica.NodeInfo{ID: f.id, Raft: f.raftAddr, HTTP: httpL.Addr().String(), NBD: f.nbdAddr}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if f.pidFile != "" {
-		if err := upgrade.WritePIDFile(f.pidFile); err != nil {
-			httpL.Close()
-			nbdL.Close()
-			return err
-		}
-		// A server cannot be upgraded in place yet (docs/upgrade.md):
-		// SIGHUP is refused, and keel upgrade says so, instead of the
-		// signal's default of ending the process.
-		hup, stopHup := relaySIGHUP()
-		defer stopHup()
-		refusals := &upgrade.Refusals{PIDFile: f.pidFile, Reason: "keel server does not support in-place upgrades yet; restart it (the other two nodes keep the quorum)"}
-		hctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		go func() { // ends with runServer (cancel)
-			for {
-				select {
-				case <-hup:
-					log.Warn("upgrade requested (SIGHUP): not supported by keel server yet; ignored")
-					if err := refusals.Refuse(); err != nil {
-						log.Warn("could not record the refused upgrade", "error", err)
-					}
-				case <-hctx.Done():
-					return
-				}
-			}
-		}()
-	}
+	hup, stopHup := relaySIGHUP()
+	defer stopHup()
 
 	if fresh && f.join != "" {
 		size, err = server.Join(ctx, client, f.join, self, replica.CurrentLevel, version, log)
 		if err != nil {
-			httpL.Close()
-			nbdL.Close()
-			return err
+			return fail(err)
 		}
 	}
 	if !fresh {
@@ -209,31 +207,26 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	}
 	stopChaos, err := chaosServer(f.id, &nodeCfg, log)
 	if err != nil {
-		httpL.Close()
-		nbdL.Close()
-		return err
+		return fail(err)
 	}
 	defer stopChaos()
 	volSize := size
 	if volSize == 0 {
 		st, err := os.Stat(filepath.Join(f.dir, replica.ImageFile))
 		if err != nil {
-			httpL.Close()
-			nbdL.Close()
-			return fmt.Errorf("%s: %w", f.dir, err)
+			return fail(fmt.Errorf("%s: %w", f.dir, err))
 		}
 		volSize = uint64(st.Size())
 	}
 	srv, err := server.New(server.Config{
-		Node: nodeCfg, HTTP: httpL, NBD: nbdL, VolumeSize: volSize,
+		Node: nodeCfg, HTTP: httpL, NBD: nbdL, Raft: raftL, VolumeSize: volSize,
 		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Version: version, Log: log,
+		Upgrader: u, Upgrades: hup,
 	})
 	if err != nil {
-		httpL.Close()
-		nbdL.Close()
-		return err
+		return fail(err)
 	}
-	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize)
+	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize, "taking_over", u.HasParent())
 	return srv.Run(ctx)
 }
 
@@ -241,4 +234,13 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 func hasRaftState(dir string) bool {
 	_, err := os.Stat(filepath.Join(dir, "raft"))
 	return err == nil
+}
+
+// listeners are the ones opened so far, closed if the start fails.
+type listeners []net.Listener
+
+func (ls listeners) close() {
+	for _, l := range ls {
+		l.Close()
+	}
 }

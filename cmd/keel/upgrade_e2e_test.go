@@ -45,7 +45,7 @@ func (p *upgradeProxy) output() string {
 	return string(b)
 }
 
-func installBinary(t *testing.T, from, to string) {
+func installBinary(t testing.TB, from, to string) {
 	t.Helper()
 	src, err := os.Open(from)
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/keelstore/keel/services/nbdserve"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
+	"github.com/keelstore/keel/upgrade"
 )
 
 // Config configures one keel server process: one replica of one volume.
@@ -45,6 +46,23 @@ type Config struct {
 	Version string
 	// Log is the server's logger.
 	Log hclog.Logger
+	// Raft, when set, is the listener Raft is served on (at Node.RaftAddr,
+	// which peers are told); New takes ownership of it and the node's
+	// transports share it (RaftListener). Nil: the node listens on
+	// Node.RaftAddr itself. Required with Upgrader.
+	Raft net.Listener
+	// Upgrader, when set, puts the server under upgrade control
+	// (docs/upgrade.md): the listeners are inherited through it, a
+	// process with a parent opens the data directory only once the
+	// parent has released it and takes over the parent's NBD
+	// connections, and each receive on Upgrades replaces the process by a
+	// fresh start of its binary.
+	Upgrader *upgrade.Upgrader
+	Upgrades <-chan struct{}
+	// TransferTimeout bounds how long an upgrade of the leader waits for
+	// another node to lead before it proceeds anyway (a one-node cluster
+	// cannot hand leadership over). Default 5s; at most 1m.
+	TransferTimeout time.Duration
 }
 
 func (c *Config) defaults() {
@@ -59,6 +77,9 @@ func (c *Config) defaults() {
 	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
+	}
+	if c.TransferTimeout == 0 {
+		c.TransferTimeout = 5 * time.Second
 	}
 }
 
@@ -76,6 +97,12 @@ func (c Config) Validate() error {
 	if c.DrainTimeout < 0 {
 		return fmt.Errorf("server: DrainTimeout %v: must not be negative", c.DrainTimeout)
 	}
+	if c.Upgrader != nil && c.Raft == nil {
+		return errors.New("server: Raft (the listener) is required with an Upgrader, which passes it on")
+	}
+	if c.TransferTimeout < 0 || c.TransferTimeout > time.Minute {
+		return fmt.Errorf("server: TransferTimeout %v: must be from 0 (5s) to 1m", c.TransferTimeout)
+	}
 	return c.Node.Validate()
 }
 
@@ -90,13 +117,18 @@ func (c Config) Validate() error {
 //
 // Run owns the stop order: NBD first (every request already read is
 // answered while Raft still runs to commit it), then the rest (Raft hands
-// leadership over before it stops).
+// leadership over before it stops). In an upgrade (upgrade.go) the child
+// starts with the raft supervisor empty and its NBD acceptor paused.
 type Server struct {
-	cfg    Config
-	holder *NodeHolder
-	resync *Resyncer
-	root   *suture.Supervisor
-	nbdTok suture.ServiceToken
+	cfg     Config
+	holder  *NodeHolder
+	resync  *Resyncer
+	rl      *RaftListener // nil: the node listens itself
+	root    *suture.Supervisor
+	nbdTok  suture.ServiceToken
+	nbdSvc  *nbdserve.NBD
+	raftSup *suture.Supervisor
+	raftTok suture.ServiceToken // the RaftService while it is in raftSup
 }
 
 // New builds the tree; Run starts it.
@@ -107,6 +139,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	log := cfg.Log
 	s := &Server{cfg: cfg, holder: NewNodeHolder()}
+	if cfg.Raft != nil {
+		var err error
+		if s.rl, err = NewRaftListener(cfg.Raft, log.Named("raft-listener")); err != nil {
+			return nil, err
+		}
+	}
 	s.resync = &Resyncer{Self: cfg.Node.ID, Client: cfg.Client, Log: log.Named("resync")}
 	cfg.Node.Restore = s.resync.Restore
 	cfg.Node.Forwarder = &Forwarder{Client: cfg.Client}
@@ -127,48 +165,94 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
-	raftSup := supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second})
-	raftSup.Add(&RaftService{Config: cfg.Node, Holder: s.holder, Log: log.Named("raft-service")})
-	root.Add(raftSup)
+	s.cfg = cfg
+	s.raftSup = supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second})
+	takeOver := cfg.Upgrader != nil && cfg.Upgrader.HasParent()
+	if !takeOver {
+		s.raftTok = s.raftSup.Add(s.raftService(nil, 0))
+	}
+	root.Add(s.raftSup)
 	root.Add(&API{Listener: cfg.HTTP, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
 		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http")})
 	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery})
-	s.nbdTok = root.Add(nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout}))
+	s.nbdSvc = nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout, Paused: takeOver})
+	s.nbdTok = root.Add(s.nbdSvc)
 	s.root = root
-	s.cfg = cfg
 	return s, nil
+}
+
+// raftService is the Raft service of this server: running opened, if
+// set, else opening the node, waiting up to waitLocked for the data
+// directory's lock.
+func (s *Server) raftService(opened *OpenNode, waitLocked time.Duration) *RaftService {
+	return &RaftService{Config: s.cfg.Node, Listener: s.rl, Opened: opened, WaitLocked: waitLocked, Holder: s.holder, Log: s.cfg.Log.Named("raft-service")}
 }
 
 // Holder hands out the running replica.Node (tests, tools).
 func (s *Server) Holder() *NodeHolder { return s.holder }
 
 // Run serves until ctx ends, then stops in order (see Server) and returns
-// nil; or it returns the error that ended the tree.
+// nil; or it returns the error that ended the tree, or why a process
+// taking over from its parent could not.
 func (s *Server) Run(ctx context.Context) error {
+	log, u := s.cfg.Log, s.cfg.Upgrader
+	if s.rl != nil {
+		defer s.rl.Close() // after the tree, whose transports lease it
+	}
 	rootCtx, cancelRoot := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelRoot()
-	served := make(chan struct{})
-	stopped := make(chan struct{})
-	go func() {
-		defer close(stopped)
+	rootErr := s.root.ServeBackground(rootCtx)
+	if u != nil && u.HasParent() {
+		if err := u.TakeOver(s.openAfterParent(ctx), s.nbdSvc.ResumeConn); err != nil {
+			// Release the directory before the parent hears of the
+			// failure: it opens the directory again at once.
+			cancelRoot()
+			<-rootErr
+			u.Fail(err)
+			return fmt.Errorf("server: taking over from the previous process: %w", err)
+		}
+		s.nbdSvc.Resume(nil)
+		log.Info("took over from the previous process")
+	}
+	if u != nil {
+		if err := u.Ready(); err != nil {
+			log.Warn("could not announce readiness", "error", err)
+		}
+	}
+	for {
 		select {
-		case <-ctx.Done():
-			s.cfg.Log.Info("stopping: draining NBD connections, then Raft")
+		case <-s.cfg.Upgrades:
+			if u == nil {
+				log.Warn("upgrade requested but the process is not under upgrade control")
+				continue
+			}
+			if err := u.Upgrade(ctx, &handover{s: s}); err != nil {
+				continue // logged and recorded; this process keeps serving
+			}
+			// The child runs the node and serves every connection.
 			if err := s.root.RemoveAndWait(s.nbdTok, s.cfg.DrainTimeout+5*time.Second); err != nil {
-				s.cfg.Log.Warn("NBD did not drain in time", "error", err)
+				log.Warn("NBD did not stop in time", "error", err)
 			}
 			cancelRoot()
-		case <-served:
+			<-rootErr
+			log.Info("stopped after the upgrade")
+			return nil
+		case <-ctx.Done():
+			if u != nil {
+				u.Stop()
+			}
+			log.Info("stopping: draining NBD connections, then Raft")
+			if err := s.root.RemoveAndWait(s.nbdTok, s.cfg.DrainTimeout+5*time.Second); err != nil {
+				log.Warn("NBD did not drain in time", "error", err)
+			}
+			cancelRoot()
+			<-rootErr
+			log.Info("stopped")
+			return nil
+		case err := <-rootErr:
+			return err
 		}
-	}()
-	err := s.root.Serve(rootCtx)
-	close(served)
-	<-stopped
-	if ctx.Err() != nil {
-		s.cfg.Log.Info("stopped")
-		return nil
 	}
-	return err
 }
 
 // levelOr is a NodeConfig.Level with its default.

@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -292,9 +293,23 @@ func (c *Client) apply(ctx context.Context, addr string, cmd []byte, relay bool)
 }
 
 // ServeHTTP serves h on l until ctx ends, then shuts the server down
-// (giving requests in flight 5s).
+// (giving requests in flight 5s). A connection that has still not sent
+// its first request 100ms into the shutdown is closed: net/http would wait
+// 5s for it (a client's spare dial, kept idle on its side), and that held
+// a server handing over to its successor (docs/upgrade.md) for 5s.
 func ServeHTTP(ctx context.Context, l net.Listener, h http.Handler, log hclog.Logger) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
+	var mu sync.Mutex // guards fresh
+	fresh := map[net.Conn]struct{}{}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+		ConnState: func(c net.Conn, st http.ConnState) {
+			mu.Lock()
+			defer mu.Unlock()
+			if st == http.StateNew {
+				fresh[c] = struct{}{}
+			} else {
+				delete(fresh, c)
+			}
+		}}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 	select {
@@ -303,7 +318,23 @@ func ServeHTTP(ctx context.Context, l net.Listener, h http.Handler, log hclog.Lo
 	case <-ctx.Done():
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		stop, stopped := make(chan struct{}), make(chan struct{})
+		go func() { // ends with the shutdown (stop)
+			defer close(stopped)
+			select {
+			case <-time.After(100 * time.Millisecond):
+			case <-stop:
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for c := range fresh {
+				c.Close()
+			}
+		}()
 		_ = srv.Shutdown(sctx)
+		close(stop)
+		<-stopped
 		<-errc
 		return nil
 	}
