@@ -99,9 +99,6 @@ func (u *upgradeCluster) cleanup(t testing.TB) {
 		}
 		b, _ := os.ReadFile(filepath.Join(u.dir, id+".log"))
 		out := string(b)
-		if n := strings.Count(out, "closed replication pipelines that held raft's shutdown"); n > 0 {
-			t.Logf("%s: %d stops broke raft's stuck replication pipelines (services/server/pipelines.go)", id, n)
-		}
 		if lines := keeltest.CrashLines(out); len(lines) > 0 {
 			t.Errorf("%s log shows a crash:\n%s", id, strings.Join(lines, "\n"))
 		}

@@ -137,7 +137,7 @@ func (img *File) lock() error {
 	if img.readOnly {
 		how = unix.LOCK_SH
 	}
-	if err := unix.Flock(int(img.f.Fd()), how|unix.LOCK_NB); err != nil {
+	if err := img.control(func(fd int) error { return unix.Flock(fd, how|unix.LOCK_NB) }); err != nil {
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return fmt.Errorf("%w: %s", ErrLocked, img.path)
 		}
@@ -217,7 +217,7 @@ func (img *File) Sync() error {
 		return fmt.Errorf("rawimage: fdatasync %s: %w", img.path, err)
 	}
 	for {
-		err := unix.Fdatasync(int(img.f.Fd()))
+		err := img.control(unix.Fdatasync)
 		if err == unix.EINTR {
 			continue
 		}
@@ -233,7 +233,7 @@ func (img *File) Sync() error {
 
 func (img *File) fallocate(mode uint32, off, length uint64) error {
 	for {
-		err := unix.Fallocate(int(img.f.Fd()), mode, int64(off), int64(length))
+		err := img.control(func(fd int) error { return unix.Fallocate(fd, mode, int64(off), int64(length)) })
 		if err == unix.EINTR {
 			continue
 		}
@@ -319,6 +319,21 @@ func (img *File) writeZeroes(off, length uint64) error {
 	return nil
 }
 
+// control runs f on the image's descriptor, holding it open meanwhile
+// (os.File.Fd would race with Close, and a closed descriptor's number may
+// already name another file): os.ErrClosed once the image is closed.
+func (img *File) control(f func(fd int) error) error {
+	rc, err := img.f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = f(int(fd)) }); err != nil {
+		return err
+	}
+	return ferr
+}
+
 // before tells the hook, if any, about op.
 func (img *File) before(op Op, off, length uint64) error {
 	if img.hook == nil {
@@ -351,7 +366,17 @@ func (img *File) Extents(off, length uint64) ([]Extent, error) {
 	if length < img.size-off {
 		end = off + length
 	}
-	fd := int(img.f.Fd())
+	var out []Extent
+	err := img.control(func(fd int) error {
+		var err error
+		out, err = extents(fd, off, end)
+		return err
+	})
+	return out, err
+}
+
+// extents is Extents on the open descriptor fd, up to end.
+func extents(fd int, off, end uint64) ([]Extent, error) {
 	var out []Extent
 	pos := off
 	for pos < end && len(out) < maxExtents {
@@ -389,7 +414,7 @@ func (img *File) Extents(off, length uint64) ([]Extent, error) {
 
 // Cache asks the kernel to read the range ahead.
 func (img *File) Cache(off, length uint64) error {
-	if err := unix.Fadvise(int(img.f.Fd()), int64(off), int64(length), unix.FADV_WILLNEED); err != nil {
+	if err := img.control(func(fd int) error { return unix.Fadvise(fd, int64(off), int64(length), unix.FADV_WILLNEED) }); err != nil {
 		return fmt.Errorf("rawimage: readahead of %d bytes at %d: %w", length, off, err)
 	}
 	return nil

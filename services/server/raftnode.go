@@ -165,7 +165,7 @@ func (s *RaftService) open(ctx context.Context) (*OpenNode, error) {
 // OpenNode is a replica.Node with the transport it was opened on.
 type OpenNode struct {
 	Node  *replica.Node
-	trans *pipelinedTransport // nil: the node's own
+	trans *raft.NetworkTransport // nil: the node's own
 	log   hclog.Logger
 }
 
@@ -181,8 +181,8 @@ func Open(ctx context.Context, cfg replica.NodeConfig, l *RaftListener) (*OpenNo
 		if err != nil {
 			return nil, err
 		}
-		on.trans = newPipelinedTransport(t)
-		cfg.Transport = on.trans
+		on.trans = t
+		cfg.Transport = t
 	}
 	n, err := replica.OpenNode(ctx, cfg)
 	if err != nil {
@@ -197,40 +197,10 @@ func Open(ctx context.Context, cfg replica.NodeConfig, l *RaftListener) (*OpenNo
 
 // Close closes the node (raft, stores, image, the directory's lock), then
 // its transport: established Raft connections close, the listener stays.
-// Once Raft's shutdown has begun, its replication pipelines are closed
-// (see pipelinedTransport).
+// (Raft's shutdown no longer hangs on a stuck replication pipeline:
+// replica drains every pipeline, replica/pipeline.go.)
 func (on *OpenNode) Close() error {
-	stop, stopped := make(chan struct{}), make(chan struct{})
-	go func() { // ends with Close (stop)
-		defer close(stopped)
-		if on.trans == nil {
-			return
-		}
-		t := time.NewTicker(20 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
-			if on.Node.Raft().State() == raft.Shutdown {
-				// Give a clean shutdown its moment, then break a stuck one.
-				select {
-				case <-stop:
-					return
-				case <-time.After(200 * time.Millisecond):
-				}
-				if n := on.trans.closePipelines(); n > 0 {
-					on.log.Warn("closed replication pipelines that held raft's shutdown", "pipelines", n)
-				}
-				return
-			}
-		}
-	}()
 	err := on.Node.Close()
-	close(stop)
-	<-stopped
 	if on.trans != nil {
 		on.trans.CloseStreams()
 		err = errors.Join(err, on.trans.Close())
