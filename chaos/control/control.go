@@ -72,13 +72,26 @@ type Arm struct {
 }
 
 // Listen binds the socket at path, replacing one a killed run left.
+//
+// A process that takes over from another (keel upgrade) binds the same
+// path while its parent still serves it: the path is replaced, and the
+// parent, when it stops, leaves the path alone (see ServeListener).
 func Listen(path string) (net.Listener, error) {
 	_ = os.Remove(path)
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("control: %w", err)
 	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false) // ServeListener decides
 	return l, nil
+}
+
+// removeIfOurs removes path if it is still the socket l bound (not a
+// successor's).
+func removeIfOurs(path string, bound os.FileInfo) {
+	if now, err := os.Stat(path); err == nil && bound != nil && os.SameFile(now, bound) {
+		_ = os.Remove(path)
+	}
 }
 
 // Serve listens on Path until ctx ends, then closes and removes it.
@@ -93,6 +106,7 @@ func (s *Server) Serve(ctx context.Context) error {
 // ServeListener serves on l (from Listen) until ctx ends, then closes it
 // and removes Path.
 func (s *Server) ServeListener(ctx context.Context, l net.Listener) error {
+	bound, _ := os.Stat(s.Path)
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/net", func(w http.ResponseWriter, r *http.Request) {
 		if s.Net == nil {
@@ -185,7 +199,7 @@ func (s *Server) ServeListener(ctx context.Context, l net.Listener) error {
 		defer cancel()
 		_ = hs.Shutdown(sctx)
 		<-errc
-		_ = os.Remove(s.Path)
+		removeIfOurs(s.Path, bound)
 		return nil
 	case err := <-errc:
 		return fmt.Errorf("control: %w", err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"time"
@@ -17,19 +18,22 @@ import (
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
+	"github.com/keelstore/keel/upgrade"
 )
 
 // A fault kind, as named in the report and in Config.Faults.
 const (
-	FaultKill        = "kill"         // kill -9 one server, start it again
-	FaultPause       = "pause"        // SIGSTOP one server, then SIGCONT
-	FaultRestart     = "restart"      // SIGTERM one server, start it again
-	FaultProxyKill   = "proxy-kill"   // kill -9 the proxy, start it again
-	FaultProxyStop   = "proxy-stop"   // SIGTERM the proxy, start it again
-	FaultQuorumLoss  = "quorum-loss"  // kill -9 two of three servers, start them again
-	FaultQuorumPause = "quorum-pause" // SIGSTOP two of three servers, then SIGCONT
-	FaultKillCatchUp = "kill-catchup" // kill -9 a follower, start it, kill it again while it catches up (from the log, or by an image resync), start it
-	FaultMembership  = "membership"   // remove a follower from the cluster, wipe it, join it again; mid-change kill -9 the joining node or the leader
+	FaultKill         = "kill"          // kill -9 one server, start it again
+	FaultPause        = "pause"         // SIGSTOP one server, then SIGCONT
+	FaultRestart      = "restart"       // SIGTERM one server, start it again
+	FaultProxyKill    = "proxy-kill"    // kill -9 the proxy, start it again
+	FaultProxyStop    = "proxy-stop"    // SIGTERM the proxy, start it again
+	FaultQuorumLoss   = "quorum-loss"   // kill -9 two of three servers, start them again
+	FaultQuorumPause  = "quorum-pause"  // SIGSTOP two of three servers, then SIGCONT
+	FaultKillCatchUp  = "kill-catchup"  // kill -9 a follower, start it, kill it again while it catches up (from the log, or by an image resync), start it
+	FaultMembership   = "membership"    // remove a follower from the cluster, wipe it, join it again; mid-change kill -9 the joining node or the leader
+	FaultUpgrade      = "upgrade"       // keel upgrade of one server (the leader half the time): a new process of the same binary takes over its listeners and connections
+	FaultProxyUpgrade = "proxy-upgrade" // keel upgrade of the proxy
 )
 
 // Network fault kinds, through the chaos build's netfault layer under each
@@ -90,7 +94,7 @@ var DiskFaults = []string{FaultPowerLoss, FaultDiskEIO, FaultDiskENOSPC, FaultSy
 	FaultImageEIO, FaultImageENOSPC, FaultImageReadEIO, FaultImageSyncEIO}
 
 // ProcessFaults lists the process fault kinds.
-var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause, FaultKillCatchUp, FaultMembership}
+var ProcessFaults = []string{FaultKill, FaultPause, FaultRestart, FaultProxyKill, FaultProxyStop, FaultQuorumLoss, FaultQuorumPause, FaultKillCatchUp, FaultMembership, FaultUpgrade, FaultProxyUpgrade}
 
 // Fault is one fault injected: what, on whom, and when (times since the
 // history began).
@@ -161,6 +165,7 @@ type injector struct {
 	proxy *keeltest.Proxy
 	hist  *History
 	logf  func(string, ...any)
+	bin   string // the keel binary, for keel upgrade
 }
 
 // victims resolves a plan's targets: the leader (if asked and known)
@@ -255,6 +260,22 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			err = n.Restart(ctx)
 		}
 		restart = []*keeltest.Node{n}
+	case FaultUpgrade:
+		n := in.victims(ctx, pl, 1)[0]
+		f.Target, f.Start = "["+n.ID+"]", in.hist.Now()
+		var pid int
+		if pid, err = in.upgrade(ctx, n.ID, n.PidFile()); err == nil {
+			err = n.Adopt(pid)
+		}
+		f.Healed = in.hist.Now()
+		restart = []*keeltest.Node{n}
+	case FaultProxyUpgrade:
+		f.Target, f.Start = "proxy", in.hist.Now()
+		var pid int
+		if pid, err = in.upgrade(ctx, "proxy", in.proxy.PidFile()); err == nil {
+			err = in.proxy.Adopt(pid)
+		}
+		f.Healed = in.hist.Now()
 	case FaultMembership:
 		var vs []*keeltest.Node
 		vs, err = in.membership(ctx, pl, &f)
@@ -678,4 +699,29 @@ func (in *injector) membership(ctx context.Context, pl plan, f *Fault) ([]*keelt
 		return nil, fmt.Errorf("membership: %s not a voter again: %w", v.ID, err)
 	}
 	return []*keeltest.Node{v, victim}, nil
+}
+
+// upgrade runs keel upgrade on the process whose pid file is pidFile (the
+// same binary: a new process takes over all the same) and returns the
+// successor's pid once the old process is gone.
+func (in *injector) upgrade(ctx context.Context, who, pidFile string) (int, error) {
+	before, err := upgrade.ReadPID(pidFile)
+	if err != nil {
+		return 0, fmt.Errorf("upgrade %s: %w", who, err)
+	}
+	uctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(uctx, in.bin, "upgrade", "--pid-file", pidFile, "--timeout", "90s").CombinedOutput()
+	if err != nil {
+		return 0, fmt.Errorf("upgrade %s: %w: %s", who, err, strings.TrimSpace(string(out)))
+	}
+	after, err := upgrade.ReadPID(pidFile)
+	if err != nil {
+		return 0, fmt.Errorf("upgrade %s: %w", who, err)
+	}
+	if after == before || !upgrade.Alive(after) {
+		return 0, fmt.Errorf("upgrade %s: the pid file names %d (was %d) after %s", who, after, before, strings.TrimSpace(string(out)))
+	}
+	in.logf("%s upgraded: pid %d -> %d", who, before, after)
+	return after, nil
 }

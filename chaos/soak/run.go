@@ -191,6 +191,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		Bin: cfg.Bin, Dir: cfg.Dir, N: 3, Size: cfg.Size, Flags: cfg.ServerFlags,
 		Env:       []string{control.EnvDir + "=" + ctlDir, fmt.Sprintf("KEEL_CHAOS_SEED=%d", cfg.Seed)},
 		UpTimeout: 2 * time.Minute, Timeout: 3 * time.Minute, Logf: cfg.Logf,
+		PidFiles: true, // the upgrade faults follow each process's successor
 	})
 	if err != nil {
 		return res, fmt.Errorf("soak: cluster: %w", err)
@@ -246,7 +247,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		}
 	}()
 	if !cfg.NoFaults {
-		in := &injector{c: cl, proxy: px, hist: hist, logf: cfg.Logf}
+		in := &injector{c: cl, proxy: px, hist: hist, logf: cfg.Logf, bin: cfg.Bin}
 		if chaosBuild(cl, ctlDir) {
 			in.ctl = map[string]*control.Client{}
 			for _, n := range cl.Nodes() {
