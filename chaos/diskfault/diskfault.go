@@ -45,7 +45,11 @@ type Rules struct {
 	CrashAtSync bool `json:"crash_at_sync,omitempty"`
 }
 
-func errno(s string) (error, error) {
+// Errno is the error a rule's errno name stands for: syscall.EIO for
+// "EIO", syscall.ENOSPC for "ENOSPC", nil for "" (no fault); any other
+// name is the second error. The image's layer (chaos/imagefault) names
+// its errnos the same way.
+func Errno(s string) (error, error) {
 	switch s {
 	case "":
 		return nil, nil
@@ -54,14 +58,16 @@ func errno(s string) (error, error) {
 	case "ENOSPC":
 		return syscall.ENOSPC, nil
 	}
-	return nil, fmt.Errorf("diskfault: errno %q: want EIO, ENOSPC or empty", s)
+	return nil, fmt.Errorf("errno %q: want EIO, ENOSPC or empty", s)
 }
+
+func errno(s string) (error, error) { return Errno(s) }
 
 // Validate names the first bad field.
 func (r Rules) Validate() error {
 	for _, s := range []string{r.FailWrite, r.FailSync, r.FailRead} {
 		if _, err := errno(s); err != nil {
-			return err
+			return fmt.Errorf("diskfault: %w", err)
 		}
 	}
 	if r.Slow < 0 || r.Slow > 10*time.Second {

@@ -23,8 +23,8 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"syscall"
 
+	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/replica/rawimage"
 )
 
@@ -47,23 +47,13 @@ type Rules struct {
 	Lazy bool `json:"lazy,omitempty"`
 }
 
-func errno(s string) (error, error) {
-	switch s {
-	case "":
-		return nil, nil
-	case "EIO":
-		return syscall.EIO, nil
-	case "ENOSPC":
-		return syscall.ENOSPC, nil
-	}
-	return nil, fmt.Errorf("imagefault: errno %q: want EIO, ENOSPC or empty", s)
-}
+func errno(s string) (error, error) { return diskfault.Errno(s) }
 
 // Validate names the first bad field.
 func (r Rules) Validate() error {
 	for name, v := range map[string]string{"fail_change": r.FailChange, "fail_read": r.FailRead, "fail_sync": r.FailSync} {
 		if _, err := errno(v); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
+			return fmt.Errorf("imagefault: %s: %w", name, err)
 		}
 	}
 	return nil
