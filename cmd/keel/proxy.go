@@ -126,7 +126,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	}
 	pcfg := proxy.Config{
 		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
-		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt, RelayAfter: f.relayAfter,
+		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt, RelayAfter: f.relayAfter, Version: version,
 		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
 	}
 	stopChaos, err := chaosProxy(writer, &pcfg, log)

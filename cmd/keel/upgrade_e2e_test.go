@@ -163,6 +163,10 @@ func TestProxyUpgradeUnderLoad(t *testing.T) {
 		if after := p.pid(t); after == before || !upgrade.Alive(after) {
 			t.Fatalf("upgrade %d: pid file names %d (was %d)", i+1, after, before)
 		}
+		// The new process says which build it is.
+		if st, err := proxyStatusAt(t, p.http); err != nil || st.Version != versions[i%2] {
+			t.Fatalf("upgrade %d: proxy status reports version %q (%v), want %q", i+1, st.Version, err, versions[i%2])
+		}
 		select {
 		case <-fio.done:
 			t.Fatalf("fio ended after %d upgrades, before the 20th", i+1)

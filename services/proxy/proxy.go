@@ -106,6 +106,10 @@ type Config struct {
 	// claims at its first write. Adopt gives it the parent's last
 	// acknowledged write before any request is served.
 	Inherited bool
+	// Version is the build's version (keel version), reported in
+	// /v1/status beside the feature level, so an operator sees which
+	// proxies a rolling upgrade has reached.
+	Version string
 	// Log is the proxy's logger. Default: discard.
 	Log hclog.Logger
 	// Dial, if set, opens the proxy's connections to the servers (their

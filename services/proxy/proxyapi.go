@@ -7,6 +7,7 @@ import (
 	"sort"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -18,8 +19,10 @@ type Status struct {
 	Writer         string            `json:"writer"`
 	Holding        bool              `json:"holding"` // this proxy is the volume's writer now
 	Epoch          uint64            `json:"epoch,omitempty"`
-	Fenced         string            `json:"fenced,omitempty"` // why writes are refused for good
-	Leader         string            `json:"leader,omitempty"` // the leader's HTTP address
+	Fenced         string            `json:"fenced,omitempty"`  // why writes are refused for good
+	Version        string            `json:"version,omitempty"` // the build's (Config.Version)
+	Level          replica.Level     `json:"level"`             // the feature level it speaks
+	Leader         string            `json:"leader,omitempty"`  // the leader's HTTP address
 	LastAckedIndex uint64            `json:"last_acked_index"`
 	Size           uint64            `json:"size"`
 	CacheBytes     uint64            `json:"cache_bytes"`
@@ -43,7 +46,7 @@ type ServerStatus struct {
 // Status describes the proxy now.
 func (p *Proxy) Status() Status {
 	st := Status{
-		Writer: p.cfg.Writer, LastAckedIndex: p.lastAcked.Load(),
+		Writer: p.cfg.Writer, LastAckedIndex: p.lastAcked.Load(), Version: p.cfg.Version, Level: replica.CurrentLevel,
 		Size: p.size, CacheBytes: p.cfg.CacheBytes, CachedBytes: uint64(p.cache.len()) * cacheBlock,
 		Counters: p.counters(),
 	}
