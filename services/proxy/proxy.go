@@ -538,7 +538,9 @@ func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, erro
 		if relayed {
 			who = "relay"
 			p.stats.Relayed.Add(1)
+			stop := context.AfterFunc(p.view.foundContext(), cancel)
 			r, err = p.api.Relay(actx, l.http, data)
+			stop()
 		} else {
 			stop := context.AfterFunc(l.lostContext(), cancel)
 			r, err = p.api.Apply(actx, l.http, data)
@@ -549,8 +551,10 @@ func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, erro
 			last = fmt.Errorf("%s %s: %w", who, l.http, err)
 			if ctx.Err() == nil {
 				if relayed {
-					l.markDown()
-					p.view.Kick()
+					if p.view.foundContext().Err() == nil { // not given way to a leader found
+						l.markDown()
+						p.view.Kick()
+					}
 				} else {
 					p.view.LeaderFailed(l)
 				}

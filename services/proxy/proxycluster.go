@@ -43,10 +43,14 @@ type clusterView struct {
 	// leaderless is when leader last became nil (the zero time at
 	// first): how long no leader has answered this proxy.
 	leaderless time.Time
-	changed    chan struct{} // closed and replaced whenever something a waiter may want changes
-	kick       chan struct{} // closed and replaced to make every poller poll now
-	barrier    *barrierCall  // the leader's log index being fetched now, if any
-	next       *barrierCall  // the fetch that starts once barrier is done
+	// found is cancelled when a leader answers (setLeaderLocked): a
+	// write relayed meanwhile gives way to the leader (foundContext).
+	found       context.Context
+	cancelFound context.CancelFunc
+	changed     chan struct{} // closed and replaced whenever something a waiter may want changes
+	kick        chan struct{} // closed and replaced to make every poller poll now
+	barrier     *barrierCall  // the leader's log index being fetched now, if any
+	next        *barrierCall  // the fetch that starts once barrier is done
 }
 
 // barrierCall is one fetch of the leader's last log index, shared by the
@@ -194,6 +198,22 @@ func (v *clusterView) Target(ctx context.Context, relayAfter time.Duration) (s *
 		}
 		t.Stop()
 	}
+}
+
+// foundContext is cancelled once a leader answers this proxy (at once if
+// one is known): a write relayed through a follower stops waiting on a
+// follower that may still forward to a leader that is gone, and goes to
+// the one found.
+func (v *clusterView) foundContext() context.Context {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.leader != nil {
+		return lostCtx
+	}
+	if v.found == nil {
+		v.found, v.cancelFound = context.WithCancel(context.Background())
+	}
+	return v.found
 }
 
 // relay picks, among the servers answering that follow a leader and are
@@ -505,6 +525,10 @@ func (v *clusterView) setLeaderLocked(s *serverState) {
 	}
 	if s == nil && v.leader != nil {
 		v.leaderless = time.Now()
+	}
+	if s != nil && v.cancelFound != nil {
+		v.cancelFound()
+		v.found, v.cancelFound = nil, nil
 	}
 	v.leader = s
 	if s != nil {

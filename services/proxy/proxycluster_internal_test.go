@@ -68,3 +68,35 @@ func TestClusterViewServeOwnsBarrierFetches(t *testing.T) {
 		t.Error("the leader's context outlives the view")
 	}
 }
+
+// TestFoundContextEndsWhenALeaderAnswers: a write relayed while no leader
+// answers gives way once one does (foundContext is cancelled), and with a
+// leader known it is cancelled from the start.
+func TestFoundContextEndsWhenALeaderAnswers(t *testing.T) {
+	v := newClusterView([]string{"a:1", "b:1"}, nil, hclog.NewNullLogger(), time.Second, time.Millisecond)
+	v.mu.Lock()
+	v.ctx, v.serving = context.Background(), true
+	v.mu.Unlock()
+	found := v.foundContext()
+	if found.Err() != nil {
+		t.Fatal("cancelled while no leader is known")
+	}
+	if v.foundContext() != found {
+		t.Fatal("two relays while leaderless got different contexts")
+	}
+	v.mu.Lock()
+	v.setLeaderLocked(v.servers["a:1"])
+	v.mu.Unlock()
+	if found.Err() == nil {
+		t.Fatal("not cancelled when a leader answered")
+	}
+	if v.foundContext().Err() == nil {
+		t.Fatal("a relay with a leader known got a live context")
+	}
+	v.mu.Lock()
+	v.setLeaderLocked(nil)
+	v.mu.Unlock()
+	if again := v.foundContext(); again.Err() != nil || time.Since(v.leaderless) > time.Second {
+		t.Fatalf("after the leader was lost: context err %v, leaderless since %v", again.Err(), v.leaderless)
+	}
+}
