@@ -327,7 +327,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("replica: RaftAddr %q: %w", cfg.RaftAddr, err)
 		}
-		n.trans, err = raft.NewTCPTransportWithLogger(cfg.RaftAddr, addr, 4, 10*time.Second, cfg.Log.Named("transport"))
+		n.trans, err = raft.NewTCPTransportWithLogger(cfg.RaftAddr, addr, 4, 10*time.Second, TransportLogger(cfg.Log.Named("transport")))
 		if err != nil {
 			return nil, fmt.Errorf("replica: raft transport on %s: %w", cfg.RaftAddr, err)
 		}

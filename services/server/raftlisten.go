@@ -9,6 +9,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
+	"github.com/keelstore/keel/replica"
 )
 
 // RaftListener shares one Raft TCP listener, which outlives any one
@@ -70,7 +71,7 @@ func (r *RaftListener) Transport(advertise string, log hclog.Logger) (*raft.Netw
 	_ = r.l.SetDeadline(time.Time{}) // the last lease's Close set one
 	lease := &raftLease{r: r, adv: addr, closed: make(chan struct{})}
 	r.cur = lease
-	return raft.NewNetworkTransportWithLogger(lease, 4, 10*time.Second, log), nil
+	return raft.NewNetworkTransportWithLogger(lease, 4, 10*time.Second, replica.TransportLogger(log)), nil
 }
 
 // raftLease is one transport's raft.StreamLayer over the shared listener.
