@@ -389,6 +389,15 @@ func (in *injector) run(ctx context.Context, pl plan) Fault {
 			// The image's first: a power loss then remembers every image
 			// change until the crash the log's rules bring.
 			err = in.ctl[n.ID].SetImage(ctx, image)
+			if err != nil && (pl.kind == FaultImageEIO || pl.kind == FaultImageENOSPC) {
+				// The server stops (exit 70) at its next apply, which may
+				// come before the control socket's answer is sent.
+				select {
+				case <-proc.Done():
+					err = nil
+				case <-time.After(10 * time.Second):
+				}
+			}
 		}
 		if pl.kind == FaultPowerLoss && err == nil {
 			// Let image changes pile up unsynced for half the hold; the
