@@ -280,7 +280,10 @@ func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
 		return a.result()
 	}
 	c := replica.Command{Kind: replica.KindClaim, Writer: p.cfg.Writer, Takeover: a.takeover}
-	r, err := p.send(ctx, c.EncodeCompat(nil))
+	// Never relayed: a claim is not idempotent (each one is a new epoch),
+	// and a relayed copy could reach the leader after the retry that
+	// answered, fencing this proxy's own epoch.
+	r, err := p.send(ctx, c.EncodeCompat(nil), false)
 	if err != nil {
 		return 0, err
 	}
@@ -394,7 +397,7 @@ func (p *Proxy) release(ctx context.Context) {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	c := replica.Command{Kind: replica.KindRelease, Epoch: e}
-	if _, err := p.send(rctx, c.EncodeCompat(nil)); err != nil {
+	if _, err := p.send(rctx, c.EncodeCompat(nil), false); err != nil {
 		p.log.Warn("could not release the volume; the next proxy needs the same --writer name or --takeover", "error", err)
 		return
 	}
@@ -473,7 +476,9 @@ func (p *Proxy) commit(ctx context.Context, c *replica.Command) error {
 	defer p.ids.done(id)
 	c.Epoch, c.ReqID, c.AckedBelow = epoch, id, acked
 	p.stats.Writes.Add(1)
-	r, err := p.send(ctx, c.EncodeCompat(nil))
+	// Relayed if need be: a copy that lands late is a duplicate of its
+	// request id, never applied twice.
+	r, err := p.send(ctx, c.EncodeCompat(nil), true)
 	if err != nil {
 		length := c.Length
 		if c.Kind == replica.KindWrite {
@@ -513,8 +518,12 @@ func (p *Proxy) settle(g, off, length uint64, err error) error {
 
 // send delivers an encoded command to the leader, whichever it is, until
 // it is answered (committed, possibly refused) or ctx ends. Each attempt
-// ends early when the leader is found lost.
-func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, error) {
+// ends early when the leader is found lost. With relay, a write may go
+// through a follower while no leader answers the proxy
+// (clusterView.Target): only for commands that are safe to apply late
+// and twice (a request id's), since an abandoned relayed copy may still
+// reach the leader.
+func (p *Proxy) send(ctx context.Context, data []byte, relay bool) (wire.ApplyResponse, error) {
 	var last error
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
@@ -525,7 +534,11 @@ func (p *Proxy) send(ctx context.Context, data []byte) (wire.ApplyResponse, erro
 			case <-time.After(min(time.Duration(attempt)*5*time.Millisecond, 100*time.Millisecond)):
 			}
 		}
-		l, relayed, err := p.view.Target(ctx, p.cfg.RelayAfter)
+		after := p.cfg.RelayAfter
+		if !relay {
+			after = 0 // the leader only
+		}
+		l, relayed, err := p.view.Target(ctx, after)
 		if err != nil {
 			if last == nil {
 				last = err

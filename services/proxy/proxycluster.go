@@ -169,10 +169,10 @@ func (v *clusterView) Leader(ctx context.Context) (*serverState, error) {
 }
 
 // Target waits until the leader answers, or, once none has answered this
-// proxy for relayAfter, a follower does that follows a leader: it relays
-// a write to the leader (wire.RelayHeader). relayed says which it is. A
-// proxy cut from the leader alone thus keeps writing while a quorum
-// exists.
+// proxy for relayAfter (0: never), a follower does that follows a leader:
+// it relays a write to the leader (wire.RelayHeader). relayed says which
+// it is. A proxy cut from the leader alone thus keeps writing while a
+// quorum exists.
 func (v *clusterView) Target(ctx context.Context, relayAfter time.Duration) (s *serverState, relayed bool, err error) {
 	for {
 		v.mu.Lock()
@@ -181,22 +181,31 @@ func (v *clusterView) Target(ctx context.Context, relayAfter time.Duration) (s *
 		if l != nil {
 			return l, false, nil
 		}
-		wait := relayAfter - time.Since(since)
-		if wait <= 0 {
-			if r := v.relay(); r != nil {
-				return r, true, nil
+		var t *time.Timer
+		var timeout <-chan time.Time
+		if relayAfter > 0 {
+			wait := relayAfter - time.Since(since)
+			if wait <= 0 {
+				if r := v.relay(); r != nil {
+					return r, true, nil
+				}
+				wait = relayAfter
 			}
-			wait = relayAfter
+			t = time.NewTimer(wait)
+			timeout = t.C
 		}
-		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
-			t.Stop()
-			return nil, false, fmt.Errorf("no leader found among %s: %w", strings.Join(v.addrs(), ", "), context.Cause(ctx))
+			err = fmt.Errorf("no leader found among %s: %w", strings.Join(v.addrs(), ", "), context.Cause(ctx))
 		case <-ch:
-		case <-t.C:
+		case <-timeout:
 		}
-		t.Stop()
+		if t != nil {
+			t.Stop()
+		}
+		if err != nil {
+			return nil, false, err
+		}
 	}
 }
 
@@ -354,6 +363,7 @@ func (v *clusterView) Size(ctx context.Context) (uint64, error) {
 func (v *clusterView) Serve(ctx context.Context) error {
 	v.mu.Lock()
 	v.ctx, v.serving = ctx, true
+	v.leaderless = time.Now() // no leader has answered yet: none to relay to for a while
 	v.mu.Unlock()
 	var wg sync.WaitGroup // the pollers
 	defer func() {

@@ -100,3 +100,34 @@ func TestFoundContextEndsWhenALeaderAnswers(t *testing.T) {
 		t.Fatalf("after the leader was lost: context err %v, leaderless since %v", again.Err(), v.leaderless)
 	}
 }
+
+// TestTargetRelaysOnlyWhenAllowed: a follower that follows a leader is a
+// relay once no leader has answered for relayAfter since the view began
+// (not at once: the zero time is no leaderless moment), and never for a
+// caller that asks for the leader only (relayAfter 0: claims, releases).
+func TestTargetRelaysOnlyWhenAllowed(t *testing.T) {
+	v := newClusterView([]string{"a:1", "b:1"}, nil, hclog.NewNullLogger(), time.Second, time.Millisecond)
+	b := v.servers["b:1"]
+	b.mu.Lock()
+	b.up, b.role, b.leaderID = true, "Follower", "a"
+	b.mu.Unlock()
+	v.mu.Lock()
+	v.ctx, v.serving, v.leaderless = context.Background(), true, time.Now()
+	v.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if s, relayed, err := v.Target(ctx, 0); err == nil {
+		t.Fatalf("leader-only Target returned %v (relayed %v) with no leader known", s.http, relayed)
+	}
+	start := time.Now()
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel2()
+	s, relayed, err := v.Target(ctx2, 200*time.Millisecond)
+	if err != nil || !relayed || s != b {
+		t.Fatalf("Target: %v, relayed %v, %v; want b:1 relayed", s, relayed, err)
+	}
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Errorf("relayed after %v, before relayAfter had passed since the view began", d)
+	}
+}
