@@ -246,6 +246,7 @@ type Node struct {
 	wg     sync.WaitGroup
 
 	resyncing atomic.Bool // the image is being pulled from peers: not readable
+	replayTo  uint64      // the log's last index at open (Replayed)
 
 	readMu   sync.Mutex    // serialises the barrier of ReadBarrier
 	readTerm atomic.Uint64 // the term whose every earlier entry the image holds (leader)
@@ -372,6 +373,13 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 			}
 			n.log.Info("bootstrapped a new cluster", "id", cfg.ID, "size", n.img.Size())
 		}
+	}
+	// Every entry the log holds now may have reached the image before
+	// this open (a restart, a reopen after a panic); raft applies again
+	// those after the last snapshot, in order, so until it is past them
+	// a block may read as it was some entries ago (Replayed).
+	if n.replayTo, err = lastCommand(n.stores.Log); err != nil {
+		return nil, err
 	}
 	n.raft, err = raft.NewRaft(rc, n.fsm, n.stores.Log, n.stores.Stable, n.snaps, n.trans)
 	if err != nil {
@@ -505,6 +513,45 @@ func syncDir(dir string) {
 // Resyncing reports whether the image is being pulled from peers; while it
 // is, the image holds a mix of old and new ranges and must not be read.
 func (n *Node) Resyncing() bool { return n.resyncing.Load() }
+
+// lastCommand is the index of the last command in the log (raft's no-op
+// and configuration entries never reach the FSM's applied index), 0 if
+// there is none after the log's first index.
+func lastCommand(logs raft.LogStore) (uint64, error) {
+	first, err := logs.FirstIndex()
+	if err != nil {
+		return 0, fmt.Errorf("replica: reading the log's first index: %w", err)
+	}
+	last, err := logs.LastIndex()
+	if err != nil {
+		return 0, fmt.Errorf("replica: reading the log's last index: %w", err)
+	}
+	for i := last; i >= first && i > 0; i-- {
+		var l raft.Log
+		if err := logs.GetLog(i, &l); err != nil {
+			return 0, fmt.Errorf("replica: reading log entry %d: %w", i, err)
+		}
+		if l.Type == raft.LogCommand {
+			return i, nil
+		}
+	}
+	return 0, nil
+}
+
+// Replaying reports whether raft is applying again entries the log held
+// when the node opened, which the image may already have had: until it is
+// past them, a block may read as an earlier entry left it (a write seen
+// undone), so the node must not serve reads. Without a leader nothing is
+// applied and the image stays as it was before the open, so it is
+// readable then (without quorum reads go on). A replay that starts
+// between a reader's check and its read is not covered.
+func (n *Node) Replaying() bool {
+	if n.fsm.AppliedIndex() >= n.replayTo {
+		return false
+	}
+	_, ok := n.Leader()
+	return ok
+}
 
 // ID is the node's id.
 func (n *Node) ID() string { return n.cfg.ID }

@@ -57,7 +57,7 @@ func (v *Volume) readable(ctx context.Context) (*replica.Node, error) {
 	ctx, cancel := context.WithTimeout(ctx, v.WriteTimeout)
 	defer cancel()
 	n := v.Holder.Peek()
-	if n == nil || n.Resyncing() {
+	if n == nil || n.Resyncing() || n.Replaying() {
 		var err error
 		if n, err = v.waitReadable(ctx); err != nil {
 			return nil, err
@@ -77,11 +77,14 @@ func (v *Volume) waitReadable(ctx context.Context) (*replica.Node, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %v", nbd.EIO, err)
 		}
-		if !n.Resyncing() {
+		if !n.Resyncing() && !n.Replaying() {
 			return n, nil
 		}
 		select {
 		case <-ctx.Done():
+			if n.Replaying() {
+				return nil, fmt.Errorf("%w: the node is applying its log again after a restart", nbd.EIO)
+			}
 			return nil, fmt.Errorf("%w: the image is being resynced from peers", nbd.EIO)
 		case <-time.After(50 * time.Millisecond):
 		}
