@@ -143,8 +143,9 @@ func TestProxyUpgradeUnderLoad(t *testing.T) {
 	binB := buildVersion(t, "upgrade-b")
 	p := startUpgradeProxy(t, c, binA)
 	fio := startFio(t, "upgrades", p.uri(), "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16",
-		"--verify=crc32c", "--verify_backlog=512", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=40s")
-	// Every upgrade below happens with fio's connection live.
+		"--verify=crc32c", "--verify_backlog=512", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=90s")
+	// Every upgrade below happens with fio's connection live. 20 upgrades
+	// took over 40s on two cores busy with a soak besides, hence the 90s.
 	keeltest.MustPoll(t, 60*time.Second, "fio writes through the proxy", func() (bool, string) {
 		st, err := proxyStatusAt(t, p.http)
 		return err == nil && st.Counters["writes"] > 0, fmt.Sprint(st.Counters, err)
