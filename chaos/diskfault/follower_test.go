@@ -58,20 +58,33 @@ func TestFollowerCatchesUpAfterLogWritesFail(t *testing.T) {
 			}
 		}()
 	}
+	// Each phase lasts until the writers have had n more writes
+	// acknowledged (the quorum goes on without the victim).
+	ackedMore := func(n int64) {
+		t.Helper()
+		want := acked.Load() + n
+		deadline := time.Now().Add(30 * time.Second)
+		for acked.Load() < want {
+			if time.Now().After(deadline) {
+				t.Fatalf("only %d of %d writes acknowledged in 30s", acked.Load(), want)
+			}
+			time.Sleep(2 * time.Millisecond) // polling the count, with a deadline
+		}
+	}
 	for round := 0; round < 5; round++ {
-		time.Sleep(300 * time.Millisecond)
+		ackedMore(50)
 		mu.Lock()
 		fs := fss[victim]
 		mu.Unlock()
 		if err := fs.Set(diskfault.Rules{FailWrite: "EIO"}); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Duration(200+round*200) * time.Millisecond)
+		ackedMore(int64(50 + round*50)) // the victim's log writes fail meanwhile
 		if err := fs.Set(diskfault.Rules{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	time.Sleep(500 * time.Millisecond)
+	ackedMore(100)
 	cancel()
 	wg.Wait()
 	t.Logf("acknowledged %d writes; victim %s", acked.Load(), victim)
