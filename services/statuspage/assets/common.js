@@ -1,0 +1,171 @@
+// Keel status page: what the server's and the proxy's pages share. Plain
+// JavaScript, no library: the charts are inline SVG drawn below.
+"use strict";
+
+const keel = (() => {
+  const SVG = "http://www.w3.org/2000/svg";
+  const WINDOW_MS = 5 * 60 * 1000; // the charts show the last five minutes
+
+  const $ = (id) => document.getElementById(id);
+
+  // el makes an element: el("td", {class: "num"}, "text", child, ...).
+  function el(tag, attrs, ...kids) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    for (const k of kids) e.append(k instanceof Node ? k : document.createTextNode(String(k)));
+    return e;
+  }
+
+  function svg(tag, attrs) {
+    const e = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    return e;
+  }
+
+  function setText(id, text) { const e = $(id); if (e.textContent !== String(text)) e.textContent = text; }
+  function setNodes(id, ...kids) { $(id).replaceChildren(...kids); }
+
+  async function getJSON(url) {
+    const r = await fetch(url, { cache: "no-store", headers: { Accept: "application/json" } });
+    if (!r.ok) {
+      let msg = "HTTP " + r.status;
+      try { msg = (await r.json()).error || msg; } catch (e) { /* not JSON */ }
+      throw new Error(url + ": " + msg);
+    }
+    return r.json();
+  }
+
+  function bytes(n) {
+    const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+    return (i === 0 ? n.toFixed(0) : n.toFixed(n < 10 ? 2 : 1)) + " " + u[i];
+  }
+  const num = (n) => (n === undefined || n === null) ? "–" : Number(n).toLocaleString("en-US");
+  function short(v) {
+    if (v === 0) return "0";
+    const a = Math.abs(v);
+    if (a >= 1e9) return (v / 1e9).toFixed(1) + "G";
+    if (a >= 1e6) return (v / 1e6).toFixed(1) + "M";
+    if (a >= 1e3) return (v / 1e3).toFixed(1) + "k";
+    if (a >= 10) return v.toFixed(0);
+    if (a >= 1) return v.toFixed(1);
+    return v.toFixed(2);
+  }
+  function badge(text, cls) { return el("span", { class: "badge " + (cls || text) }, text); }
+  function pageLink(addr, text) {
+    const href = /^https?:\/\//.test(addr) ? addr : location.protocol + "//" + addr + "/";
+    return el("a", { href }, text || addr);
+  }
+  function bar(done, total) {
+    const pct = total > 0 ? Math.min(100, (100 * done) / total) : 0;
+    const b = el("span", { class: "bar" }, el("span", { style: "width:" + pct.toFixed(1) + "%" }));
+    return el("span", {}, b, " " + pct.toFixed(0) + "%");
+  }
+
+  // niceMax rounds a chart's top up to 1, 2 or 5 times a power of ten.
+  function niceMax(v) {
+    if (!(v > 0)) return 1;
+    const p = Math.pow(10, Math.floor(Math.log10(v)));
+    for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
+    return 10 * p;
+  }
+
+  // Chart draws series of samples over the last WINDOW_MS as lines in an
+  // SVG: a y axis from 0 to a round top, three grid lines, a legend with
+  // each series' latest value.
+  class Chart {
+    constructor(parent, id, title, series, fmt) {
+      this.series = series; // [{label, color, get: sample => number|undefined}]
+      this.fmt = fmt;
+      this.w = 480; this.h = 150; this.left = 44; this.bottom = 18; this.top = 6;
+      this.svg = svg("svg", { viewBox: `0 0 ${this.w} ${this.h}`, role: "img", "aria-label": title });
+      this.legend = el("div", { class: "legend" });
+      parent.append(el("div", { class: "chart", id }, el("h3", {}, title), this.svg, this.legend));
+    }
+
+    draw(samples, now) {
+      const { w, h, left, bottom, top } = this, pw = w - left - 4, ph = h - bottom - top;
+      const from = now - WINDOW_MS;
+      const shown = samples.filter((s) => s.t >= from);
+      let max = 0;
+      for (const s of shown) for (const se of this.series) { const v = se.get(s); if (v > max) max = v; }
+      const ymax = niceMax(max);
+      const x = (t) => left + ((t - from) / WINDOW_MS) * pw;
+      const y = (v) => top + ph - (v / ymax) * ph;
+      const kids = [];
+      for (const f of [0, 0.5, 1]) {
+        kids.push(svg("line", { class: "grid", x1: left, x2: w - 4, y1: y(f * ymax), y2: y(f * ymax) }));
+        const t = svg("text", { x: left - 4, y: y(f * ymax) + 3, "text-anchor": "end" });
+        t.textContent = this.fmt(f * ymax);
+        kids.push(t);
+      }
+      for (let m = 5; m >= 0; m--) {
+        const t = svg("text", { x: x(now - m * 60000), y: h - 4, "text-anchor": m === 5 ? "start" : m === 0 ? "end" : "middle" });
+        t.textContent = m === 0 ? "now" : "-" + m + "m";
+        kids.push(t);
+      }
+      const legend = [];
+      for (const se of this.series) {
+        const pts = [];
+        let last;
+        for (const s of shown) {
+          const v = se.get(s);
+          if (v === undefined || v === null) continue;
+          pts.push(x(s.t).toFixed(1) + "," + y(v).toFixed(1));
+          last = v;
+        }
+        if (pts.length) kids.push(svg("polyline", { class: "line", stroke: se.color, points: pts.join(" ") }));
+        legend.push(el("span", {}, el("i", { style: "background:" + se.color }), se.label + " ",
+          el("b", {}, last === undefined ? "–" : this.fmt(last))));
+      }
+      this.svg.replaceChildren(...kids);
+      this.legend.replaceChildren(...legend);
+    }
+  }
+
+  // ioCharts are the charts both pages show: operations, throughput and
+  // latency of reads and writes.
+  function ioCharts(parent) {
+    const c = (id, title, series, fmt) => new Chart(parent, id, title, series, fmt);
+    return [
+      c("chart-ops", "Operations (per second)", [
+        { label: "reads/s", color: "#2759cd", get: (s) => s.read_ops },
+        { label: "writes/s", color: "#d9480f", get: (s) => s.write_ops },
+      ], short),
+      c("chart-bytes", "Throughput (MB/s)", [
+        { label: "read MB/s", color: "#2759cd", get: (s) => s.read_bytes / 1e6 },
+        { label: "write MB/s", color: "#d9480f", get: (s) => s.write_bytes / 1e6 },
+      ], short),
+      c("chart-latency", "Latency (ms)", [
+        { label: "read p50", color: "#2759cd", get: (s) => (s.read_ops > 0 ? s.read_p50_ms : undefined) },
+        { label: "read p99", color: "#7a9ff0", get: (s) => (s.read_ops > 0 ? s.read_p99_ms : undefined) },
+        { label: "write p50", color: "#d9480f", get: (s) => (s.write_ops > 0 ? s.write_p50_ms : undefined) },
+        { label: "write p99", color: "#f59f72", get: (s) => (s.write_ops > 0 ? s.write_p99_ms : undefined) },
+      ], short),
+    ];
+  }
+
+  // poll calls tick every second, one call at a time; a failing call shows
+  // its error in the banner until one succeeds. The body's data-polls
+  // counts successful calls (tests wait on it).
+  function poll(tick) {
+    let polls = 0;
+    const once = async () => {
+      try {
+        await tick();
+        polls++;
+        document.body.dataset.polls = String(polls);
+        $("banner").classList.remove("show");
+        setText("updated", "updated " + new Date().toLocaleTimeString());
+      } catch (e) {
+        $("banner").textContent = "Cannot reach this process: " + e.message;
+        $("banner").classList.add("show");
+      }
+      setTimeout(once, 1000);
+    };
+    once();
+  }
+
+  return { $, el, setText, setNodes, getJSON, bytes, num, short, badge, pageLink, bar, Chart, ioCharts, poll };
+})();
