@@ -50,7 +50,11 @@ func (a *API) Serve(ctx context.Context) error {
 	mux.HandleFunc("POST /v1/cluster/join", a.leaderOnly(a.handleJoin))
 	mux.HandleFunc("POST /v1/cluster/remove", a.leaderOnly(a.handleRemove))
 	mux.HandleFunc("POST /v1/cluster/transfer-leadership", a.leaderOnly(a.handleTransfer))
-	mux.HandleFunc("POST /v1/apply", a.handleApply)
+	if a.Page != nil {
+		mux.Handle("POST /v1/apply", a.Page.Meter().WriteHandler(http.HandlerFunc(a.handleApply)))
+	} else {
+		mux.HandleFunc("POST /v1/apply", a.handleApply)
+	}
 	mux.HandleFunc("POST /v1/verify/digest", a.handleDigest)
 	mux.Handle("/v1/sync/", http.StripPrefix("/v1/sync", a.syncHandler()))
 	if a.Page != nil {

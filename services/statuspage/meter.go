@@ -2,7 +2,9 @@ package statuspage
 
 import (
 	"context"
+	"io"
 	"math/bits"
+	"net/http"
 	"sync/atomic"
 	"time"
 
@@ -15,8 +17,9 @@ import (
 // about 36 minutes).
 const LatencyBuckets = 32
 
-// Meter counts the requests an NBD export served: reads (ReadAt), and
-// writes (WriteAt, Trim and Zero; only WriteAt moves bytes), each with its
+// Meter counts the requests a process served: reads (an NBD export's
+// ReadAt) and writes (its WriteAt, Trim and Zero, of which only WriteAt
+// moves bytes, and the HTTP requests of WriteHandler), each with its
 // latency, whether it succeeded or not. The zero value is ready; it is
 // safe for concurrent use.
 type Meter struct {
@@ -114,3 +117,31 @@ func (b *metered) Zero(ctx context.Context, off, length uint64, f nbd.ZeroFlags)
 	b.m.writes.observe(0, time.Since(start))
 	return err
 }
+
+// WriteHandler returns h with every request counted by m as a write of the
+// bytes h read from its body, taking as long as h took to answer: a
+// server's POST /v1/apply, the writes of proxies (and of followers that
+// forward their clients' writes), committed while the client waits.
+func (m *Meter) WriteHandler(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		body := &countingReader{r: r.Body}
+		r.Body = body
+		h.ServeHTTP(w, r)
+		m.writes.observe(int(body.n), time.Since(start))
+	})
+}
+
+// countingReader is a request body that counts what was read from it.
+type countingReader struct {
+	r io.ReadCloser
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *countingReader) Close() error { return c.r.Close() }

@@ -166,3 +166,21 @@ func TestPageServesEmbeddedFilesAndHistory(t *testing.T) {
 		})
 	}
 }
+
+func TestWriteHandlerCountsBodyBytes(t *testing.T) {
+	var m statuspage.Meter
+	h := m.WriteHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b[:1])
+	}))
+	for _, n := range []int{100, 28} {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/v1/apply", bytes.NewReader(make([]byte, n))))
+		if rec.Code != http.StatusOK || rec.Body.Len() != 1 {
+			t.Fatalf("the wrapped handler's answer changed: %d %q", rec.Code, rec.Body)
+		}
+	}
+	if tt := m.Totals(); tt.Writes.Ops != 2 || tt.Writes.Bytes != 128 || tt.Reads.Ops != 0 {
+		t.Errorf("writes %d ops %d bytes, reads %d; want 2 writes of 128 bytes in all and no reads", tt.Writes.Ops, tt.Writes.Bytes, tt.Reads.Ops)
+	}
+}

@@ -108,14 +108,16 @@ const keel = (() => {
       const legend = [];
       for (const se of this.series) {
         const pts = [];
-        let last;
+        let last, top = 0;
         for (const s of shown) {
           const v = se.get(s);
           if (v === undefined || v === null) continue;
           pts.push(x(s.t).toFixed(1) + "," + y(v).toFixed(1));
           last = v;
+          top = Math.max(top, v);
         }
-        if (pts.length) kids.push(svg("polyline", { class: "line", stroke: se.color, points: pts.join(" ") }));
+        // data-max: the series' highest value shown (tests read it).
+        if (pts.length) kids.push(svg("polyline", { class: "line", stroke: se.color, points: pts.join(" "), "data-series": se.label, "data-max": top }));
         legend.push(el("span", {}, el("i", { style: "background:" + se.color }), se.label + " ",
           el("b", {}, last === undefined ? "–" : this.fmt(last))));
       }

@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { $, el, setText, setNodes, getJSON, bytes, num, badge, pageLink, bar } = keel;
+  const { $, el, setText, setNodes, getJSON, bytes, num, badge, pageLink } = keel;
   const charts = keel.ioCharts($("charts"));
   charts.push(new keel.Chart($("charts"), "chart-hits", "Cache hit rate (%)", [
     { label: "hits", color: "#18794e", get: (s) => (s.cache_hit_rate === undefined ? undefined : 100 * s.cache_hit_rate) },
