@@ -4,7 +4,10 @@
 
 const keel = (() => {
   const SVG = "http://www.w3.org/2000/svg";
-  const WINDOW_MS = 5 * 60 * 1000; // the charts show the last five minutes
+  // The charts show the history they have, from one minute up to the ten
+  // minutes the process keeps.
+  const MIN_WINDOW_MS = 60 * 1000, MAX_WINDOW_MS = 10 * 60 * 1000;
+  const TICK_STEPS_S = [10, 15, 30, 60, 120];
 
   const $ = (id) => document.getElementById(id);
 
@@ -71,9 +74,9 @@ const keel = (() => {
     return 10 * p;
   }
 
-  // Chart draws series of samples over the last WINDOW_MS as lines in an
-  // SVG: a y axis from 0 to a round top, three grid lines, a legend with
-  // each series' latest value.
+  // Chart draws series of samples as lines in an SVG over the time the
+  // history covers (see MIN_WINDOW_MS): a y axis from 0 to a round top,
+  // three grid lines, a legend with each series' latest value.
   class Chart {
     constructor(parent, id, title, series, fmt) {
       this.series = series; // [{label, color, get: sample => number|undefined}]
@@ -86,12 +89,13 @@ const keel = (() => {
 
     draw(samples, now) {
       const { w, h, left, bottom, top } = this, pw = w - left - 4, ph = h - bottom - top;
-      const from = now - WINDOW_MS;
+      const span = Math.min(MAX_WINDOW_MS, Math.max(MIN_WINDOW_MS, samples.length ? now - samples[0].t : 0));
+      const from = now - span;
       const shown = samples.filter((s) => s.t >= from);
       let max = 0;
       for (const s of shown) for (const se of this.series) { const v = se.get(s); if (v > max) max = v; }
       const ymax = niceMax(max);
-      const x = (t) => left + ((t - from) / WINDOW_MS) * pw;
+      const x = (t) => left + ((t - from) / span) * pw;
       const y = (v) => top + ph - (v / ymax) * ph;
       const kids = [];
       for (const f of [0, 0.5, 1]) {
@@ -100,9 +104,10 @@ const keel = (() => {
         t.textContent = this.fmt(f * ymax);
         kids.push(t);
       }
-      for (let m = 5; m >= 0; m--) {
-        const t = svg("text", { x: x(now - m * 60000), y: h - 4, "text-anchor": m === 5 ? "start" : m === 0 ? "end" : "middle" });
-        t.textContent = m === 0 ? "now" : "-" + m + "m";
+      const step = TICK_STEPS_S.find((st) => span / 1000 / st <= 6) || 120;
+      for (let ago = 0; ago * 1000 <= span; ago += step) {
+        const t = svg("text", { x: x(now - ago * 1000), y: h - 4, "text-anchor": ago === 0 ? "end" : "middle" });
+        t.textContent = ago === 0 ? "now" : "-" + (ago % 60 === 0 ? ago / 60 + "m" : ago + "s");
         kids.push(t);
       }
       const legend = [];
