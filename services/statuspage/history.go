@@ -34,6 +34,9 @@ type Sample struct {
 
 // HistoryResponse is what GET /v1/status/history answers.
 type HistoryResponse struct {
+	// Now is the process's clock when it answered, in Unix milliseconds
+	// (the page draws its charts up to it, whatever the browser's clock).
+	Now int64 `json:"now"`
 	// EveryMs is the interval samples are taken at.
 	EveryMs int64 `json:"every_ms"`
 	// Samples are oldest first.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
+	"strconv"
 	"time"
 )
 
@@ -30,7 +31,8 @@ const contentSecurityPolicy = "default-src 'none'; script-src 'self'; style-src 
 //
 //	GET /                    the page (Kind's)
 //	GET /ui/...              its script and style
-//	GET /v1/status/history   HistoryResponse
+//	GET /v1/status/history   HistoryResponse; with ?since=T (Unix ms),
+//	                         only the samples after T
 //
 // The page is read-only: it calls only GET endpoints of the same origin.
 type Page struct {
@@ -67,17 +69,18 @@ func (p *Page) Register(mux *http.ServeMux) {
 	}
 	files := http.StripPrefix("/ui/", http.FileServerFS(ui))
 	mux.HandleFunc("GET /{$}", p.serveIndex)
-	mux.Handle("GET /ui/", secured(files))
+	mux.Handle("GET /ui/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		pageHeaders(w)
+		files.ServeHTTP(w, r)
+	}))
 	mux.HandleFunc("GET /v1/status/history", p.serveHistory)
 }
 
-func secured(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Security-Policy", contentSecurityPolicy)
-		w.Header().Set("X-Content-Type-Options", "nosniff")
-		w.Header().Set("Cache-Control", "no-cache")
-		h.ServeHTTP(w, r)
-	})
+// pageHeaders are the headers of the page's files.
+func pageHeaders(w http.ResponseWriter) {
+	w.Header().Set("Content-Security-Policy", contentSecurityPolicy)
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("Cache-Control", "no-cache")
 }
 
 func (p *Page) serveIndex(w http.ResponseWriter, r *http.Request) {
@@ -86,10 +89,9 @@ func (p *Page) serveIndex(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
-	secured(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		_, _ = w.Write(b)
-	})).ServeHTTP(w, r)
+	pageHeaders(w)
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	_, _ = w.Write(b)
 }
 
 func (p *Page) serveHistory(w http.ResponseWriter, r *http.Request) {
@@ -97,7 +99,26 @@ func (p *Page) serveHistory(w http.ResponseWriter, r *http.Request) {
 	if every <= 0 {
 		every = SampleEvery
 	}
+	var since int64
+	if q := r.URL.Query().Get("since"); q != "" {
+		var err error
+		if since, err = strconv.ParseInt(q, 10, 64); err != nil {
+			http.Error(w, fmt.Sprintf("since %q: want Unix milliseconds", q), http.StatusBadRequest)
+			return
+		}
+	}
+	// Filtered, not searched: after the clock went back, later samples
+	// may be stamped before earlier ones.
+	var samples []Sample
+	for _, s := range p.History.Samples() {
+		if s.At > since {
+			samples = append(samples, s)
+		}
+	}
+	if samples == nil {
+		samples = []Sample{}
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
-	_ = json.NewEncoder(w).Encode(HistoryResponse{EveryMs: every.Milliseconds(), Samples: p.History.Samples()})
+	_ = json.NewEncoder(w).Encode(HistoryResponse{Now: time.Now().UnixMilli(), EveryMs: every.Milliseconds(), Samples: samples})
 }

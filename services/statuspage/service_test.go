@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -160,8 +161,19 @@ func TestPageServesEmbeddedFilesAndHistory(t *testing.T) {
 			if err := json.Unmarshal([]byte(js), &h); err != nil {
 				t.Fatal(err)
 			}
+			if h.Now < t0.UnixMilli() {
+				t.Errorf("history now %d, want the process's clock (at least %d)", h.Now, t0.UnixMilli())
+			}
 			if h.EveryMs != 1000 || len(h.Samples) != 1 || h.Samples[0].WriteOps != 3 || h.Samples[0].WriteBytes != 3<<12 {
-				t.Errorf("history %s, want one sample of 3 writes/s (%d B/s) every 1000 ms", js, 3<<12)
+				t.Fatalf("history %s, want one sample of 3 writes/s (%d B/s) every 1000 ms", js, 3<<12)
+			}
+			_, js = get(fmt.Sprintf("/v1/status/history?since=%d", h.Samples[0].At))
+			if !strings.Contains(js, `"samples":[]`) {
+				t.Errorf("history since the last sample: %s, want no samples", js)
+			}
+			_, js = get(fmt.Sprintf("/v1/status/history?since=%d", h.Samples[0].At-1))
+			if !strings.Contains(js, fmt.Sprintf(`"t":%d`, h.Samples[0].At)) {
+				t.Errorf("history since just before the last sample: %s, want that sample", js)
 			}
 		})
 	}

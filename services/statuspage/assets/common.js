@@ -153,6 +153,24 @@ const keel = (() => {
     ];
   }
 
+  // History is the page's copy of the process's history: each update
+  // fetches only the samples after the latest it has, and keeps the
+  // last MAX_WINDOW_MS of them.
+  class History {
+    constructor() { this.samples = []; this.now = 0; }
+
+    async update() {
+      const n = this.samples.length;
+      const h = await getJSON("/v1/status/history?since=" + (n ? this.samples[n - 1].t : 0));
+      this.samples.push(...h.samples);
+      this.now = h.now;
+      const cut = h.now - MAX_WINDOW_MS;
+      while (this.samples.length && this.samples[0].t < cut) this.samples.shift();
+      document.body.dataset.samples = String(this.samples.length);
+      return this.samples;
+    }
+  }
+
   // poll calls tick every second, one call at a time; a failing call shows
   // its error in the banner until one succeeds. The body's data-polls
   // counts successful calls (tests wait on it).
@@ -174,5 +192,5 @@ const keel = (() => {
     once();
   }
 
-  return { $, el, setText, setNodes, getJSON, bytes, num, short, badge, pageLink, bar, Chart, ioCharts, poll };
+  return { $, el, setText, setNodes, getJSON, bytes, num, short, badge, pageLink, bar, Chart, History, ioCharts, poll };
 })();

@@ -5,6 +5,7 @@
 (() => {
   const { $, el, setText, setNodes, getJSON, bytes, num, badge, pageLink } = keel;
   const charts = keel.ioCharts($("charts"));
+  const history = new keel.History();
   charts.push(new keel.Chart($("charts"), "chart-hits", "Cache hit rate (%)", [
     { label: "hits", color: "#18794e", get: (s) => (s.cache_hit_rate === undefined ? undefined : 100 * s.cache_hit_rate) },
   ], keel.short));
@@ -37,13 +38,11 @@
   }
 
   keel.poll(async () => {
-    const [s, h] = await Promise.allSettled([getJSON("/v1/status"), getJSON("/v1/status/history")]);
+    const [s, h] = await Promise.allSettled([getJSON("/v1/status"), history.update()]);
     if (s.status === "rejected") throw s.reason;
     render(s.value);
     if (h.status === "fulfilled") {
-      const now = Date.now();
-      for (const ch of charts) ch.draw(h.value.samples, now);
-      document.body.dataset.samples = String(h.value.samples.length);
+      for (const ch of charts) ch.draw(h.value, history.now);
     }
   });
 })();

@@ -5,6 +5,7 @@
 (() => {
   const { $, el, setText, setNodes, getJSON, bytes, num, badge, pageLink, bar } = keel;
   const charts = keel.ioCharts($("charts"));
+  const history = new keel.History();
 
   function syncCell(s) {
     if (!s || !s.sync) return el("span", { class: "muted" }, "–");
@@ -78,14 +79,12 @@
   }
 
   keel.poll(async () => {
-    const [s, c, h] = await Promise.allSettled([getJSON("/v1/status"), getJSON("/v1/cluster"), getJSON("/v1/status/history")]);
+    const [s, c, h] = await Promise.allSettled([getJSON("/v1/status"), getJSON("/v1/cluster"), history.update()]);
     if (s.status === "rejected") throw s.reason;
     renderSelf(s.value);
     renderCluster(s.value, c.status === "fulfilled" ? c.value : null);
     if (h.status === "fulfilled") {
-      const now = Date.now();
-      for (const ch of charts) ch.draw(h.value.samples, now);
-      document.body.dataset.samples = String(h.value.samples.length);
+      for (const ch of charts) ch.draw(h.value, history.now);
     }
   });
 })();
