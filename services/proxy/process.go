@@ -30,8 +30,8 @@ type ProcessConfig struct {
 	Listen string
 	// ExportName is the NBD export's name. Default "keel".
 	ExportName string
-	// HTTP, when not nil, serves /v1/status and /metrics. The process
-	// takes ownership of it.
+	// HTTP, when not nil, serves /v1/status, /metrics and the status
+	// page (GET /). The process takes ownership of it.
 	HTTP net.Listener
 	// ConnectTimeout bounds the wait at start for a server to tell the
 	// volume's size. Default 60s.
