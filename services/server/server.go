@@ -13,6 +13,7 @@ import (
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 	"github.com/keelstore/keel/upgrade"
@@ -113,6 +114,7 @@ func (c Config) Validate() error {
 //	│   └── RaftService: opens the replica.Node, publishes it in the holder
 //	├── API: the HTTP API
 //	├── Membership: registration and promotion while leading
+//	├── status history: the status page's per-second samples
 //	└── NBD: the listener, one service per connection, over the Volume
 //
 // Run owns the stop order: NBD first (every request already read is
@@ -129,6 +131,7 @@ type Server struct {
 	nbdSvc  *nbdserve.NBD
 	raftSup *suture.Supervisor
 	raftTok suture.ServiceToken // the RaftService while it is in raftSup
+	status  *statuspage.Service // the status page's history (statuspage.go)
 }
 
 // New builds the tree; Run starts it.
@@ -138,7 +141,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	log := cfg.Log
-	s := &Server{cfg: cfg, holder: NewNodeHolder()}
+	s := &Server{cfg: cfg, holder: NewNodeHolder(), status: newStatusPage()}
 	if cfg.Raft != nil {
 		var err error
 		if s.rl, err = NewRaftListener(cfg.Raft, log.Named("raft-listener")); err != nil {
@@ -155,7 +158,7 @@ func New(cfg Config) (*Server, error) {
 		Exports: []nbd.Export{{
 			Name:        "keel",
 			Description: "keel replicated volume (node " + cfg.Node.ID + ")",
-			Backend:     &Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")},
+			Backend:     s.status.Meter().Wrap(&Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")}),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
@@ -173,7 +176,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	root.Add(s.raftSup)
 	root.Add(&API{Listener: cfg.HTTP, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
-		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http")})
+		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http"), Page: s.status})
+	root.Add(s.status)
 	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery})
 	s.nbdSvc = nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout, Paused: takeOver})
 	s.nbdTok = root.Add(s.nbdSvc)
