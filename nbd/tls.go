@@ -18,7 +18,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"strings"
 )
@@ -111,7 +110,7 @@ var ErrTLSRequired = errors.New("nbd: TLS is required")
 // connection is closed, it cannot go back to plain text.
 var errTLSHandshake = errors.New("nbd: TLS handshake failed")
 
-// errNotTLS is returned when a TLS connection is asked to hand itself over
+// errNotTLSDetachable is returned when a TLS connection is asked to hand itself over
 // to another process: its session keys and record sequence numbers live in
 // this process's crypto/tls state, which cannot be exported.
 var errNotTLSDetachable = fmt.Errorf("%w: a TLS session cannot leave this process", ErrNotDetachable)
@@ -193,5 +192,3 @@ func hostOf(addr string) string {
 	}
 	return addr
 }
-
-var _ io.Reader = (*prefixConn)(nil)

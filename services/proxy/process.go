@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -40,6 +41,11 @@ type ProcessConfig struct {
 	DrainTimeout time.Duration
 	// Log is the process's logger.
 	Log hclog.Logger
+	// TLS and TLSConfig are the NBD listener's TLS (nbd.ServerConfig's
+	// fields of the same names): the proxy's own clients, such as qemu.
+	// Default nbd.TLSOff. The links to the servers are Proxy.UpstreamTLS.
+	TLS       nbd.TLSMode
+	TLSConfig *tls.Config
 	// OnServing, when set, is called with the NBD URI once clients can
 	// connect.
 	OnServing func(uri string)
@@ -141,6 +147,8 @@ func (pr *Process) Run(ctx context.Context) error {
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
 		MaxInFlightBytes: 64 << 20,
+		TLS:              cfg.TLS,
+		TLSConfig:        cfg.TLSConfig,
 	})
 	if err != nil {
 		return abort(err)
