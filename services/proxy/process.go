@@ -184,7 +184,10 @@ func (pr *Process) Run(ctx context.Context) error {
 			log.Warn("could not announce readiness", "error", err)
 		}
 	}
-	log.Info("proxy serving", "uri", uri, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","), "took_over", takeOver)
+	if cfg.TLS == nbd.TLSRequire {
+		uri = nbdserve.TLSURI(uri)
+	}
+	log.Info("proxy serving", "uri", uri, "tls", cfg.TLS.String(), "upstream_tls", cfg.Proxy.UpstreamTLS != nil, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","), "took_over", takeOver)
 	if cfg.OnServing != nil {
 		cfg.OnServing(uri)
 	}
