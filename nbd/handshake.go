@@ -98,6 +98,7 @@ func (s *Server) handshake(ctx context.Context, hc *hsConn) (*session, error) {
 			typ := uint32(RepErrInvalid)
 			switch {
 			case verdict == tlsRefuseReqd:
+				hc.refusedTLS++
 				typ = RepErrTLSReqd
 			case !knownOption(oh.Option):
 				typ = RepErrUnsup
@@ -129,6 +130,7 @@ func (s *Server) handshake(ctx context.Context, hc *hsConn) (*session, error) {
 			}
 			continue
 		case tlsRefuseReqd:
+			hc.refusedTLS++
 			if err := rep.fail(oh.Option, RepErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first"); err != nil {
 				return nil, err
 			}

@@ -307,6 +307,10 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, h *Handoff) (*Detac
 		if hc.secured {
 			defer hc.nc.Close() // a close_notify; nc is closed by the caller
 		}
+		if hc.refusedTLS > 0 && (errors.Is(err, errAbort) || isClosed(err)) {
+			log.Info("plain-text client refused: TLS is required, and it left without STARTTLS", "options_refused", hc.refusedTLS)
+			return nil, nil
+		}
 		switch {
 		case errors.Is(err, errAbort):
 			log.Debug("client aborted the handshake")

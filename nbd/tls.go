@@ -122,6 +122,8 @@ type hsConn struct {
 	br      *bufio.Reader
 	bw      *bufio.Writer
 	secured bool
+	// refusedTLS counts options refused with NBD_REP_ERR_TLS_REQD.
+	refusedTLS int
 }
 
 // startTLS runs the server side of the TLS handshake on hc after STARTTLS

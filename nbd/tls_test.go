@@ -107,19 +107,23 @@ func tlsServer(t *testing.T, ca *testCA, mode nbd.TLSMode, verify bool, mutate .
 	})
 }
 
-// logWatch passes log lines on to w and closes seen at the first that
-// contains want.
+// logWatch passes log lines on to w and closes each channel of seen at
+// the first line that contains its key.
 type logWatch struct {
 	w    io.Writer
-	want string
-	seen chan struct{}
-	once sync.Once
+	mu   sync.Mutex // guards seen
+	seen map[string]chan struct{}
 }
 
 func (l *logWatch) Write(p []byte) (int, error) {
-	if bytes.Contains(p, []byte(l.want)) {
-		l.once.Do(func() { close(l.seen) })
+	l.mu.Lock()
+	for want, ch := range l.seen {
+		if bytes.Contains(p, []byte(want)) {
+			close(ch)
+			delete(l.seen, want)
+		}
 	}
+	l.mu.Unlock()
 	return l.w.Write(p)
 }
 
@@ -272,9 +276,12 @@ func TestTLSRestartsNegotiation(t *testing.T) {
 // verify client certificates, or have no TLS at all.
 func TestTLSClient(t *testing.T) {
 	ca, other := newTestCA(t, "nbd test CA"), newTestCA(t, "another CA")
-	unknownCA := make(chan struct{})
+	unknownCA, plainLeft := make(chan struct{}), make(chan struct{})
 	ts := tlsServer(t, ca, nbd.TLSRequire, true, func(c *nbd.ServerConfig) {
-		c.Logger = hclog.New(&hclog.LoggerOptions{Output: &logWatch{w: tWriter{t}, want: "certificate signed by unknown authority", seen: unknownCA}, Level: hclog.Debug})
+		c.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Debug, Output: &logWatch{w: tWriter{t}, seen: map[string]chan struct{}{
+			"certificate signed by unknown authority": unknownCA,
+			"plain-text client refused":               plainLeft,
+		}}})
 	})
 	dial := func(cfg *tls.Config) (*nbd.Client, error) {
 		return nbd.Dial(opCtx(t), "unix", ts.path, nbd.ClientConfig{Export: "disk", TLS: cfg, Logger: clientLogger(t)})
@@ -313,6 +320,7 @@ func TestTLSClient(t *testing.T) {
 	if _, err := dial(nil); err == nil || !strings.Contains(err.Error(), "requires TLS") {
 		t.Errorf("plain client against TLSRequire: %v", err)
 	}
+	waitFor(t, plainLeft, "the server's log line about the plain-text client")
 	if _, err := dial(clientTLS(other, other.issue(t, false))); err == nil || !strings.Contains(err.Error(), "TLS handshake") {
 		t.Errorf("server certificate from an unknown CA: %v", err)
 	}

@@ -72,9 +72,6 @@ func (t nbdTLS) String() string {
 	return s + ")"
 }
 
-// errTLSFlags marks a bad combination of TLS flags.
-var errTLSFlags = errors.New("bad TLS flags")
-
 func (f *nbdTLSFlags) changed(name string) bool {
 	return f.fs != nil && f.fs.Changed(name)
 }
@@ -87,18 +84,18 @@ func (f *nbdTLSFlags) load() (nbdTLS, error) {
 	if explicit {
 		m, err := nbd.ParseTLSMode(f.mode)
 		if err != nil {
-			return out, fmt.Errorf("%w: --tls %q: must be off, on or require", errTLSFlags, f.mode)
+			return out, fmt.Errorf("--tls %q: must be off, on or require", f.mode)
 		}
 		out.Mode = m
 	}
 	if f.dir == "" {
 		switch {
 		case out.Mode != nbd.TLSOff:
-			return out, fmt.Errorf("%w: --tls %v needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem and server-key.pem; keel tls cert create makes them)", errTLSFlags, out.Mode)
+			return out, fmt.Errorf("--tls %v needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem and server-key.pem; keel tls cert create makes them)", out.Mode)
 		case f.verifyPeer:
-			return out, fmt.Errorf("%w: --tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)", errTLSFlags)
+			return out, errors.New("--tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)")
 		case f.upstream:
-			return out, fmt.Errorf("%w: --upstream-tls needs --tls-certificates DIR (its ca-cert.pem checks the servers)", errTLSFlags)
+			return out, errors.New("--upstream-tls needs --tls-certificates DIR (its ca-cert.pem checks the servers)")
 		}
 		return out, nil
 	}
@@ -117,7 +114,7 @@ func (f *nbdTLSFlags) load() (nbdTLS, error) {
 	}
 	if out.Mode != nbd.TLSOff {
 		if !b.HasServer() {
-			return out, fmt.Errorf("%w: --tls %v: %s has no server-cert.pem and server-key.pem", errTLSFlags, out.Mode, f.dir)
+			return out, fmt.Errorf("--tls %v: %s has no server-cert.pem and server-key.pem", out.Mode, f.dir)
 		}
 		auth := tls.NoClientCert
 		if f.verifyPeer {
@@ -127,7 +124,7 @@ func (f *nbdTLSFlags) load() (nbdTLS, error) {
 			return out, fmt.Errorf("--tls-certificates: %w", err)
 		}
 	} else if f.verifyPeer {
-		return out, fmt.Errorf("%w: --tls-verify-peer with --tls off: no client is asked for a certificate", errTLSFlags)
+		return out, errors.New("--tls-verify-peer with --tls off: no client is asked for a certificate")
 	}
 	if upstream {
 		if out.Upstream, err = b.ClientConfig(""); err != nil {
