@@ -315,3 +315,50 @@ func TestServeUpgradeTLS(t *testing.T) {
 		t.Errorf("%d upgrades handed over no connection, want 3 (a TLS connection is never handed over)", n)
 	}
 }
+
+// TestServerUpgradeTLS upgrades each server of a cluster that requires
+// TLS with verified peers on NBD once, leader first, while fio writes and
+// verifies through a proxy whose reads reach the servers over TLS: the
+// proxy's TLS links to an upgraded server are drained and closed (never
+// handed over) and it reads elsewhere or reconnects; fio sees no error and
+// every block verifies.
+func TestServerUpgradeTLS(t *testing.T) {
+	d := makeTLSDirs(t)
+	c := newUpgradeCluster(t, keeltest.MustBinary(t), "--tls", "require", "--tls-certificates", d.node, "--tls-verify-peer")
+	p := c.MustProxy(keeltest.ProxyConfig{Name: "vm1", Flags: []string{"--tls-certificates", d.node, "--tls", "off", "--cache", "0"}})
+	fio := startFio(t, "server-upgrades-tls", p.URI(), "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=8",
+		"--verify=crc32c", "--verify_backlog=256", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=20s")
+	keeltest.MustPoll(t, 60*time.Second, "fio writes and reads through the proxy", func() (bool, string) {
+		st, err := proxyStatusAt(t, p.HTTP)
+		return err == nil && st.Counters["writes"] > 0 && st.Counters["remote_reads"] > 0, fmt.Sprint(st.Counters, err)
+	})
+	lead := c.MustLeader(c.Nodes()...)
+	order := []*keeltest.Node{lead}
+	for _, n := range c.Nodes() {
+		if n != lead {
+			order = append(order, n)
+		}
+	}
+	drained := 0
+	for _, n := range order {
+		if r := c.upgrade(t, n, keeltest.MustBinary(t)); r.err != nil {
+			t.Fatalf("%s (leader %v): %v\n%s%s", n.ID, n == lead, r.err, r.stdout, r.stderr)
+		}
+		c.caughtUp(t, n)
+		b, _ := os.ReadFile(c.path(n, ".log"))
+		drained += strings.Count(string(b), "TLS connection drained for the handover and closed")
+		select {
+		case <-fio.done:
+			t.Fatalf("fio ended before the upgrade of %s", n.ID)
+		default:
+		}
+	}
+	if drained == 0 {
+		t.Error("no server drained a TLS connection of the proxy at its upgrade; the test did not exercise it")
+	}
+	j := fio.wait(t)
+	if j.Read.IOBytes == 0 {
+		t.Error("fio verified nothing")
+	}
+	c.MustConverge(c.Nodes()...)
+}
