@@ -29,6 +29,10 @@ type Membership struct {
 	PromoteLag uint64
 	// Every is the check interval. Default 500ms.
 	Every time.Duration
+	// Lags, when set, gets each polled peer's lag behind the leader's
+	// applied index at every check while leading, and is emptied when
+	// this node does not lead.
+	Lags *PeerLags
 }
 
 func (m *Membership) String() string { return "membership" }
@@ -49,10 +53,16 @@ func (m *Membership) Serve(ctx context.Context) error {
 		supervise.Point(supervise.PointMembership)
 		n := m.Holder.Peek()
 		if n == nil || !n.IsLeader() {
+			if m.Lags != nil {
+				m.Lags.Set(nil)
+			}
 			continue
 		}
 		m.registerSelf(ctx, n)
 		sts := m.poll(ctx, n)
+		if m.Lags != nil {
+			m.Lags.Set(lagsOf(n.FSM().AppliedIndex(), sts))
+		}
 		if _, err := n.RefreshLevels(); err != nil {
 			m.Log.Warn("refreshing the cluster's feature level", "error", err)
 		}
@@ -93,6 +103,21 @@ func (m *Membership) poll(ctx context.Context, n *replica.Node) map[string]wire.
 		}()
 	}
 	wg.Wait()
+	return out
+}
+
+// lagsOf is each peer's lag behind applied, the leader's applied index
+// (0 for a peer ahead of it, which a status polled after the leader's
+// index was read can be).
+func lagsOf(applied uint64, sts map[string]wire.NodeStatus) map[string]uint64 {
+	out := make(map[string]uint64, len(sts))
+	for id, st := range sts {
+		if st.AppliedIndex < applied {
+			out[id] = applied - st.AppliedIndex
+		} else {
+			out[id] = 0
+		}
+	}
 	return out
 }
 

@@ -1,0 +1,31 @@
+package server
+
+import (
+	"reflect"
+	"testing"
+
+	"github.com/keelstore/keel/services/wire"
+)
+
+func TestLagsOf(t *testing.T) {
+	got := lagsOf(100, map[string]wire.NodeStatus{
+		"n2": {AppliedIndex: 100}, // caught up
+		"n3": {AppliedIndex: 37},  // behind
+		"n4": {AppliedIndex: 104}, // polled after the leader's index was read
+	})
+	want := map[string]uint64{"n2": 0, "n3": 63, "n4": 0}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("lagsOf = %v, want %v", got, want)
+	}
+	var l PeerLags
+	l.Set(got)
+	snap := l.Snapshot()
+	snap["n3"] = 0
+	if l.Snapshot()["n3"] != 63 {
+		t.Fatal("Snapshot shares the map it returns")
+	}
+	l.Set(nil)
+	if len(l.Snapshot()) != 0 {
+		t.Fatal("Set(nil) kept lags")
+	}
+}
