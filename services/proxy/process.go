@@ -107,7 +107,7 @@ func (pr *Process) Run(ctx context.Context) error {
 	cfg, log := pr.cfg, pr.cfg.Log
 	rootCtx, cancelRoot := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelRoot()
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second, Restarts: &pr.proxy.restarts})
 	root.Add(pr.proxy)
 	if cfg.HTTP != nil {
 		root.Add(&API{Listener: cfg.HTTP, Proxy: pr.proxy, Log: log.Named("http")})
@@ -136,7 +136,7 @@ func (pr *Process) Run(ctx context.Context) error {
 		Exports: []nbd.Export{{
 			Name:        cfg.ExportName,
 			Description: "keel replicated volume via proxy (servers " + strings.Join(cfg.Proxy.Servers, ",") + ")",
-			Backend:     pr.proxy,
+			Backend:     pr.proxy.requests.Wrap(pr.proxy),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
