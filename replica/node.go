@@ -341,7 +341,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(cfg.ID)
-	rc.Logger = cfg.Log.Named("raft")
+	rc.Logger = RaftLogger(cfg.Log.Named("raft"))
 	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
 	rc.ElectionTimeout = cfg.ElectionTimeout
 	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
