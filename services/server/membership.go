@@ -33,7 +33,25 @@ type Membership struct {
 	// applied index at every check while leading, and is emptied when
 	// this node does not lead.
 	Lags *PeerLags
+
+	lastLeader string // the last leader noteLeader logged; only Serve's goroutine touches it
 }
+
+// noteLeader logs one line when this node sees a new leader: the one
+// line per leader change, on every node, an operator looks for. A time
+// without a leader (an election) is not logged here; raft logs it.
+func (m *Membership) noteLeader(n *replica.Node) {
+	_, id := n.Raft().LeaderWithID()
+	if !leaderChanged(m.lastLeader, string(id)) {
+		return
+	}
+	m.Log.Info("leader changed", "leader", id, "previous", m.lastLeader, "term", n.Raft().Stats()["term"], "self", id == raft.ServerID(n.ID()))
+	m.lastLeader = string(id)
+}
+
+// leaderChanged reports whether cur, the leader now known (empty: none),
+// is a change from last, the last leader logged.
+func leaderChanged(last, cur string) bool { return cur != "" && cur != last }
 
 func (m *Membership) String() string { return "membership" }
 
@@ -52,6 +70,9 @@ func (m *Membership) Serve(ctx context.Context) error {
 		}
 		supervise.Point(supervise.PointMembership)
 		n := m.Holder.Peek()
+		if n != nil {
+			m.noteLeader(n)
+		}
 		if n == nil || !n.IsLeader() {
 			if m.Lags != nil {
 				m.Lags.Set(nil)

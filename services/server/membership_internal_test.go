@@ -29,3 +29,14 @@ func TestLagsOf(t *testing.T) {
 		t.Fatal("Set(nil) kept lags")
 	}
 }
+
+func TestLeaderChanged(t *testing.T) {
+	for _, c := range []struct {
+		last, cur string
+		want      bool
+	}{{"", "", false}, {"", "n1", true}, {"n1", "n1", false}, {"n1", "", false}, {"n1", "n2", true}} {
+		if got := leaderChanged(c.last, c.cur); got != c.want {
+			t.Errorf("leaderChanged(%q, %q) = %v, want %v", c.last, c.cur, got, c.want)
+		}
+	}
+}
