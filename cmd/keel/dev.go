@@ -63,6 +63,10 @@ func (c *devChild) up() {
 func (c *devChild) Serve(ctx context.Context) error {
 	cmd := exec.Command(c.bin, c.args()...)
 	cmd.Stdout = os.Stdout
+	// Its own process group: a Ctrl-C in the terminal reaches keel dev
+	// alone, which stops its children in order (they would otherwise all
+	// stop at once, and be restarted as if they had died).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	pr, pw := io.Pipe()
 	cmd.Stderr = pw
 	printed := make(chan struct{})
@@ -221,8 +225,8 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 			return err
 		}
 		n.child = newDevChild(n.id, self, 70*time.Second, func() []string {
-			args := []string{"--log-level", g.logLevel, "server", "--dir", n.dir, "--id", n.id,
-				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd}
+			args := append(g.childLogArgs(), "server", "--dir", n.dir, "--id", n.id,
+				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd)
 			if !hasRaftState(n.dir) { // a restarted node needs neither
 				if i == 0 {
 					args = append(args, "--bootstrap", "--size", size)
@@ -242,9 +246,9 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 	}
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", base)
 	proxy := newDevChild("proxy", self, 70*time.Second, func() []string {
-		return []string{"--log-level", g.logLevel, "proxy", "--listen", proxyAddr,
+		return append(g.childLogArgs(), "proxy", "--listen", proxyAddr,
 			"--servers", nodes[0].http + "," + nodes[1].http + "," + nodes[2].http, "--writer", "keel-dev",
-			"--http", fmt.Sprintf("127.0.0.1:%d", base+300)}
+			"--http", fmt.Sprintf("127.0.0.1:%d", base+300))
 	})
 	tok := root.Add(proxy)
 	proxyTok = &tok

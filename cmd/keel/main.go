@@ -15,8 +15,9 @@ import (
 	"fmt"
 	"os"
 	"runtime/pprof"
+	"strings"
 
-	"github.com/hashicorp/go-hclog"
+	gsyslog "github.com/hashicorp/go-syslog"
 	"github.com/spf13/cobra"
 
 	"github.com/keelstore/keel/replica"
@@ -37,10 +38,14 @@ func main() {
 }
 
 type globalFlags struct {
-	logLevel   string
-	logJSON    bool
-	cpuProfile string
-	profFile   *os.File
+	logLevel       string
+	logJSON        bool
+	syslog         bool
+	syslogFacility string
+	syslogAddr     string
+	cpuProfile     string
+	profFile       *os.File
+	sys            gsyslog.Syslogger // opened by the first logger with --syslog
 }
 
 func (g *globalFlags) startProfile() error {
@@ -77,9 +82,12 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "log JSON lines instead of text")
+	root.PersistentFlags().BoolVar(&g.syslog, "syslog", false, "send every log line to syslog as well (the local daemon, or --syslog-addr), at the line's level")
+	root.PersistentFlags().StringVar(&g.syslogFacility, "syslog-facility", "LOCAL0", "syslog facility with --syslog: "+strings.Join(syslogFacilities, ", "))
+	root.PersistentFlags().StringVar(&g.syslogAddr, "syslog-addr", "", "with --syslog: a remote syslog, udp:HOST:PORT, tcp:HOST:PORT or unix:PATH, instead of the local daemon")
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
-	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
+	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile(); g.closeSyslog() }
 	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd(), newUpgradeCmd())
 	return root
 }
@@ -93,17 +101,4 @@ func newVersionCmd() *cobra.Command {
 			fmt.Fprintf(c.OutOrStdout(), "keel %s (feature level %d)\n", version, replica.CurrentLevel)
 		},
 	}
-}
-
-func (g *globalFlags) logger(name string) (hclog.Logger, error) {
-	level := hclog.LevelFromString(g.logLevel)
-	if level == hclog.NoLevel {
-		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", g.logLevel)
-	}
-	return hclog.New(&hclog.LoggerOptions{
-		Name:       name,
-		Level:      level,
-		Output:     os.Stderr,
-		JSONFormat: g.logJSON,
-	}), nil
 }
