@@ -247,7 +247,7 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", base)
 	proxy := newDevChild("proxy", self, 70*time.Second, func() []string {
 		return append(g.childLogArgs(), "proxy", "--listen", proxyAddr,
-			"--servers", nodes[0].http + "," + nodes[1].http + "," + nodes[2].http, "--writer", "keel-dev",
+			"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev",
 			"--http", fmt.Sprintf("127.0.0.1:%d", base+300))
 	})
 	tok := root.Add(proxy)
