@@ -35,7 +35,14 @@ func newClusterCmd() *cobra.Command {
 	var asJSON bool
 	status := &cobra.Command{
 		Use:   "status",
-		Short: "Show every member: role, applied index, addresses, resync progress",
+		Short: "Show the leader, term, writer and every member: role, lag, version, health, resync progress",
+		Long: `Ask any member for the cluster's state and print it for a person: the
+leader with its term and commit index, the writer holding the volume and
+its epoch, then one row per member (suffrage, role, applied index,
+version/feature level, lag in entries behind the leader, healthy or not,
+addresses), why each unhealthy member is, and a progress bar for each
+image resync that runs. --json prints the same answer as JSON for scripts
+(the shape of GET /v1/cluster, which stays stable).`,
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			cx, cancel := ctx(c)
@@ -129,28 +136,117 @@ func newClusterCmd() *cobra.Command {
 	return cmd
 }
 
+// healthyLag is how many entries a member may trail the leader's
+// applied index and still count as healthy in keel cluster status (the
+// promotion bound of a non-voter).
+const healthyLag = 64
+
+// printCluster writes cs for a person: the leader, its term and the
+// writer, a table of members, then each member's problem and each resync
+// in progress, with a bar.
 func printCluster(w io.Writer, cs wire.ClusterStatus) {
 	sort.Slice(cs.Members, func(i, j int) bool { return cs.Members[i].ID < cs.Members[j].ID })
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSUFFRAGE\tSTATE\tAPPLIED\tVERSION\tRAFT\tHTTP\tNBD\tRESYNC")
+	var lead *wire.NodeStatus
 	for _, m := range cs.Members {
-		state, applied, ver, sync := "?", "-", "-", "-"
+		if m.ID == cs.Leader && m.Status != nil {
+			lead = m.Status
+		}
+	}
+	switch {
+	case cs.Leader == "":
+		fmt.Fprintln(w, "Leader:  none (an election is running, or there is no quorum)")
+	case lead == nil:
+		fmt.Fprintf(w, "Leader:  %s (not answering)\n", cs.Leader)
+	default:
+		fmt.Fprintf(w, "Leader:  %s, term %d, commit index %d\n", cs.Leader, lead.Term, lead.CommitIndex)
+		if lead.Writer != "" {
+			fmt.Fprintf(w, "Writer:  %s, epoch %d\n", lead.Writer, lead.Epoch)
+		} else {
+			fmt.Fprintf(w, "Writer:  none (epoch %d); any NBD client may write\n", lead.Epoch)
+		}
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSUFFRAGE\tROLE\tAPPLIED\tVERSION\tLAG\tHEALTHY\tNBD\tRAFT\tHTTP")
+	var notes []string
+	for _, m := range cs.Members {
+		role, applied, ver, lag := "?", "-", "-", "-"
 		if m.Status != nil {
-			state = m.Status.State
+			role = strings.ToLower(m.Status.State)
 			applied = fmt.Sprint(m.Status.AppliedIndex)
 			ver = versionText(*m.Status)
-			sync = syncText(m.Status.Sync)
+			if lead != nil {
+				lag = fmt.Sprint(lagOf(lead.AppliedIndex, m.Status.AppliedIndex))
+			}
 		} else if m.Error != "" {
-			state = "unreachable"
+			role = "unreachable"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Suffrage, state, applied, ver, m.Raft, m.HTTP, m.NBD, sync)
+		healthy, why := memberHealth(m, lead)
+		h := "yes"
+		if !healthy {
+			h = "no"
+			notes = append(notes, fmt.Sprintf("%s: %s", m.ID, why))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Suffrage, role, applied, ver, lag, h, orDash(m.NBD), orDash(m.Raft), orDash(m.HTTP))
 	}
 	tw.Flush()
-	for _, m := range cs.Members {
-		if m.Error != "" {
-			fmt.Fprintf(w, "%s: %s\n", m.ID, m.Error)
+	if len(notes) > 0 {
+		fmt.Fprintln(w)
+		for _, n := range notes {
+			fmt.Fprintln(w, n)
 		}
 	}
+	for _, m := range cs.Members {
+		if m.Status != nil && m.Status.Sync != nil && m.Status.Sync.Active {
+			fmt.Fprintf(w, "\nResync on %s: %s\n", m.ID, syncText(m.Status.Sync))
+		}
+	}
+}
+
+// lagOf is how many entries applied trails the leader's (0 if ahead).
+func lagOf(leader, applied uint64) uint64 {
+	if applied >= leader {
+		return 0
+	}
+	return leader - applied
+}
+
+// memberHealth says whether a member is healthy, and if not why: it
+// answers, is a leader or follower, runs no resync and trails the
+// leader by at most healthyLag entries.
+func memberHealth(m wire.Member, lead *wire.NodeStatus) (bool, string) {
+	switch {
+	case m.Status == nil && m.Error != "":
+		return false, "not answering: " + m.Error
+	case m.Status == nil:
+		return false, "no status"
+	case m.Status.Sync != nil && m.Status.Sync.Active:
+		return false, "resyncing its image from peers"
+	case m.Status.State != "Leader" && m.Status.State != "Follower":
+		return false, "raft is " + strings.ToLower(m.Status.State)
+	case lead != nil && lagOf(lead.AppliedIndex, m.Status.AppliedIndex) > healthyLag:
+		return false, fmt.Sprintf("%d entries behind the leader", lagOf(lead.AppliedIndex, m.Status.AppliedIndex))
+	}
+	return true, ""
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// progressBar draws done of total as a bar of width cells and a percentage:
+// "[##########----------]  50%".
+func progressBar(done, total uint64, width int) string {
+	frac := 0.0
+	if total > 0 {
+		frac = float64(done) / float64(total)
+	}
+	frac = min(max(frac, 0), 1)
+	n := int(frac * float64(width))
+	return fmt.Sprintf("[%s%s] %3.0f%%", strings.Repeat("#", n), strings.Repeat("-", width-n), 100*frac)
 }
 
 // versionText is a member's build version and feature level, "1.2.3/L2";
@@ -167,14 +263,10 @@ func syncText(s *wire.SyncStatus) string {
 	if s == nil {
 		return "-"
 	}
-	pct := 0.0
-	if s.BytesTotal > 0 {
-		pct = 100 * float64(s.BytesCompared) / float64(s.BytesTotal)
-	}
 	var b strings.Builder
 	if s.Active {
-		fmt.Fprintf(&b, "syncing %.0f%% (%s of %s compared, %s moved, %s/s from %d peers)",
-			pct, human(s.BytesCompared), human(s.BytesTotal), human(s.BytesMoved), human(uint64(s.RateBytesPerSec)), s.Peers)
+		fmt.Fprintf(&b, "%s  %s of %s compared, %s moved, %s/s from %d peers",
+			progressBar(s.BytesCompared, s.BytesTotal, 30), human(s.BytesCompared), human(s.BytesTotal), human(s.BytesMoved), human(uint64(s.RateBytesPerSec)), s.Peers)
 	} else if s.Error != "" {
 		fmt.Fprintf(&b, "last resync failed: %s", s.Error)
 	} else {
