@@ -259,6 +259,9 @@ type Node struct {
 	// from before it led).
 	clusterLevel atomic.Uint32
 	levelTerm    atomic.Uint64
+
+	digesting  atomic.Int32  // Digests running (DigestProgress)
+	digestDone atomic.Uint64 // bytes the latest Digest has fingerprinted
 }
 
 // OpenNode opens or creates the node's directory and starts Raft. ctx

@@ -43,7 +43,7 @@ version/feature level, lag in entries behind the leader, healthy or not,
 addresses), why each unhealthy member is, and a progress bar for each
 image resync that runs. --json prints the same answer as JSON for scripts
 (the shape of GET /v1/cluster, which stays stable).`,
-		Args:  cobra.NoArgs,
+		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()

@@ -158,6 +158,9 @@ func (a *API) status(ctx context.Context, n *replica.Node) wire.NodeStatus {
 	if a.Resync != nil {
 		s.Sync = a.Resync.Status()
 	}
+	if done, total, ok := n.DigestProgress(); ok {
+		s.Digest = &wire.DigestProgress{BytesDone: done, BytesTotal: total}
+	}
 	return s
 }
 

@@ -75,6 +75,15 @@ type NodeStatus struct {
 	ImagePath    string      `json:"image_path"`
 	ImageSize    uint64      `json:"image_size"`
 	Sync         *SyncStatus `json:"sync,omitempty"`
+	// Digest, while keel verify's digest of the image runs on this node,
+	// is its progress.
+	Digest *DigestProgress `json:"digest,omitempty"`
+}
+
+// DigestProgress is how far a node's image digest (keel verify) is.
+type DigestProgress struct {
+	BytesDone  uint64 `json:"bytes_done"`
+	BytesTotal uint64 `json:"bytes_total"`
 }
 
 // SyncStatus is the progress of an image resync on this node.
