@@ -24,6 +24,10 @@ func newClusterCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "cluster",
 		Short: "Inspect and change a volume's cluster (talks to any member's --http)",
+		Example: `  keel cluster status --http 10.0.0.1:7002
+  keel cluster add --id n4 --raft 10.0.0.4:7001 --node-http 10.0.0.4:7002 --nbd 10.0.0.4:10809 --http 10.0.0.1:7002
+  keel cluster remove n3 --http 10.0.0.1:7002
+  keel cluster transfer-leadership n2 --http 10.0.0.1:7002`,
 	}
 	cmd.PersistentFlags().StringVar(&addr, "http", "127.0.0.1:7201", "HTTP address of any member")
 	cmd.PersistentFlags().DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the answer")
@@ -43,6 +47,8 @@ version/feature level, lag in entries behind the leader, healthy or not,
 addresses), why each unhealthy member is, and a progress bar for each
 image resync that runs. --json prints the same answer as JSON for scripts
 (the shape of GET /v1/cluster, which stays stable).`,
+		Example: `  keel cluster status --http 10.0.0.1:7002
+  keel cluster status --http 10.0.0.1:7002 --json | jq '.members[] | {id, state: .status.state}'`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			cx, cancel := ctx(c)
@@ -64,9 +70,10 @@ image resync that runs. --json prints the same answer as JSON for scripts
 
 	var add replica.NodeInfo
 	addCmd := &cobra.Command{
-		Use:   "add --id ID --raft HOST:PORT --node-http HOST:PORT [--nbd ADDR]",
-		Short: "Add a node as a non-voter (it is promoted once caught up); the node itself can do this with keel server --join",
-		Args:  cobra.NoArgs,
+		Use:     "add --id ID --raft HOST:PORT --node-http HOST:PORT [--nbd ADDR]",
+		Short:   "Add a node as a non-voter (it is promoted once caught up); the node itself can do this with keel server --join",
+		Example: `  keel cluster add --id n4 --raft 10.0.0.4:7001 --node-http 10.0.0.4:7002 --nbd 10.0.0.4:10809 --http 10.0.0.1:7002`,
+		Args:    cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()
@@ -87,9 +94,10 @@ image resync that runs. --json prints the same answer as JSON for scripts
 	}
 
 	remove := &cobra.Command{
-		Use:   "remove ID",
-		Short: "Remove a member from the cluster (stop its process afterwards)",
-		Args:  cobra.ExactArgs(1),
+		Use:     "remove ID",
+		Short:   "Remove a member from the cluster (stop its process afterwards)",
+		Example: `  keel cluster remove n3 --http 10.0.0.1:7002`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(c *cobra.Command, args []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()
@@ -116,7 +124,9 @@ image resync that runs. --json prints the same answer as JSON for scripts
 	transfer := &cobra.Command{
 		Use:   "transfer-leadership [ID]",
 		Short: "Hand leadership to ID, or to any up-to-date voter",
-		Args:  cobra.MaximumNArgs(1),
+		Example: `  keel cluster transfer-leadership --http 10.0.0.1:7002      # to any up-to-date voter
+  keel cluster transfer-leadership n2 --http 10.0.0.1:7002   # to n2`,
+		Args: cobra.MaximumNArgs(1),
 		RunE: func(c *cobra.Command, args []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()

@@ -134,6 +134,9 @@ func newDevCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dev [--dir DIR] [--size SIZE]",
 		Short: "Run a three-node cluster and a proxy on loopback for a first look",
+		Example: `  keel dev
+  keel dev --dir /tmp/keel-dev --size 10G --base-port 20809
+  qemu-img info nbd://127.0.0.1:10809   # in another terminal, once it runs`,
 		Long: `Start three keel servers on 127.0.0.1 (n1 bootstraps, n2 and n3 join) and
 a keel proxy in front of them, print the proxy's NBD address to give qemu,
 nbdinfo or fio, and stop everything on Ctrl-C. Each node keeps its image at

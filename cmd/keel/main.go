@@ -74,9 +74,13 @@ func (g *globalFlags) stopProfile() {
 func newRoot() *cobra.Command {
 	g := &globalFlags{}
 	root := &cobra.Command{
-		Use:           "keel",
-		Short:         "Keel: a replicated network block device",
-		Long:          "Keel serves disks over NBD. Every disk is a plain raw image file that qemu can boot directly.",
+		Use:   "keel",
+		Short: "Keel: a replicated network block device",
+		Long:  "Keel serves disks over NBD. Every disk is a plain raw image file that qemu can boot directly.",
+		Example: `  keel dev                                    # a three-node cluster and a proxy on loopback
+  keel cluster status --http 127.0.0.1:11009   # what that cluster is doing
+  keel server --help                           # the flags of one command
+  keel --log-json --syslog server ...          # logs as JSON lines on stderr and to syslog`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -94,9 +98,10 @@ func newRoot() *cobra.Command {
 
 func newVersionCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the build version and the feature level it speaks",
-		Args:  cobra.NoArgs,
+		Use:     "version",
+		Short:   "Print the build version and the feature level it speaks",
+		Example: `  keel version`,
+		Args:    cobra.NoArgs,
 		Run: func(c *cobra.Command, _ []string) {
 			fmt.Fprintf(c.OutOrStdout(), "keel %s (feature level %d)\n", version, replica.CurrentLevel)
 		},
