@@ -159,6 +159,9 @@ P+100.., HTTP P+200..; the proxy's HTTP (status, metrics) P+300.`,
 }
 
 func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) error {
+	if err := checkDir("--dir", dir); err != nil {
+		return err
+	}
 	if _, err := parseVolumeSize(size); err != nil {
 		return err
 	}

@@ -32,7 +32,7 @@ var version = "dev"
 
 func main() {
 	if err := newRoot().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "keel:", err)
+		fmt.Fprintln(os.Stderr, "keel:", explain(err))
 		os.Exit(1)
 	}
 }
@@ -90,6 +90,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.syslogFacility, "syslog-facility", "LOCAL0", "syslog facility with --syslog: "+strings.Join(syslogFacilities, ", "))
 	root.PersistentFlags().StringVar(&g.syslogAddr, "syslog-addr", "", "with --syslog: a remote syslog, udp:HOST:PORT, tcp:HOST:PORT or unix:PATH, instead of the local daemon")
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
+	root.SetFlagErrorFunc(flagError)
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile(); g.closeSyslog() }
 	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd(), newUpgradeCmd())
