@@ -6,9 +6,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,9 +61,10 @@ func checkSeries(got map[string]float64, want map[string]func(float64) bool) []s
 	return bad
 }
 
-// TestDevLogAndMetrics runs keel dev and writes through its proxy, then
-// reads what an operator would: the first 20 s of its log hold no ERROR
-// line (nodes joining are expected, not errors) and a "leader changed"
+// TestDevLogAndMetrics runs keel dev and writes through its proxy, kills
+// a follower (keel dev restarts it), then reads what an operator would:
+// the first 20 s of its log hold no ERROR line (nodes joining and a
+// restarting node are expected, not errors) and a "leader changed"
 // line, the traffic adds no line per request, and the proxy's and the
 // leader's /metrics carry the request, Raft and replication families
 // with values the traffic implies.
@@ -161,6 +164,21 @@ func TestDevLogAndMetrics(t *testing.T) {
 		}
 		return false, "no server reports itself leader: " + strings.Join(state, "; ")
 	})
+
+	// A follower killed under keel dev is started again: the leader's
+	// failures to reach it meanwhile are expected, not errors.
+	m := regexp.MustCompile(`n3 (\d+)\)`).FindStringSubmatch(d.Output())
+	if m == nil {
+		t.Fatalf("keel dev did not print n3's pid:\n%s", d.Output())
+	}
+	n3, _ := strconv.Atoi(m[1])
+	if err := syscall.Kill(n3, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill -9 n3 (pid %d): %v", n3, err)
+	}
+	keeltest.MustPoll(t, clusterTimeout, "keel dev restarted n3", func() (bool, string) {
+		return strings.Contains(d.Output(), "n3 restarted (pid"), "not yet"
+	})
+	mustQemuIO(t, uri, "write -P 0x77 1M 64k")
 
 	// The rest of the first 20 s, then the log.
 	select {
