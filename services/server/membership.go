@@ -19,7 +19,8 @@ import (
 // read; see replica.Node.RefreshLevels), and promotes a non-voter to
 // voter once it has caught up (applied within PromoteLag entries of the
 // leader and no resync running), so a new node never weakens the quorum
-// while it is still copying.
+// while it is still copying. On every node it logs one line per leader
+// change and per change of the volume's writer (seen at its checks).
 type Membership struct {
 	Holder *NodeHolder
 	Client *wire.Client
@@ -34,7 +35,47 @@ type Membership struct {
 	// this node does not lead.
 	Lags *PeerLags
 
-	lastLeader string // the last leader noteLeader logged; only Serve's goroutine touches it
+	// Only Serve's goroutine touches the following.
+	lastLeader string       // the last leader noteLeader logged
+	lastWriter writerHolder // the writer noteWriter last saw
+	sawWriter  bool         // lastWriter is known
+}
+
+// writerHolder is who holds the volume: a writer's name ("" none) and the
+// epoch of its claim.
+type writerHolder struct {
+	writer string
+	epoch  uint64
+}
+
+// writerEvent is the line to log when the volume's holder goes from prev
+// to cur ("" for none): a claim (a new writer, or the same name claiming
+// again, as a restarted proxy does), a release, or, when prev is not
+// known (this node just started), who holds it now.
+func writerEvent(prev writerHolder, known bool, cur writerHolder) string {
+	switch {
+	case !known && cur.writer != "":
+		return "writer holds the volume"
+	case !known, cur == prev:
+		return ""
+	case cur.writer == "":
+		return "writer released the volume"
+	case prev.writer != "" && prev.writer != cur.writer:
+		return "writer took the volume over"
+	default:
+		return "writer claimed the volume"
+	}
+}
+
+// noteWriter logs one line when the volume's writer changes, on every
+// node.
+func (m *Membership) noteWriter(n *replica.Node) {
+	st := n.FSM().State()
+	cur := writerHolder{st.Writer, st.Epoch}
+	if msg := writerEvent(m.lastWriter, m.sawWriter, cur); msg != "" {
+		m.Log.Info(msg, "writer", cur.writer, "epoch", cur.epoch, "previous", m.lastWriter.writer, "previous_epoch", m.lastWriter.epoch)
+	}
+	m.lastWriter, m.sawWriter = cur, true
 }
 
 // noteLeader logs one line when this node sees a new leader: the one
@@ -72,6 +113,7 @@ func (m *Membership) Serve(ctx context.Context) error {
 		n := m.Holder.Peek()
 		if n != nil {
 			m.noteLeader(n)
+			m.noteWriter(n)
 		}
 		if n == nil || !n.IsLeader() {
 			if m.Lags != nil {

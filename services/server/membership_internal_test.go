@@ -40,3 +40,25 @@ func TestLeaderChanged(t *testing.T) {
 		}
 	}
 }
+
+func TestWriterEvent(t *testing.T) {
+	none, a1, a2, b3 := writerHolder{}, writerHolder{"a", 1}, writerHolder{"a", 2}, writerHolder{"b", 3}
+	for _, c := range []struct {
+		prev  writerHolder
+		known bool
+		cur   writerHolder
+		want  string
+	}{
+		{none, false, none, ""},
+		{none, false, a1, "writer holds the volume"},
+		{a1, true, a1, ""},
+		{none, true, a1, "writer claimed the volume"},
+		{a1, true, a2, "writer claimed the volume"}, // the same name claims again
+		{a2, true, b3, "writer took the volume over"},
+		{b3, true, writerHolder{"", 3}, "writer released the volume"},
+	} {
+		if got := writerEvent(c.prev, c.known, c.cur); got != c.want {
+			t.Errorf("writerEvent(%v, %v, %v) = %q, want %q", c.prev, c.known, c.cur, got, c.want)
+		}
+	}
+}
