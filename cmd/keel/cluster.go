@@ -55,7 +55,7 @@ image resync that runs. --json prints the same answer as JSON for scripts
 			defer cancel()
 			cs, err := client().Cluster(cx, addr)
 			if err != nil {
-				return err
+				return httpErr(addr, err)
 			}
 			if asJSON {
 				enc := json.NewEncoder(os.Stdout)
@@ -79,7 +79,7 @@ image resync that runs. --json prints the same answer as JSON for scripts
 			defer cancel()
 			var resp wire.JoinResponse
 			if err := client().Do(cx, "POST", addr, "/v1/cluster/join", wire.JoinRequest{Node: add}, &resp); err != nil {
-				return err
+				return httpErr(addr, err)
 			}
 			fmt.Printf("added %s as a non-voter (leader %s); it becomes a voter once it has caught up\n", add.ID, resp.Leader)
 			return nil
@@ -110,12 +110,12 @@ image resync that runs. --json prints the same answer as JSON for scripts
 					return nil
 				}
 				if !errors.Is(err, wire.ErrRemoteNotLeader) || cx.Err() != nil {
-					return err
+					return httpErr(addr, err)
 				}
 				select {
 				case <-time.After(300 * time.Millisecond):
 				case <-cx.Done():
-					return err
+					return httpErr(addr, err)
 				}
 			}
 		},
@@ -136,7 +136,7 @@ image resync that runs. --json prints the same answer as JSON for scripts
 			}
 			var out map[string]string
 			if err := client().Do(cx, "POST", addr, "/v1/cluster/transfer-leadership", req, &out); err != nil {
-				return err
+				return httpErr(addr, err)
 			}
 			fmt.Printf("leader is now %s\n", out["leader"])
 			return nil

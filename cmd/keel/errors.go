@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"regexp"
 	"strings"
@@ -81,5 +82,22 @@ func explain(err error) string {
 		}
 		return fmt.Sprintf("%s: the address is already in use by another process; stop it or choose another port", where)
 	}
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		where := "the server"
+		if m := leadingFlag.FindStringSubmatch(msg); m != nil {
+			where = m[1]
+		}
+		return fmt.Sprintf("%s: nothing answers there (connection refused); is keel running, and is that its --http address?", where)
+	}
 	return msg
+}
+
+// httpErr names the member's --http address in the error of a call to
+// it, when the call could not reach it (an answer from it says enough).
+func httpErr(addr string, err error) error {
+	var ne net.Error
+	if errors.Is(err, syscall.ECONNREFUSED) || errors.As(err, &ne) {
+		return fmt.Errorf("--http %s: %w", addr, err)
+	}
+	return err
 }

@@ -33,6 +33,7 @@ func TestStartErrorsAreOneSentence(t *testing.T) {
 			"--raft", keeltest.MustFreeAddr(t), "--http", keeltest.MustFreeAddr(t), "--nbd", keeltest.MustFreeAddr(t)}, extra...)
 	}
 	dir := func(name string) string { return filepath.Join(tmp, name) }
+	nobody := keeltest.MustFreeAddr(t) // nothing listens there
 
 	for _, c := range []struct {
 		name string
@@ -52,6 +53,7 @@ func TestStartErrorsAreOneSentence(t *testing.T) {
 		{"keel serve --listen in use", []string{"serve", "--file", dir("s.img"), "--size", "1M", "--listen", taken}, "--listen " + taken + ": the address is already in use"},
 		{"server size that does not parse", server(dir("z"), "--size", "10Q"), `--size: size "10Q": want a number of bytes, optionally with a suffix K, M, G, T, P or E`},
 		{"serve size that does not parse", []string{"serve", "--file", dir("q.img"), "--size", "12zz"}, `--size: size "12zz": want a number of bytes`},
+		{"nothing at cluster status --http", []string{"cluster", "status", "--http", nobody}, "--http " + nobody + ": nothing answers there (connection refused)"},
 		{"log level", []string{"--log-level", "loud", "serve", "--file", dir("l.img"), "--size", "1M"}, `--log-level "loud": want trace, debug, info, warn or error`},
 		{"syslog facility", []string{"--syslog", "--syslog-facility", "LOCAL9", "serve", "--file", dir("f.img"), "--size", "1M"}, `--syslog-facility "LOCAL9": want one of KERN,`},
 	} {

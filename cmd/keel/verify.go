@@ -49,7 +49,7 @@ line every --progress-every.`,
 				os.Exit(1)
 			}
 			if err != nil {
-				fmt.Fprintln(os.Stderr, "keel verify:", err)
+				fmt.Fprintln(os.Stderr, "keel verify:", explain(httpErr(addr, err)))
 				os.Exit(2)
 			}
 			return nil
