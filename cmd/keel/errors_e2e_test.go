@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/cmd/keel/keeltest"
+	"github.com/keelstore/keel/services/keeltls"
 )
 
 // Each way a person can start keel wrongly gets one line on stderr, "keel:
@@ -34,6 +35,24 @@ func TestStartErrorsAreOneSentence(t *testing.T) {
 	}
 	dir := func(name string) string { return filepath.Join(tmp, name) }
 	nobody := keeltest.MustFreeAddr(t) // nothing listens there
+	// A certificate directory whose server key belongs to another node's
+	// certificate.
+	ca, mixed, other := dir("ca"), dir("tls-mixed"), dir("tls-other")
+	if err := keeltls.CreateCA(ca, keeltls.CAOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{mixed, other} {
+		if err := keeltls.CreateCert(ca, d, keeltls.CertOptions{Name: filepath.Base(d), Hosts: []string{"127.0.0.1"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	key, err := os.ReadFile(filepath.Join(other, keeltls.ServerKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(mixed, keeltls.ServerKey), key, 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	for _, c := range []struct {
 		name string
@@ -54,6 +73,8 @@ func TestStartErrorsAreOneSentence(t *testing.T) {
 		{"server size that does not parse", server(dir("z"), "--size", "10Q"), `--size: size "10Q": want a number of bytes, optionally with a suffix K, M, G, T, P or E`},
 		{"serve size that does not parse", []string{"serve", "--file", dir("q.img"), "--size", "12zz"}, `--size: size "12zz": want a number of bytes`},
 		{"nothing at cluster status --http", []string{"cluster", "status", "--http", nobody}, "--http " + nobody + ": nothing answers there (connection refused)"},
+		{"certificate that does not match its key", []string{"serve", "--file", dir("t.img"), "--size", "1M", "--listen", keeltest.MustFreeAddr(t), "--tls-certificates", mixed},
+			filepath.Join(mixed, keeltls.ServerKey) + " does not match " + filepath.Join(mixed, keeltls.ServerCert)},
 		{"log level", []string{"--log-level", "loud", "serve", "--file", dir("l.img"), "--size", "1M"}, `--log-level "loud": want trace, debug, info, warn or error`},
 		{"syslog facility", []string{"--syslog", "--syslog-facility", "LOCAL9", "serve", "--file", dir("f.img"), "--size", "1M"}, `--syslog-facility "LOCAL9": want one of KERN,`},
 	} {
