@@ -147,13 +147,13 @@ func digestProgress(ctx context.Context, c *wire.Client, voters []wire.Member) (
 			defer wg.Done()
 			sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			defer cancel()
-			st, err := c.Status(sctx, m.HTTP)
-			if err != nil || st.Digest == nil {
+			var p wire.DigestProgress
+			if err := c.Do(sctx, "GET", m.HTTP, "/v1/verify/progress", nil, &p); err != nil || !p.Running {
 				return
 			}
 			mu.Lock()
-			done += st.Digest.BytesDone
-			total += st.Digest.BytesTotal
+			done += p.BytesDone
+			total += p.BytesTotal
 			mu.Unlock()
 		}()
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 )
 
@@ -159,5 +160,19 @@ func TestMetricsFamiliesAfterTraffic(t *testing.T) {
 			t.Fatalf("after the traffic and one panic, /metrics has:\n%s", strings.Join(bad, "\n"))
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// GET /v1/verify/progress answers at once and says no digest runs on an
+// idle node, with the image's size as the total.
+func TestVerifyProgressIdle(t *testing.T) {
+	o := startOneNode(t)
+	var p wire.DigestProgress
+	if err := wire.NewClient(5*time.Second).Do(t.Context(), http.MethodGet, o.HTTP, "/v1/verify/progress", nil, &p); err != nil {
+		t.Fatal(err)
+	}
+	size := o.Holder().Peek().Image().Size()
+	if p.Running || p.BytesTotal != size {
+		t.Fatalf("progress on an idle node: %+v, want not running, total %d", p, size)
 	}
 }

@@ -75,13 +75,13 @@ type NodeStatus struct {
 	ImagePath    string      `json:"image_path"`
 	ImageSize    uint64      `json:"image_size"`
 	Sync         *SyncStatus `json:"sync,omitempty"`
-	// Digest, while keel verify's digest of the image runs on this node,
-	// is its progress.
-	Digest *DigestProgress `json:"digest,omitempty"`
 }
 
-// DigestProgress is how far a node's image digest (keel verify) is.
+// DigestProgress is how far a node's image digest (keel verify) is: GET
+// /v1/verify/progress, which answers while the digest holds the state
+// machine (and /v1/status waits).
 type DigestProgress struct {
+	Running    bool   `json:"running"`
 	BytesDone  uint64 `json:"bytes_done"`
 	BytesTotal uint64 `json:"bytes_total"`
 }
