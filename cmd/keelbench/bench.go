@@ -32,6 +32,14 @@ type bench struct {
 	// quietTick is how often waitQuiet samples the CPU (default 1s).
 	quietTick time.Duration
 
+	// goals: the proxy suite also runs the goals suite's jobs (rand-write
+	// at QD1, warm seq-read, the write jobs against keel serve) and keeps
+	// the figures the goals are judged by in fig.
+	goals bool
+	fig   *figures
+	// lastDiskMBps is the last diskJobs' durable 1M write bandwidth.
+	lastDiskMBps float64
+
 	live []Proc     // the running suite's children, in start order
 	cpu  *Section   // the running suite's CPU figures
 	gib  *Section   // the same as CPU-seconds per GiB moved
@@ -77,6 +85,9 @@ func (b *bench) noteMem(when string, p Proc) {
 	if err != nil {
 		b.odd("memory of %s: %v", p.Name(), err)
 		return
+	}
+	if b.fig != nil {
+		b.fig.notePeak(p.Name(), m.VmHWM)
 	}
 	mib := func(n int64) string { return fmt.Sprintf("%.0f", float64(n)/(1<<20)) }
 	b.mem = append(b.mem, []string{p.Name(), when, mib(m.VmRSS), mib(m.VmHWM), mib(m.RssAnon), mib(m.RssFile)})
@@ -159,6 +170,9 @@ func (b *bench) fioArgs(ctx context.Context, stem, target, label string, args []
 		row := []string{target, label}
 		for _, n := range b.gib.Grid.Head[2:] {
 			if v, ok := use.Procs[n]; ok {
+				if b.fig != nil && r.Error == 0 {
+					b.fig.addGiB(target, label, n, CPUSecondsPerGiB(v, r.MBps))
+				}
 				row = append(row, fmt.Sprintf("%.1f", CPUSecondsPerGiB(v, r.MBps)))
 			} else {
 				row = append(row, "-")
@@ -169,6 +183,9 @@ func (b *bench) fioArgs(ctx context.Context, stem, target, label string, args []
 	if r.Error != 0 {
 		b.odd("fio %s against %s reported error %d", label, target, r.Error)
 		return r, false
+	}
+	if b.fig != nil {
+		b.fig.addLatency(target, label, r)
 	}
 	return r, true
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -41,6 +42,9 @@ type Config struct {
 	// WSet is the proxy suite's warm rand-read working set in bytes: less
 	// than Cache and at most the proxy suite's size.
 	WSet int64
+	// Places are where the goals suite's passes keep their data, in
+	// order (a tmpfs, then a disk).
+	Places []Place
 	// Profile reruns the proxy's rand-read under keel --cpu-profile and
 	// lists the hottest functions (proxy suite).
 	Profile bool
@@ -98,7 +102,17 @@ func (c Config) Validate(suites []string) error {
 	if contains(suites, "nbd") && len(c.NBDServers) == 0 {
 		return bad("--nbd-servers: none")
 	}
-	if contains(suites, "proxy") {
+	if contains(suites, "goals") {
+		if len(c.Places) == 0 {
+			return bad("goals: no place for the data")
+		}
+		for _, p := range c.Places {
+			if st, err := os.Stat(p.Dir); err != nil || !st.IsDir() {
+				return bad("--%s-dir %s: not a directory", p.Name, p.Dir)
+			}
+		}
+	}
+	if contains(suites, "proxy") || contains(suites, "goals") {
 		size := c.SizeFor("proxy")
 		if c.Cache <= 0 || c.WSet <= 0 || c.WSet >= c.Cache || c.WSet > size {
 			return bad("--wset %d must be above 0, below --cache %d and at most the size %d", c.WSet, c.Cache, size)

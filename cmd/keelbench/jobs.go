@@ -29,6 +29,10 @@ var (
 	RandRead  = Job{"rand-read", "randread", "4k", 32, UnitIOPS}
 	RandWrite = Job{"rand-write", "randwrite", "4k", 32, UnitIOPS}
 
+	// RandWrite1 is rand-write at queue depth 1: one write's whole latency
+	// (goals suite).
+	RandWrite1 = Job{"rand-write-qd1", "randwrite", "4k", 1, UnitIOPS}
+
 	// Fill writes a whole volume once (not time based).
 	Fill = Job{"fill", "write", "1M", 8, UnitMBps}
 	// Warm reads a working set once, to warm caches (not time based).

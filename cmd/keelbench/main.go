@@ -116,6 +116,32 @@ Needs fio, nbdinfo, nbdkit and qemu-nbd (scripts/test installs them).`,
 			},
 		})
 	}
+	var places = []Place{{Name: "tmpfs", Dir: "/dev/shm"}, {Name: "disk", Dir: os.TempDir()}}
+	goals := &cobra.Command{
+		Use:   "goals",
+		Short: "issue 9's goals: the proxy suite with the data on a tmpfs and on a disk, one table of every goal",
+		Long: `goals runs the proxy suite twice, first with every image and log on a
+tmpfs (--tmpfs-dir), then on a disk (--disk-dir), adding rand-write at
+queue depth 1, a warm seq-read, the write jobs against keel serve (the
+CPU baseline) and, on the disk, the disk's own durable write bandwidth.
+It ends with one table: each goal, the figure reached in each place (from
+the medians) and MET or MISSED; CPU-seconds per GiB per process, p50/p99
+latency and peak RSS are in the report beside it.`,
+		Example: `  go run ./cmd/keelbench goals --rounds 3 --out /tmp/goals
+  go run ./cmd/keelbench goals --tmpfs-dir /dev/shm --disk-dir /var/tmp --runtime 5s --rounds 1`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := f.config("goals")
+			if err != nil {
+				return err
+			}
+			cfg.Places = places
+			return run(cmd.Context(), cfg, "goals", []string{"goals"})
+		},
+	}
+	goals.Flags().StringVar(&places[0].Dir, "tmpfs-dir", places[0].Dir, "where the tmpfs pass keeps its data (a tmpfs)")
+	goals.Flags().StringVar(&places[1].Dir, "disk-dir", places[1].Dir, "where the disk pass keeps its data (on the disk to measure)")
+	root.AddCommand(goals)
 	return root
 }
 
@@ -192,6 +218,8 @@ func run(ctx context.Context, cfg Config, name string, suites []string) error {
 			err = b.runCluster(ctx)
 		case "proxy":
 			err = b.runProxy(ctx)
+		case "goals":
+			err = b.runGoals(ctx, cfg.Places)
 		}
 		if err != nil {
 			b.odd("suite %s stopped early: %v; its results are partial", s, err)

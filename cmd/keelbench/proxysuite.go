@@ -226,7 +226,11 @@ func (b *bench) runProxy(ctx context.Context) error {
 	// Writes: the proxy is stopped (SIGTERM releases the volume) for the
 	// leader's jobs and started again (it claims the volume back under the
 	// same --writer).
-	for _, v := range Schedule(cfg.Rounds, []string{"proxy", "leader"}, proxyWriteJobs) {
+	writers, writeJobs := []string{"proxy", "leader"}, proxyWriteJobs
+	if b.goals {
+		writers, writeJobs = []string{"proxy", "leader", "keel-serve"}, goalWriteJobs
+	}
+	for _, v := range Schedule(cfg.Rounds, writers, writeJobs) {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -255,7 +259,11 @@ func (b *bench) runProxy(ctx context.Context) error {
 		b.fio(ctx, "proxy", tg, "warm", FioRun{Job: Warm, URI: NBDURI(socks[tg]), Size: cfg.WSet}, cpu(tg))
 	}
 	var cache []string
-	for _, v := range Schedule(cfg.Rounds, ProxyTargets, func(string) []Job { return []Job{RandRead} }) {
+	warmJobs := []Job{RandRead}
+	if b.goals {
+		warmJobs = append(warmJobs, SeqRead)
+	}
+	for _, v := range Schedule(cfg.Rounds, ProxyTargets, func(string) []Job { return warmJobs }) {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}

@@ -245,6 +245,9 @@ func (b *bench) diskJobs(ctx context.Context, master string, size int64) string 
 		run := DiskRun{Job: d.job, File: img, Size: size, Sync: d.sync, Runtime: b.cfg.Runtime, Ramp: b.cfg.Ramp, Output: out}
 		r, ok := b.fioArgs(ctx, "cluster-disk-"+d.job.Name, "disk", d.job.Name, run.Args(), out, nil)
 		res[d.job.Name] = FormatValue(r.Value(d.job.Unit), ok, d.job.Unit)
+		if d.job == SeqWrite && ok {
+			b.lastDiskMBps = r.MBps
+		}
 	}
 	return fmt.Sprintf("disk, one fio writer on a file (psync, no NBD): 1M writes with fdatasync every 8: %s MB/s; "+
 		"4k random writes with fdatasync every 32: %s IOPS", res[SeqWrite.Name], res[RandWrite.Name])
