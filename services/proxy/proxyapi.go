@@ -82,8 +82,11 @@ func (p *Proxy) counters() map[string]uint64 {
 //	GET /metrics     Prometheus metrics
 type API struct {
 	Listener net.Listener
-	Proxy    *Proxy
-	Log      hclog.Logger
+	// TLS, when set, serves the API over TLS; its routes are status
+	// only, open to a client without a certificate (wire.NeedsClientCert).
+	TLS   *wire.ClusterTLS
+	Proxy *Proxy
+	Log   hclog.Logger
 }
 
 func (a *API) String() string { return "proxy http " + a.Listener.Addr().String() }
@@ -94,7 +97,7 @@ func (a *API) Serve(ctx context.Context) error {
 		wire.WriteJSON(w, http.StatusOK, a.Proxy.Status())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Proxy.metrics(), promhttp.HandlerOpts{}))
-	return wire.ServeHTTP(ctx, a.Listener, mux, a.Log)
+	return wire.ServeHTTP(ctx, a.TLS.HTTPListener(a.Listener), mux, a.Log)
 }
 
 // metrics returns a registry reading the proxy's counters at scrape time.
