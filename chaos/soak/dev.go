@@ -90,7 +90,7 @@ func RunDev(ctx context.Context, cfg DevConfig) (Result, error) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); wl.Run(runCtx) }()
-	in := &devInjector{https: https, hist: hist, logf: cfg.Logf, client: wire.NewClient(5 * time.Second)}
+	in := &devInjector{https: https, hist: hist, logf: cfg.Logf, client: wire.NewClient(5*time.Second, nil)}
 	pl := newPlanner(cfg.Seed, cfg.Faults, 3)
 	for runCtx.Err() == nil {
 		p := pl.next()

@@ -76,7 +76,7 @@ func newCluster(t *testing.T, size string, n int, flags ...string) *keeltest.TCl
 // proxyStatusAt reads a proxy's GET /v1/status.
 func proxyStatusAt(t *testing.T, addr string) (proxy.Status, error) {
 	var st proxy.Status
-	err := wire.NewClient(5*time.Second).Do(t.Context(), http.MethodGet, addr, "/v1/status", nil, &st)
+	err := wire.NewClient(5*time.Second, nil).Do(t.Context(), http.MethodGet, addr, "/v1/status", nil, &st)
 	return st, err
 }
 
@@ -867,7 +867,7 @@ func TestClusterDev(t *testing.T) {
 		if !strings.Contains(d.Output(), "n2 restarted (pid") {
 			return false, "no restart reported yet"
 		}
-		api := wire.NewClient(2 * time.Second)
+		api := wire.NewClient(2*time.Second, nil)
 		lead, err := api.Status(t.Context(), keeltest.Loopback(base+200))
 		if err != nil {
 			return false, err.Error()

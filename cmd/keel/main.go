@@ -7,6 +7,7 @@
 //	keel serve     one raw image over NBD, standalone (no replication)
 //	keel version   the build version and the feature level it speaks
 //	keel upgrade   replace a running proxy by a fresh start of its binary
+//	keel tls       create the cluster CA and node and client certificates
 //
 // Run `keel help` or `keel CMD --help` for the flags of each.
 package main
@@ -80,7 +81,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
-	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd(), newUpgradeCmd())
+	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd(), newUpgradeCmd(), newTLSCmd())
 	return root
 }
 

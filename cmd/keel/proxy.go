@@ -34,6 +34,7 @@ type proxyFlags struct {
 	http         string
 	pidFile      string
 	upgradeTO    time.Duration
+	clusterTLS   string
 }
 
 func newProxyCmd(g *globalFlags) *cobra.Command {
@@ -64,7 +65,8 @@ Without a quorum, reads continue and writes wait --write-timeout, then fail
 with EIO. On SIGTERM or SIGINT the proxy answers every request already read,
 closes the connections (qemu reconnects) and releases the volume.`,
 		Example: `  keel proxy --servers 10.0.0.1:7002,10.0.0.2:7002 --listen unix:/run/keel/vm1.sock --cache 256M
-  keel proxy --servers 10.0.0.1:7002 --listen 127.0.0.1:10809 --takeover   # VM migrated here`,
+  keel proxy --servers 10.0.0.1:7002 --listen 127.0.0.1:10809 --takeover   # VM migrated here
+  keel proxy --cluster-tls /etc/keel/proxy --servers 10.0.0.1:7002,10.0.0.2:7002 --listen unix:/run/keel/vm1.sock`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runProxy(cmd.Context(), g, f) },
 	}
@@ -85,6 +87,7 @@ closes the connections (qemu reconnects) and releases the volume.`,
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
 	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary without dropping a connection")
 	fl.DurationVar(&f.upgradeTO, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
+	fl.StringVar(&f.clusterTLS, "cluster-tls", os.Getenv(clusterTLSEnv), clusterTLSHelp)
 	_ = cmd.MarkFlagRequired("servers")
 	return cmd
 }
@@ -107,6 +110,10 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	if f.connect <= 0 {
 		return fmt.Errorf("--connect-timeout %v: must be positive", f.connect)
 	}
+	ctls, err := loadClusterTLS(f.clusterTLS)
+	if err != nil {
+		return err
+	}
 	writer := f.writer
 	if writer == "" {
 		host, _ := os.Hostname()
@@ -127,7 +134,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	pcfg := proxy.Config{
 		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
 		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt, RelayAfter: f.relayAfter, Version: version,
-		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
+		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(), ClusterTLS: ctls,
 	}
 	stopChaos, err := chaosProxy(writer, &pcfg, log)
 	if err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -44,6 +45,7 @@ type serverFlags struct {
 	upgradeTO    time.Duration
 	election     time.Duration
 	lease        time.Duration
+	clusterTLS   string
 }
 
 func newServerCmd(g *globalFlags) *cobra.Command {
@@ -71,7 +73,8 @@ NBD listeners) opens it and takes over every NBD connection. A new binary
 that fails is refused and the old process keeps serving. Upgrade one node
 at a time (docs/upgrade.md).`,
 		Example: `  keel server --dir /var/lib/keel/vm1 --id n1 --raft 10.0.0.1:7001 --nbd 10.0.0.1:10809 --http 10.0.0.1:7002 --bootstrap --size 64G
-  keel server --dir /var/lib/keel/vm1 --id n2 --raft 10.0.0.2:7001 --nbd 10.0.0.2:10809 --http 10.0.0.2:7002 --join 10.0.0.1:7002`,
+  keel server --dir /var/lib/keel/vm1 --id n2 --raft 10.0.0.2:7001 --nbd 10.0.0.2:10809 --http 10.0.0.2:7002 --join 10.0.0.1:7002
+  keel server --cluster-tls /etc/keel/n1 --dir /var/lib/keel/vm1 --id n1 --raft 10.0.0.1:7001 --nbd 10.0.0.1:10809 --http 10.0.0.1:7002 --bootstrap --size 64G`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g, f) },
 	}
@@ -97,6 +100,7 @@ at a time (docs/upgrade.md).`,
 	fl.DurationVar(&f.election, "election-timeout", replica.DefaultElectionTimeout, "Raft: a candidate without a result this long starts another election")
 	fl.DurationVar(&f.lease, "leader-lease-timeout", replica.DefaultLeaderLeaseTimeout, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
 	fl.StringVar(&f.logCache, "log-cache", "16M", "memory for the cache of recent Raft log entries in front of the log store (1M to 4G); 0 turns it off")
+	fl.StringVar(&f.clusterTLS, "cluster-tls", os.Getenv(clusterTLSEnv), clusterTLSHelp)
 	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
 		_ = cmd.MarkFlagRequired(name)
@@ -143,6 +147,10 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	if err != nil {
 		return err
 	}
+	ctls, err := loadClusterTLS(f.clusterTLS)
+	if err != nil {
+		return err
+	}
 
 	u, err := upgrade.New(upgrade.Config{PIDFile: f.pidFile, Timeout: f.upgradeTO, Version: version, Log: log.Named("upgrade")})
 	if err != nil {
@@ -170,7 +178,11 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return fail(fmt.Errorf("--nbd: %w", err))
 	}
 	ls = append(ls, nbdL)
-	client := wire.NewClient(10 * time.Second)
+	var clientTLS *tls.Config
+	if ctls != nil {
+		clientTLS = ctls.Client
+	}
+	client := wire.NewClient(10*time.Second, clientTLS)
 	self := replica.NodeInfo{ID: f.id, Raft: f.raftAddr, HTTP: httpL.Addr().String(), NBD: f.nbdAddr}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
@@ -220,13 +232,13 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	}
 	srv, err := server.New(server.Config{
 		Node: nodeCfg, HTTP: httpL, NBD: nbdL, Raft: raftL, VolumeSize: volSize,
-		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Version: version, Log: log,
+		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, ClusterTLS: ctls, Version: version, Log: log,
 		Upgrader: u, Upgrades: hup,
 	})
 	if err != nil {
 		return fail(err)
 	}
-	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize, "taking_over", u.HasParent())
+	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize, "taking_over", u.HasParent(), "cluster_tls", ctls.String())
 	return srv.Run(ctx)
 }
 

@@ -22,8 +22,9 @@ var errDiffer = errors.New("images differ")
 func newVerifyCmd() *cobra.Command {
 	var addr string
 	var timeout time.Duration
+	var tlsDir string
 	cmd := &cobra.Command{
-		Use:   "verify --http ADDR",
+		Use:   "verify --http ADDR [--cluster-tls DIR]",
 		Short: "Check that every voter's image is byte-identical at a common applied index",
 		Long: `Ask every voter for a digest of its image taken while nothing is applied,
 at the same applied index. Prints one line per voter. Exits 0 when every
@@ -34,7 +35,11 @@ voter unreachable, or the cluster too busy to reach a common index within
 		RunE: func(c *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(c.Context(), timeout)
 			defer cancel()
-			err := verify(ctx, wire.NewClient(timeout), addr)
+			tc, err := loadClientTLS(tlsDir)
+			if err != nil {
+				return err
+			}
+			err = verify(ctx, wire.NewClient(timeout, tc), addr)
 			if errors.Is(err, errDiffer) {
 				fmt.Fprintln(os.Stderr, "keel verify: FAILED:", err)
 				os.Exit(1)
@@ -48,6 +53,7 @@ voter unreachable, or the cluster too busy to reach a common index within
 	}
 	cmd.Flags().StringVar(&addr, "http", "127.0.0.1:7201", "HTTP address of any member")
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "give up after this long")
+	clientTLSFlag(cmd, &tlsDir, false)
 	return cmd
 }
 
