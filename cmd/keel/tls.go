@@ -66,7 +66,7 @@ overwritten.`,
 				return err
 			}
 			if err := keeltls.CreateCA(dir, keeltls.CAOptions{Name: name, Validity: v}); err != nil {
-				return tlsCreateError(dir, err)
+				return err
 			}
 			fmt.Fprintf(c.OutOrStdout(), "created CA %s (%s) and its key %s\n",
 				filepath.Join(dir, keeltls.CACert), caName(name), filepath.Join(dir, keeltls.CAKey))
@@ -117,11 +117,8 @@ verify) needs a client certificate. Existing files are never overwritten.`,
 				return fmt.Errorf("--ca %s: %w", ca, err)
 			}
 			opts := keeltls.CertOptions{Name: name, Hosts: hosts, Server: server, Client: client, Validity: v}
-			if err := opts.Validate(); err != nil {
-				return fmt.Errorf("%w (give each --host as an IP address or a DNS name)", err)
-			}
 			if err := keeltls.CreateCert(ca, dir, opts); err != nil {
-				return tlsCreateError(dir, err)
+				return err
 			}
 			kinds := "server and client certificates"
 			switch {
@@ -153,13 +150,6 @@ func validity(days int) (time.Duration, error) {
 		return 0, fmt.Errorf("--days %d: must be from 1 to %d", days, 100*365)
 	}
 	return time.Duration(days) * 24 * time.Hour, nil
-}
-
-func tlsCreateError(dir string, err error) error {
-	if errors.Is(err, keeltls.ErrExists) {
-		return fmt.Errorf("%w (not overwritten: choose another --dir or remove the old files from %s first)", err, dir)
-	}
-	return err
 }
 
 // loadClusterTLS reads --cluster-tls DIR for a server or a proxy, which

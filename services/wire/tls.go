@@ -2,6 +2,7 @@ package wire
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -116,6 +117,25 @@ func RequireClientCert(h http.Handler) http.Handler {
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+// ErrServerWantsTLS: a client without cluster TLS called an API served
+// over TLS.
+var ErrServerWantsTLS = errors.New("keel: the server's API is served over TLS (cluster TLS is on): give --cluster-tls DIR with a client certificate from the cluster CA")
+
+// tlsHint adds what to do to a client's certificate errors.
+func tlsHint(err error) error {
+	var ua x509.UnknownAuthorityError
+	var ch x509.HostnameError
+	switch {
+	case errors.As(err, &ua):
+		return fmt.Errorf("%w (the server's certificate is not from the CA in --cluster-tls: is it this cluster's?)", err)
+	case errors.As(err, &ch):
+		return fmt.Errorf("%w (the server's certificate is not for the address dialed: give keel tls cert create a --host for it)", err)
+	case strings.Contains(err.Error(), "remote error: tls:"):
+		return fmt.Errorf("%w (the server refused this client's certificate: is --cluster-tls from this cluster's CA?)", err)
+	}
+	return err
 }
 
 // PeerLog logs refused connections once per peer host at WARN (the

@@ -237,7 +237,7 @@ func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Hea
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
-		return err
+		return tlsHint(err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
@@ -251,6 +251,9 @@ func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Hea
 				return fmt.Errorf("%w (leader: %q): %s", ErrRemoteNotLeader, ae.Leader, ae.Error)
 			}
 			return fmt.Errorf("%s %s: %s", method, addr+path, ae.Error)
+		}
+		if resp.StatusCode == http.StatusBadRequest && c.TLS == nil && bytes.Contains(data, []byte("HTTP request to an HTTPS server")) {
+			return fmt.Errorf("%s %s: %w", method, addr+path, ErrServerWantsTLS)
 		}
 		return fmt.Errorf("%s %s: %s: %s", method, addr+path, resp.Status, strings.TrimSpace(string(data)))
 	}
