@@ -115,7 +115,11 @@ type verifyResult struct {
 // runVerify runs keel verify against via and parses its table.
 func runVerify(t *testing.T, via *keeltest.Node) verifyResult {
 	t.Helper()
-	r := run(t, 90*time.Second, keeltest.MustBinary(t), "verify", "--http", via.HTTP, "--timeout", "60s")
+	args := []string{"verify", "--http", via.HTTP, "--timeout", "60s"}
+	if via.CertDir != "" { // cluster TLS: the node's client certificate
+		args = append(args, "--cluster-tls", via.CertDir)
+	}
+	r := run(t, 90*time.Second, keeltest.MustBinary(t), args...)
 	v := verifyResult{result: r, digests: map[string]string{}}
 	var exit *exec.ExitError
 	switch {
