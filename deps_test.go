@@ -87,6 +87,8 @@ var rules = []rule{
 		return under(r, "upgrade") && !isTestHarness(r) && !under(r, "upgrade/upgradetest")
 	},
 		func(d string) bool { return !under(d, "upgrade") }},
+	{"keeltls imports nothing of Keel's", func(r string) bool { return under(r, "services/keeltls") },
+		func(d string) bool { return !under(d, "services/keeltls") }},
 	{"supervise imports nothing of Keel's", func(r string) bool { return under(r, "supervise") },
 		func(d string) bool { return !under(d, "supervise") }},
 	{"replica imports nothing of services, upgrade, cmd or chaos", func(r string) bool { return under(r, "replica") && !isTestHarness(r) },
