@@ -1,0 +1,84 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/keelstore/keel/services/keeltls"
+)
+
+// keel runs the command line in-process and returns its output and error.
+func keel(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	root := newRoot()
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs(args)
+	err := root.Execute()
+	return out.String(), err
+}
+
+// keel tls makes a CA and certificates a server, a proxy and the CLI
+// load; each mistake is one clear error and nothing is overwritten.
+func TestTLSCommands(t *testing.T) {
+	dir := t.TempDir()
+	ca, n1, cli := filepath.Join(dir, "ca"), filepath.Join(dir, "n1"), filepath.Join(dir, "cli")
+	if _, err := keel(t, "tls", "ca", "create", "--dir", ca, "--name", "test CA", "--days", "30"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keel(t, "tls", "cert", "create", "--ca", ca, "--dir", n1, "--name", "n1", "--host", "127.0.0.1", "--host", "n1.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keel(t, "tls", "cert", "create", "--ca", ca, "--dir", cli, "--name", "admin", "--client"); err != nil {
+		t.Fatal(err)
+	}
+	if ct, err := loadClusterTLS(n1); err != nil || ct.Validate() != nil {
+		t.Errorf("a node's directory does not load for a server: %v", err)
+	}
+	if _, err := loadClusterTLS(cli); err == nil || !strings.Contains(err.Error(), keeltls.ServerCert) {
+		t.Errorf("a client-only directory for a server: %v, want an error naming %s", err, keeltls.ServerCert)
+	}
+	if tc, err := loadClientTLS(cli); err != nil || len(tc.Certificates) != 1 {
+		t.Errorf("the client directory does not load for the CLI: %v", err)
+	}
+	if _, err := loadClientTLS(ca); err == nil || !strings.Contains(err.Error(), keeltls.ClientCert) {
+		t.Errorf("a directory without a client certificate for the CLI: %v, want an error naming %s", err, keeltls.ClientCert)
+	}
+	caCert, err := os.ReadFile(filepath.Join(ca, keeltls.CACert))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	for _, c := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"the CA again", []string{"tls", "ca", "create", "--dir", ca}, "already exists"},
+		{"a node's certificates again", []string{"tls", "cert", "create", "--ca", ca, "--dir", n1, "--name", "n1", "--host", "127.0.0.1"}, "already exists"},
+		{"no CA in --ca", []string{"tls", "cert", "create", "--ca", filepath.Join(dir, "none"), "--dir", filepath.Join(dir, "x"), "--name", "x", "--host", "127.0.0.1"}, "no CA there"},
+		{"a host that is neither", []string{"tls", "cert", "create", "--ca", ca, "--dir", filepath.Join(dir, "y"), "--name", "y", "--host", "not a host!"}, "neither an IP address nor a DNS name"},
+		{"a server certificate without a host", []string{"tls", "cert", "create", "--ca", ca, "--dir", filepath.Join(dir, "z"), "--name", "z", "--server"}, "needs at least one host"},
+		{"no days", []string{"tls", "ca", "create", "--dir", filepath.Join(dir, "ca2"), "--days", "0"}, "--days 0"},
+		{"a missing --dir", []string{"tls", "ca", "create"}, `"dir" not set`},
+	} {
+		_, err := keel(t, c.args...)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error with %q", c.name, err, c.want)
+		}
+	}
+	if now, err := os.ReadFile(filepath.Join(ca, keeltls.CACert)); err != nil || !bytes.Equal(now, caCert) {
+		t.Errorf("the CA's certificate changed after a refused create (%v)", err)
+	}
+	for _, d := range []string{"x", "y", "z", "ca2"} {
+		if _, err := os.Stat(filepath.Join(dir, d)); err == nil {
+			if ents, _ := os.ReadDir(filepath.Join(dir, d)); len(ents) > 0 {
+				t.Errorf("a refused create left files in %s", d)
+			}
+		}
+	}
+}
