@@ -113,6 +113,13 @@ func forceCert(cfg *tls.Config) *tls.Config {
 	return c
 }
 
+// closeTransport closes tr and its pooled connections (Close alone keeps
+// them, and the node's side of each would outlive the test).
+func closeTransport(tr *raft.NetworkTransport) {
+	tr.CloseStreams()
+	tr.Close()
+}
+
 // dialer is a raft.StreamLayer that only dials, with dial.
 type dialer struct {
 	dial   func(addr string) (net.Conn, error)
@@ -183,7 +190,7 @@ func TestRaftRefusesStrangers(t *testing.T) {
 	send := func(dial func(string) (net.Conn, error)) (voteErr, appendErr error) {
 		d := &dialer{dial: dial, closed: make(chan struct{})}
 		tr := raft.NewNetworkTransportWithLogger(d, 1, 3*time.Second, hclog.NewNullLogger())
-		defer tr.Close()
+		defer closeTransport(tr)
 		var vr raft.RequestVoteResponse
 		voteErr = tr.RequestVote("n1", raft.ServerAddress(o.Raft), vote, &vr)
 		var ar raft.AppendEntriesResponse
@@ -210,6 +217,14 @@ func TestRaftRefusesStrangers(t *testing.T) {
 		t.Errorf("%d WARN lines for one refused peer, want 1", got)
 	}
 
+	// A peer that connects and never says anything holds up nobody: the
+	// control below is answered while it hangs in its handshake.
+	silent, err := net.Dial("tcp", o.Raft)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+
 	// The control: a peer with the cluster's certificate reaches raft,
 	// which answers (a vote of the current term is not granted: the node
 	// leads) and changes nothing.
@@ -217,7 +232,7 @@ func TestRaftRefusesStrangers(t *testing.T) {
 	ctrl.Term, ctrl.LastLogIndex, ctrl.LastLogTerm = before.Term, 0, 0
 	d := &dialer{dial: tlsDial(good), closed: make(chan struct{})}
 	tr := raft.NewNetworkTransportWithLogger(d, 1, 3*time.Second, hclog.NewNullLogger())
-	defer tr.Close()
+	defer closeTransport(tr)
 	var vr raft.RequestVoteResponse
 	if err := tr.RequestVote("n1", raft.ServerAddress(o.Raft), &ctrl, &vr); err != nil {
 		t.Fatalf("a peer with the cluster's certificate was not answered: %v", err)
