@@ -63,7 +63,11 @@ destination takes over when it first writes. A proxy restarted under the same
 
 Without a quorum, reads continue and writes wait --write-timeout, then fail
 with EIO. On SIGTERM or SIGINT the proxy answers every request already read,
-closes the connections (qemu reconnects) and releases the volume.`,
+closes the connections (qemu reconnects) and releases the volume.
+
+With --cluster-tls DIR the proxy calls the servers' APIs over mutual TLS
+with its certificate and serves its --http over TLS; the servers must run
+with --cluster-tls from the same CA.`,
 		Example: `  keel proxy --servers 10.0.0.1:7002,10.0.0.2:7002 --listen unix:/run/keel/vm1.sock --cache 256M
   keel proxy --servers 10.0.0.1:7002 --listen 127.0.0.1:10809 --takeover   # VM migrated here
   keel proxy --cluster-tls /etc/keel/proxy --servers 10.0.0.1:7002,10.0.0.2:7002 --listen unix:/run/keel/vm1.sock`,

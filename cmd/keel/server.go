@@ -66,6 +66,11 @@ committed through Raft on a quorum before they are acknowledged (a follower
 forwards them to the leader). Without a quorum, reads keep working and
 writes fail with EIO after --write-timeout.
 
+--cluster-tls DIR (keel tls cert create) makes Raft, the HTTP API and image
+sync mutual TLS with the cluster's CA: a peer, proxy or CLI without a
+certificate from it cannot join, speak Raft, write or administer. Without
+it the server logs one WARN line: its cluster traffic is unauthenticated.
+
 SIGHUP (keel upgrade --pid-file PATH) replaces the process by a fresh start
 of its binary in place: a leader hands leadership over, the old process
 stops Raft and releases DIR, the new one (which inherited the Raft, HTTP and
