@@ -14,6 +14,7 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 	"github.com/keelstore/keel/upgrade"
@@ -30,8 +31,8 @@ type ProcessConfig struct {
 	Listen string
 	// ExportName is the NBD export's name. Default "keel".
 	ExportName string
-	// HTTP, when not nil, serves /v1/status and /metrics. The process
-	// takes ownership of it.
+	// HTTP, when not nil, serves /v1/status, /metrics and the status
+	// page (GET /). The process takes ownership of it.
 	HTTP net.Listener
 	// ConnectTimeout bounds the wait at start for a server to tell the
 	// volume's size. Default 60s.
@@ -57,15 +58,16 @@ type ProcessConfig struct {
 //
 //	keel
 //	├── Proxy: polls the servers, claims the volume, releases it at stop
-//	├── API (with --http)
+//	├── status history and API (with --http)
 //	└── NBD: the listener, one service per connection, over the Proxy
 //
 // Run owns the stop order: NBD first (every request already read is
 // committed while the proxy can still reach the servers), then the proxy,
 // which releases the volume.
 type Process struct {
-	cfg   ProcessConfig
-	proxy *Proxy
+	cfg    ProcessConfig
+	proxy  *Proxy
+	status *statuspage.Service // the status page's history (statuspage.go)
 }
 
 // NewProcess checks the configuration and builds the proxy.
@@ -95,7 +97,7 @@ func NewProcess(cfg ProcessConfig) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Process{cfg: cfg, proxy: p}, nil
+	return &Process{cfg: cfg, proxy: p, status: newStatusPage(p)}, nil
 }
 
 // Proxy is the process's backend (status, tests).
@@ -111,7 +113,8 @@ func (pr *Process) Run(ctx context.Context) error {
 	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
 	root.Add(pr.proxy)
 	if cfg.HTTP != nil {
-		root.Add(&API{Listener: cfg.HTTP, TLS: cfg.Proxy.ClusterTLS, Proxy: pr.proxy, Log: log.Named("http")})
+		root.Add(pr.status)
+		root.Add(&API{Listener: cfg.HTTP, TLS: cfg.Proxy.ClusterTLS, Proxy: pr.proxy, Log: log.Named("http"), Page: pr.status})
 	}
 	if cfg.Proxy.ClusterTLS == nil {
 		log.Warn(wire.UnsecuredWarning)
@@ -142,7 +145,7 @@ func (pr *Process) Run(ctx context.Context) error {
 		Exports: []nbd.Export{{
 			Name:        cfg.ExportName,
 			Description: "keel replicated volume via proxy (servers " + strings.Join(cfg.Proxy.Servers, ",") + ")",
-			Backend:     pr.proxy,
+			Backend:     pr.status.Meter().Wrap(pr.proxy),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,

@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -80,6 +81,7 @@ func (p *Proxy) counters() map[string]uint64 {
 //
 //	GET /v1/status   Status
 //	GET /metrics     Prometheus metrics
+//	GET /            the status page (with Page)
 type API struct {
 	Listener net.Listener
 	// TLS, when set, serves the API over TLS; its routes are status
@@ -87,6 +89,8 @@ type API struct {
 	TLS   *wire.ClusterTLS
 	Proxy *Proxy
 	Log   hclog.Logger
+	// Page, when set, is the status page (GET /) with its history.
+	Page *statuspage.Service
 }
 
 func (a *API) String() string { return "proxy http " + a.Listener.Addr().String() }
@@ -97,6 +101,9 @@ func (a *API) Serve(ctx context.Context) error {
 		wire.WriteJSON(w, http.StatusOK, a.Proxy.Status())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Proxy.metrics(), promhttp.HandlerOpts{}))
+	if a.Page != nil {
+		a.Page.Register(mux)
+	}
 	return wire.ServeHTTP(ctx, a.TLS.HTTPListener(a.Listener), mux, a.Log)
 }
 

@@ -19,6 +19,7 @@ import (
 
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/replica/imagesync"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
 )
 
@@ -40,6 +41,8 @@ type API struct {
 	Version string
 	Level   replica.Level
 	Log     hclog.Logger
+	// Page, when set, is the status page (GET /) with its history.
+	Page *statuspage.Service
 }
 
 func (a *API) String() string { return "http " + a.Listener.Addr().String() }
@@ -51,9 +54,16 @@ func (a *API) Serve(ctx context.Context) error {
 	mux.HandleFunc("POST /v1/cluster/join", a.leaderOnly(a.handleJoin))
 	mux.HandleFunc("POST /v1/cluster/remove", a.leaderOnly(a.handleRemove))
 	mux.HandleFunc("POST /v1/cluster/transfer-leadership", a.leaderOnly(a.handleTransfer))
-	mux.HandleFunc("POST /v1/apply", a.handleApply)
+	if a.Page != nil {
+		mux.Handle("POST /v1/apply", a.Page.Meter().WriteHandler(http.HandlerFunc(a.handleApply)))
+	} else {
+		mux.HandleFunc("POST /v1/apply", a.handleApply)
+	}
 	mux.HandleFunc("POST /v1/verify/digest", a.handleDigest)
 	mux.Handle("/v1/sync/", http.StripPrefix("/v1/sync", a.syncHandler()))
+	if a.Page != nil {
+		a.Page.Register(mux)
+	}
 	if a.Metrics != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(a.Metrics, promhttp.HandlerOpts{}))
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 	"github.com/keelstore/keel/upgrade"
@@ -135,6 +136,7 @@ func (c Config) Validate() error {
 //	│   └── RaftService: opens the replica.Node, publishes it in the holder
 //	├── API: the HTTP API
 //	├── Membership: registration and promotion while leading
+//	├── status history: the status page's per-second samples
 //	└── NBD: the listener, one service per connection, over the Volume
 //
 // Run owns the stop order: NBD first (every request already read is
@@ -151,6 +153,7 @@ type Server struct {
 	nbdSvc  *nbdserve.NBD
 	raftSup *suture.Supervisor
 	raftTok suture.ServiceToken // the RaftService while it is in raftSup
+	status  *statuspage.Service // the status page's history (statuspage.go)
 }
 
 // New builds the tree; Run starts it.
@@ -160,7 +163,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	log := cfg.Log
-	s := &Server{cfg: cfg, holder: NewNodeHolder()}
+	s := &Server{cfg: cfg, holder: NewNodeHolder(), status: newStatusPage()}
 	if cfg.Raft == nil && cfg.ClusterTLS != nil {
 		// The node's own transport is plain TCP: serve Raft on a listener
 		// of ours, over TLS.
@@ -189,7 +192,7 @@ func New(cfg Config) (*Server, error) {
 		Exports: []nbd.Export{{
 			Name:        "keel",
 			Description: "keel replicated volume (node " + cfg.Node.ID + ")",
-			Backend:     &Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")},
+			Backend:     s.status.Meter().Wrap(&Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")}),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
@@ -207,7 +210,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	root.Add(s.raftSup)
 	root.Add(&API{Listener: cfg.HTTP, TLS: cfg.ClusterTLS, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
-		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http")})
+		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http"), Page: s.status})
+	root.Add(s.status)
 	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery})
 	s.nbdSvc = nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout, Paused: takeOver})
 	s.nbdTok = root.Add(s.nbdSvc)
