@@ -118,6 +118,9 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	if err != nil {
 		return err
 	}
+	if err := checkCertHosts(ctls, f.clusterTLS, map[string]string{"--http": f.http}); err != nil {
+		return err
+	}
 	writer := f.writer
 	if writer == "" {
 		host, _ := os.Hostname()

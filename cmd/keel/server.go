@@ -156,6 +156,9 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	if err != nil {
 		return err
 	}
+	if err := checkCertHosts(ctls, f.clusterTLS, map[string]string{"--raft": f.raftAddr, "--http": f.httpAddr}); err != nil {
+		return err
+	}
 
 	u, err := upgrade.New(upgrade.Config{PIDFile: f.pidFile, Timeout: f.upgradeTO, Version: version, Log: log.Named("upgrade")})
 	if err != nil {

@@ -2,11 +2,15 @@ package main
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
+	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -201,4 +205,46 @@ func clientTLSFlag(c *cobra.Command, dir *string, persistent bool) {
 		fl = c.PersistentFlags()
 	}
 	fl.StringVar(dir, "cluster-tls", os.Getenv(clusterTLSEnv), clusterTLSClientHelp)
+}
+
+// checkCertHosts says, in one sentence, when the server certificate of
+// --cluster-tls dir is not valid for the host of an address a flag gives
+// (peers dialing it would refuse the handshake); unspecified hosts
+// (":7001", "0.0.0.0:7001") and unix sockets are not checked.
+func checkCertHosts(ct *wire.ClusterTLS, dir string, flags map[string]string) error {
+	if ct == nil || len(ct.Server.Certificates) == 0 {
+		return nil
+	}
+	c := ct.Server.Certificates[0]
+	leaf := c.Leaf
+	if leaf == nil {
+		var err error
+		if leaf, err = x509.ParseCertificate(c.Certificate[0]); err != nil {
+			return fmt.Errorf("--cluster-tls %s: %s: %w", dir, keeltls.ServerCert, err)
+		}
+	}
+	names := slices.Sorted(maps.Keys(flags))
+	for _, flag := range names {
+		host, _, err := net.SplitHostPort(flags[flag])
+		if err != nil || host == "" {
+			continue
+		}
+		if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+			continue
+		}
+		if err := leaf.VerifyHostname(host); err != nil {
+			hosts := append(slices.Clone(leaf.DNSNames), ipStrings(leaf.IPAddresses)...)
+			return fmt.Errorf("--cluster-tls %s: %s is for %v, not for %s (%s %s): peers would refuse it; make one with keel tls cert create --host %s",
+				dir, keeltls.ServerCert, hosts, host, flag, flags[flag], host)
+		}
+	}
+	return nil
+}
+
+func ipStrings(ips []net.IP) []string {
+	var s []string
+	for _, ip := range ips {
+		s = append(s, ip.String())
+	}
+	return s
 }

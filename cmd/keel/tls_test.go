@@ -36,8 +36,17 @@ func TestTLSCommands(t *testing.T) {
 	if _, err := keel(t, "tls", "cert", "create", "--ca", ca, "--dir", cli, "--name", "admin", "--client"); err != nil {
 		t.Fatal(err)
 	}
-	if ct, err := loadClusterTLS(n1); err != nil || ct.Validate() != nil {
-		t.Errorf("a node's directory does not load for a server: %v", err)
+	ct, err := loadClusterTLS(n1)
+	if err != nil || ct.Validate() != nil {
+		t.Fatalf("a node's directory does not load for a server: %v", err)
+	}
+	// The server certificate must name the hosts peers dial.
+	for addr, ok := range map[string]bool{"127.0.0.1:7001": true, "n1.example.com:7001": true, ":7001": true, "0.0.0.0:7001": true,
+		"10.9.9.9:7001": false, "n2.example.com:7001": false} {
+		err := checkCertHosts(ct, n1, map[string]string{"--raft": addr})
+		if ok && err != nil || !ok && (err == nil || !strings.Contains(err.Error(), "--host "+strings.Split(addr, ":")[0])) {
+			t.Errorf("--raft %s with a certificate for 127.0.0.1, n1.example.com: %v", addr, err)
+		}
 	}
 	if _, err := loadClusterTLS(cli); err == nil || !strings.Contains(err.Error(), keeltls.ServerCert) {
 		t.Errorf("a client-only directory for a server: %v, want an error naming %s", err, keeltls.ServerCert)
