@@ -24,7 +24,7 @@ import (
 
 // TestClusterTLS runs three servers and a proxy over mutual TLS: fio
 // writes and verifies through the proxy; a node with a certificate from
-// another CA (made with keel tls) cannot join; the CLI without the
+// another CA (made with keel tls), or without cluster TLS, cannot join; the CLI without the
 // cluster's certificate and a client without a certificate cannot remove a
 // member, hand leadership over, write or read the image, and the
 // membership is unchanged; a node with the cluster's certificate joins
@@ -71,22 +71,28 @@ func TestClusterTLS(t *testing.T) {
 	}
 	before := members()
 
-	// The stranger node asks to join, and keeps being refused.
-	n4, err := c.Add("n4")
-	if err != nil {
-		t.Fatal(err)
+	// A node with another CA's certificate, and one without cluster TLS,
+	// ask to join and keep being refused.
+	for _, s := range []struct{ id, certs, what, says string }{
+		{"n4", stranger, "another CA's certificate", "certificate"},
+		{"n6", "", "no cluster TLS", "--cluster-tls"},
+	} {
+		n, err := c.Add(s.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.CertDir = s.certs
+		if err := n.Start("--join", lead.HTTP); err != nil {
+			t.Fatal(err)
+		}
+		keeltest.MustPoll(t, clusterTimeout, s.id+" ("+s.what+") refused at join", func() (bool, string) {
+			return strings.Count(n.Output(), "join failed; retrying") >= 2, lastLine(n.Output())
+		})
+		if !strings.Contains(n.Output(), s.says) {
+			t.Errorf("%s's join failures do not say %q:\n%s", s.id, s.says, n.Output())
+		}
+		c.MustKill(n)
 	}
-	n4.CertDir = stranger
-	if err := n4.Start("--join", lead.HTTP); err != nil {
-		t.Fatal(err)
-	}
-	keeltest.MustPoll(t, clusterTimeout, "n4 (another CA's certificate) refused at join", func() (bool, string) {
-		return strings.Count(n4.Output(), "join failed; retrying") >= 2, lastLine(n4.Output())
-	})
-	if !strings.Contains(n4.Output(), "certificate") {
-		t.Errorf("n4's join failures do not name the certificate:\n%s", n4.Output())
-	}
-	c.MustKill(n4)
 
 	// The CLI without the cluster's certificate (plain HTTP to a TLS
 	// API), and with the stranger's (it does not trust the cluster).
