@@ -91,3 +91,55 @@ func TestTLSCommands(t *testing.T) {
 		}
 	}
 }
+
+// keel dev makes its CA and certificates once and reuses them: a second
+// run on the same directory changes nothing, and every child's directory
+// loads (servers and proxy with both kinds, the CLI's with a client
+// certificate).
+func TestDevCertsMadeOnce(t *testing.T) {
+	dir := t.TempDir()
+	first, err := makeDevCerts(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func() map[string]string {
+		files := map[string]string{}
+		_ = filepath.WalkDir(filepath.Join(dir, "tls"), func(p string, d os.DirEntry, err error) error {
+			if err == nil && !d.IsDir() {
+				b, _ := os.ReadFile(p)
+				files[p] = string(b)
+			}
+			return nil
+		})
+		return files
+	}
+	before := read()
+	if len(before) == 0 {
+		t.Fatal("keel dev made no certificates")
+	}
+	second, err := makeDevCerts(dir)
+	if err != nil {
+		t.Fatalf("a second run on the same directory: %v", err)
+	}
+	after := read()
+	if len(after) != len(before) || second.cli != first.cli {
+		t.Errorf("a second run changed the certificates: %d files, then %d", len(before), len(after))
+	}
+	for p, b := range before {
+		if after[p] != b {
+			t.Errorf("a second run rewrote %s", p)
+		}
+	}
+	for _, name := range []string{"n1", "n2", "n3", "proxy"} {
+		if _, err := loadClusterTLS(second.dir(name)); err != nil {
+			t.Errorf("keel dev's %s: %v", name, err)
+		}
+	}
+	if _, err := loadClientTLS(second.cli); err != nil {
+		t.Errorf("keel dev's CLI certificate: %v", err)
+	}
+	var insecure *devCerts
+	if insecure.dir("n1") != "" || !strings.Contains(insecure.howTo(), "NOT") {
+		t.Error("--insecure: want no --cluster-tls and a warning in the instructions")
+	}
+}
