@@ -21,6 +21,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -81,6 +82,15 @@ type ClientConfig struct {
 	// attention (fallbacks in the handshake, the connection dying).
 	// Default: hclog.NewNullLogger().
 	Logger hclog.Logger
+	// TLS, when set, makes the client send NBD_OPT_STARTTLS before any
+	// other option and run the rest of the connection over TLS with this
+	// configuration (its RootCAs check the server; Certificates holds
+	// the client's own, for servers that verify peers). A server that
+	// refuses STARTTLS is an error: the client never falls back to plain
+	// text. An empty ServerName is the host the client dials (Dial), or
+	// the host of the connection's remote address (NewClient). Default
+	// nil: no TLS.
+	TLS *tls.Config
 }
 
 func (c ClientConfig) withDefaults() ClientConfig {
@@ -173,9 +183,12 @@ func (e *OptionError) Error() string {
 // split into several requests, sent together.
 type Client struct {
 	cfg ClientConfig
-	nc  net.Conn
+	nc  net.Conn // the TLS connection over the socket once STARTTLS is done
 	br  *bufio.Reader
 	log hclog.Logger
+
+	serverName string // what the server's certificate is checked against
+	secured    bool   // TLS is in use
 
 	// Negotiated in the handshake; read-only afterwards.
 	size       uint64
@@ -257,6 +270,10 @@ func Dial(ctx context.Context, network, addr string, cfg ClientConfig) (*Client,
 	if err != nil {
 		return nil, fmt.Errorf("nbd: dial %s %s: %w", network, addr, err)
 	}
+	if cfg.TLS != nil && cfg.TLS.ServerName == "" && network != "unix" {
+		cfg.TLS = cfg.TLS.Clone()
+		cfg.TLS.ServerName = hostOf(addr)
+	}
 	return NewClient(ctx, nc, cfg)
 }
 
@@ -280,13 +297,16 @@ func NewClient(ctx context.Context, nc net.Conn, cfg ClientConfig) (*Client, err
 		dead:    make(chan struct{}),
 		done:    make(chan struct{}),
 	}
+	if a := nc.RemoteAddr(); a != nil && a.Network() != "unix" {
+		c.serverName = hostOf(a.String())
+	}
 	if err := ctx.Err(); err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("nbd: handshake with %s: %w", remoteAddr(nc), err)
 	}
 	_ = nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	stop := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
-	err := c.handshake()
+	err := c.handshake(ctx)
 	if !stop() {
 		nc.Close()
 		return nil, fmt.Errorf("nbd: handshake with %s: %w", remoteAddr(nc), ctx.Err())
@@ -305,6 +325,9 @@ func NewClient(ctx context.Context, nc net.Conn, cfg ClientConfig) (*Client, err
 	go c.readLoop()
 	return c, nil
 }
+
+// TLS reports whether the connection runs over TLS.
+func (c *Client) TLS() bool { return c.secured }
 
 func remoteAddr(nc net.Conn) string {
 	if a := nc.RemoteAddr(); a != nil && a.String() != "" {
@@ -372,8 +395,8 @@ func (c *Client) has(flag uint16) bool {
 
 // handshake negotiates, then derives the request limits from what was
 // agreed.
-func (c *Client) handshake() error {
-	gotBS, err := c.negotiate()
+func (c *Client) handshake(ctx context.Context) error {
+	gotBS, err := c.negotiate(ctx)
 	if err != nil {
 		return err
 	}
@@ -393,7 +416,7 @@ func (c *Client) handshake() error {
 
 // negotiate runs the option haggling up to the transmission phase and
 // reports whether the server sent its block sizes.
-func (c *Client) negotiate() (gotBS bool, err error) {
+func (c *Client) negotiate(ctx context.Context) (gotBS bool, err error) {
 	var g [18]byte
 	if _, err := io.ReadFull(c.br, g[:]); err != nil {
 		return false, fmt.Errorf("nbd: reading the greeting of %s: %w", remoteAddr(c.nc), err)
@@ -418,8 +441,16 @@ func (c *Client) negotiate() (gotBS bool, err error) {
 		return false, fmt.Errorf("nbd: sending client flags: %w", err)
 	}
 	if !fixed {
+		if c.cfg.TLS != nil {
+			return false, fmt.Errorf("nbd: %s does not speak fixed newstyle negotiation, so it cannot do TLS", remoteAddr(c.nc))
+		}
 		// Plain newstyle allows no option but EXPORT_NAME.
 		return false, c.exportName(noZeroes)
+	}
+	if c.cfg.TLS != nil {
+		if err := c.clientStartTLS(ctx); err != nil {
+			return false, err
+		}
 	}
 
 	if !c.cfg.NoStructured {
@@ -529,7 +560,7 @@ func (c *Client) handshakeFailed(opt uint32, err error) error {
 	case opt == OptGo:
 		return fmt.Errorf("nbd: server refused export %q: %w", c.cfg.Export, err)
 	case oe.Type == RepErrTLSReqd:
-		return fmt.Errorf("nbd: server requires TLS, which this client does not support: %w", err)
+		return fmt.Errorf("nbd: server requires TLS and this client is not configured for it: %w", err)
 	case oe.Type == RepErrShutdown:
 		return fmt.Errorf("nbd: server is shutting down: %w", err)
 	}

@@ -35,6 +35,7 @@ type proxyFlags struct {
 	pidFile      string
 	upgradeTO    time.Duration
 	clusterTLS   string
+	tls          nbdTLSFlags
 }
 
 func newProxyCmd(g *globalFlags) *cobra.Command {
@@ -92,6 +93,7 @@ with --cluster-tls from the same CA.`,
 	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary without dropping a connection")
 	fl.DurationVar(&f.upgradeTO, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
 	fl.StringVar(&f.clusterTLS, "cluster-tls", os.Getenv(clusterTLSEnv), clusterTLSHelp)
+	f.tls.register(fl, true)
 	_ = cmd.MarkFlagRequired("servers")
 	return cmd
 }
@@ -121,6 +123,10 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	if err := checkCertHosts(ctls, f.clusterTLS, map[string]string{"--http": f.http}); err != nil {
 		return err
 	}
+	ntls, err := f.tls.load()
+	if err != nil {
+		return err
+	}
 	writer := f.writer
 	if writer == "" {
 		host, _ := os.Hostname()
@@ -142,6 +148,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
 		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt, RelayAfter: f.relayAfter, Version: version,
 		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(), ClusterTLS: ctls,
+		UpstreamTLS: ntls.Upstream,
 	}
 	stopChaos, err := chaosProxy(writer, &pcfg, log)
 	if err != nil {
@@ -157,7 +164,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 		Proxy:  pcfg,
 		Listen: f.listen, ExportName: f.name, HTTP: httpL,
 		ConnectTimeout: f.connect, DrainTimeout: f.drain, Log: log,
-		Upgrader: u, Upgrades: hup,
+		Upgrader: u, Upgrades: hup, TLS: ntls.Mode, TLSConfig: ntls.Server,
 	})
 	if err != nil {
 		if httpL != nil {

@@ -46,6 +46,7 @@ type serverFlags struct {
 	election     time.Duration
 	lease        time.Duration
 	clusterTLS   string
+	tls          nbdTLSFlags
 }
 
 func newServerCmd(g *globalFlags) *cobra.Command {
@@ -106,6 +107,7 @@ at a time (docs/upgrade.md).`,
 	fl.DurationVar(&f.lease, "leader-lease-timeout", replica.DefaultLeaderLeaseTimeout, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
 	fl.StringVar(&f.logCache, "log-cache", "16M", "memory for the cache of recent Raft log entries in front of the log store (1M to 4G); 0 turns it off")
 	fl.StringVar(&f.clusterTLS, "cluster-tls", os.Getenv(clusterTLSEnv), clusterTLSHelp)
+	f.tls.register(fl, false)
 	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
 		_ = cmd.MarkFlagRequired(name)
@@ -157,6 +159,10 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return err
 	}
 	if err := checkCertHosts(ctls, f.clusterTLS, map[string]string{"--raft": f.raftAddr, "--http": f.httpAddr}); err != nil {
+		return err
+	}
+	ntls, err := f.tls.load()
+	if err != nil {
 		return err
 	}
 
@@ -241,12 +247,12 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	srv, err := server.New(server.Config{
 		Node: nodeCfg, HTTP: httpL, NBD: nbdL, Raft: raftL, VolumeSize: volSize,
 		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, ClusterTLS: ctls, Version: version, Log: log,
-		Upgrader: u, Upgrades: hup,
+		Upgrader: u, Upgrades: hup, NBDTLS: ntls.Mode, NBDTLSConfig: ntls.Server,
 	})
 	if err != nil {
 		return fail(err)
 	}
-	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize, "taking_over", u.HasParent(), "cluster_tls", ctls.String())
+	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "nbd_tls", ntls.String(), "size", volSize, "taking_over", u.HasParent(), "cluster_tls", ctls.String())
 	return srv.Run(ctx)
 }
 

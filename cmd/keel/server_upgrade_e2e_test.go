@@ -199,11 +199,11 @@ func TestServerUpgradeUnderLoad(t *testing.T) {
 	verifyOK(t, c.Nodes()[0], "n1", "n2", "n3")
 }
 
-// TestServerUpgradeTLS upgrades each server of a cluster with cluster TLS
+// TestServerUpgradeClusterTLS upgrades each server of a cluster with cluster TLS
 // once, leader first, while fio writes and verifies through a proxy: the
 // new process inherits the Raft listener and serves Raft and the API over
 // TLS as the old one did.
-func TestServerUpgradeTLS(t *testing.T) {
+func TestServerUpgradeClusterTLS(t *testing.T) {
 	binA := keeltest.MustBinary(t)
 	binB := buildVersion(t, "upgrade-b")
 	c := newUpgradeClusterTLS(t, binA, true)

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -42,6 +43,11 @@ type ProcessConfig struct {
 	DrainTimeout time.Duration
 	// Log is the process's logger.
 	Log hclog.Logger
+	// TLS and TLSConfig are the NBD listener's TLS (nbd.ServerConfig's
+	// fields of the same names): the proxy's own clients, such as qemu.
+	// Default nbd.TLSOff. The links to the servers are Proxy.UpstreamTLS.
+	TLS       nbd.TLSMode
+	TLSConfig *tls.Config
 	// OnServing, when set, is called with the NBD URI once clients can
 	// connect.
 	OnServing func(uri string)
@@ -150,6 +156,8 @@ func (pr *Process) Run(ctx context.Context) error {
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
 		MaxInFlightBytes: 64 << 20,
+		TLS:              cfg.TLS,
+		TLSConfig:        cfg.TLSConfig,
 	})
 	if err != nil {
 		return abort(err)
@@ -185,7 +193,10 @@ func (pr *Process) Run(ctx context.Context) error {
 			log.Warn("could not announce readiness", "error", err)
 		}
 	}
-	log.Info("proxy serving", "uri", uri, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","), "took_over", takeOver)
+	if cfg.TLS == nbd.TLSRequire {
+		uri = nbdserve.TLSURI(uri)
+	}
+	log.Info("proxy serving", "uri", uri, "tls", cfg.TLS.String(), "upstream_tls", cfg.Proxy.UpstreamTLS != nil, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","), "took_over", takeOver)
 	if cfg.OnServing != nil {
 		cfg.OnServing(uri)
 	}

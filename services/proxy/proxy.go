@@ -123,6 +123,12 @@ type Config struct {
 	// HTTP APIs and, for reads, their NBD exports) instead of a plain
 	// net.Dialer: the hook of the chaos tests' network fault layer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// UpstreamTLS, when set, runs the proxy's NBD connections to the
+	// servers (its reads) over TLS with this client configuration: its
+	// RootCAs check the servers' certificates against the host dialed
+	// (when ServerName is empty), and its certificate, if any, is shown
+	// to servers that verify peers. Nil: plain NBD.
+	UpstreamTLS *tls.Config
 }
 
 func (c Config) withDefaults() Config {
@@ -780,7 +786,7 @@ func (p *Proxy) onReplica(ctx context.Context, fn func(context.Context, *nbd.Cli
 			}
 			continue
 		}
-		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"), p.cfg.Dial)
+		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"), p.cfg.Dial, p.cfg.UpstreamTLS)
 		if err == nil {
 			s.inflight.Add(1)
 			err = fn(ctx, c)

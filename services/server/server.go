@@ -70,6 +70,11 @@ type Config struct {
 	// fresh start of its binary.
 	Upgrader *upgrade.Upgrader
 	Upgrades <-chan struct{}
+	// NBDTLS and NBDTLSConfig are the NBD listener's TLS
+	// (nbd.ServerConfig's TLS and TLSConfig): STARTTLS for NBD clients
+	// and proxies. Default nbd.TLSOff.
+	NBDTLS       nbd.TLSMode
+	NBDTLSConfig *tls.Config
 	// TransferTimeout bounds how long an upgrade of the leader waits for
 	// another node to lead before it proceeds anyway (a one-node cluster
 	// cannot hand leadership over). Default 5s; at most 1m.
@@ -197,6 +202,8 @@ func New(cfg Config) (*Server, error) {
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
 		MaxInFlightBytes: 64 << 20,
+		TLS:              cfg.NBDTLS,
+		TLSConfig:        cfg.NBDTLSConfig,
 	})
 	if err != nil {
 		return nil, err
