@@ -203,10 +203,11 @@ type Client struct {
 	slots chan struct{} // one token per request in flight
 	wlock chan struct{} // held (one token) while requests are written
 
-	wmu     sync.Mutex // guards wqueue, wspare and writing
-	wqueue  []*call    // registered requests waiting to be written, oldest first
-	wspare  []*call    // a drained queue's backing array, for reuse
-	writing bool       // a goroutine is writing wqueue out
+	wmu      sync.Mutex // guards wqueue, wspare and writing
+	wqueue   []*call    // registered requests waiting to be written, oldest first
+	wspare   []*call    // a drained queue's backing array, for reuse
+	wscratch []byte     // gathers a batch where the connection has no writev (TLS); wlock's holder only
+	writing  bool       // a goroutine is writing wqueue out
 
 	sentRequests atomic.Uint64 // requests written whole
 	sentBatches  atomic.Uint64 // writevs that carried them
@@ -1120,7 +1121,7 @@ func (c *Client) writeBatch(batch []*call, vec *net.Buffers) (retry []*call, dis
 			close(fired)
 		}), fired})
 	}
-	n, err := v.WriteTo(c.nc)
+	n, err := writeVec(c.nc, v, &c.wscratch)
 	clear(*vec)
 	interrupted := false
 	for _, s := range stops {

@@ -32,15 +32,18 @@ const sparseReadMin = 64 << 10
 const maxLoggedRejects = 10
 
 type conn struct {
-	s    *Server
-	nc   net.Conn
-	br   *bufio.Reader
-	pre  *prefixReader // a resumed connection's read-ahead not yet in br; nil if none
-	st   *session
-	log  hclog.Logger
-	be   Backend
-	exp  *Export
-	caps Caps // be.Capabilities(), fixed while serving
+	s  *Server
+	nc net.Conn
+	// scratch gathers a batch of replies for a connection without writev
+	// (TLS); only the goroutine writing replies touches it.
+	scratch []byte
+	br      *bufio.Reader
+	pre     *prefixReader // a resumed connection's read-ahead not yet in br; nil if none
+	st      *session
+	log     hclog.Logger
+	be      Backend
+	exp     *Export
+	caps    Caps // be.Capabilities(), fixed while serving
 	// ctx is what backend calls get: cancelled (with a cause) only when no
 	// answer can be delivered any more (see kill), not by a graceful stop.
 	ctx    context.Context
@@ -789,8 +792,7 @@ func (c *conn) send(rep *reply, after func()) {
 			for _, r := range batch {
 				vec = append(vec, r.bufs...)
 			}
-			v := vec
-			if _, err := v.WriteTo(c.nc); err != nil {
+			if _, err := writeVec(c.nc, vec, &c.scratch); err != nil {
 				werr = err
 				c.kill(fmt.Errorf("%w: %v", errConnLost, err)) // the reader sees it and stops
 			}

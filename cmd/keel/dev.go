@@ -65,6 +65,10 @@ func (c *devChild) up() {
 func (c *devChild) Serve(ctx context.Context) error {
 	cmd := exec.Command(c.bin, c.args()...)
 	cmd.Stdout = os.Stdout
+	// Its own process group: a Ctrl-C in the terminal reaches keel dev
+	// alone, which stops its children in order (they would otherwise all
+	// stop at once, and be restarted as if they had died).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	pr, pw := io.Pipe()
 	cmd.Stderr = pw
 	printed := make(chan struct{})
@@ -150,8 +154,10 @@ Cluster traffic (Raft, the HTTP API, image sync) is mutual TLS: the first
 run makes a CA and certificates under DIR/tls (ca, n1..n3, proxy, and cli for
 you: keel cluster status --cluster-tls DIR/tls/cli), later runs reuse them.
 --insecure runs it all over plain TCP instead.`,
-		Example: `  keel dev --dir /tmp/keel-dev --size 4G
-  keel dev --insecure   # no cluster TLS`,
+		Example: `  keel dev
+  keel dev --dir /tmp/keel-dev --size 10G --base-port 20809
+  keel dev --insecure                   # no cluster TLS
+  qemu-img info nbd://127.0.0.1:10809   # in another terminal, once it runs`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runDev(c.Context(), g, dir, size, base, insecure) },
 	}
@@ -163,6 +169,9 @@ you: keel cluster status --cluster-tls DIR/tls/cli), later runs reuse them.
 }
 
 func runDev(ctx context.Context, g *globalFlags, dir, size string, base int, insecure bool) error {
+	if err := checkDir("--dir", dir); err != nil {
+		return err
+	}
 	if _, err := parseVolumeSize(size); err != nil {
 		return err
 	}
@@ -242,8 +251,8 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int, ins
 			return err
 		}
 		n.child = newDevChild(n.id, self, 70*time.Second, func() []string {
-			args := []string{"--log-level", g.logLevel, "server", "--dir", n.dir, "--id", n.id,
-				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd, "--cluster-tls", certs.dir(n.id)}
+			args := append(g.childLogArgs(), "server", "--dir", n.dir, "--id", n.id,
+				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd, "--cluster-tls", certs.dir(n.id))
 			if !hasRaftState(n.dir) { // a restarted node needs neither
 				if i == 0 {
 					args = append(args, "--bootstrap", "--size", size)
@@ -263,9 +272,9 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int, ins
 	}
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", base)
 	proxy := newDevChild("proxy", self, 70*time.Second, func() []string {
-		return []string{"--log-level", g.logLevel, "proxy", "--listen", proxyAddr,
-			"--servers", nodes[0].http + "," + nodes[1].http + "," + nodes[2].http, "--writer", "keel-dev",
-			"--http", fmt.Sprintf("127.0.0.1:%d", base+300), "--cluster-tls", certs.dir("proxy")}
+		return append(g.childLogArgs(), "proxy", "--listen", proxyAddr,
+			"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev",
+			"--http", fmt.Sprintf("127.0.0.1:%d", base+300), "--cluster-tls", certs.dir("proxy"))
 	})
 	tok := root.Add(proxy)
 	proxyTok = &tok

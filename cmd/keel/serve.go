@@ -87,7 +87,7 @@ func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
 
 	l, uri, err := nbdserve.ListenWith(f.listen, u)
 	if err != nil {
-		return fail(err)
+		return fail(fmt.Errorf("--listen: %w", err))
 	}
 	hup, stopHup := relaySIGHUP()
 	defer stopHup()

@@ -121,6 +121,9 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return err
 	}
 	log = log.With("node", f.id)
+	if err := checkDir("--dir", f.dir); err != nil {
+		return err
+	}
 	if f.writeTimeout < 100*time.Millisecond || f.writeTimeout > time.Hour {
 		return fmt.Errorf("--write-timeout %v: must be from 100ms to 1h", f.writeTimeout)
 	}

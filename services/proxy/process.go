@@ -116,7 +116,7 @@ func (pr *Process) Run(ctx context.Context) error {
 	cfg, log := pr.cfg, pr.cfg.Log
 	rootCtx, cancelRoot := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelRoot()
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second, Restarts: &pr.proxy.restarts})
 	root.Add(pr.proxy)
 	if cfg.HTTP != nil {
 		root.Add(pr.status)
@@ -151,7 +151,7 @@ func (pr *Process) Run(ctx context.Context) error {
 		Exports: []nbd.Export{{
 			Name:        cfg.ExportName,
 			Description: "keel replicated volume via proxy (servers " + strings.Join(cfg.Proxy.Servers, ",") + ")",
-			Backend:     pr.status.Meter().Wrap(pr.proxy),
+			Backend:     pr.proxy.requests.Wrap(pr.status.Meter().Wrap(pr.proxy)),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,

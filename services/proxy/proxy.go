@@ -17,7 +17,9 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/nbdmetrics"
 	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/supervise"
 )
 
 // Proxy is the nbd.Backend of `keel proxy`: the VM's side of a replicated
@@ -54,7 +56,9 @@ type Proxy struct {
 	adopted   atomic.Bool   // took over from a parent under the same writer name (Adopt)
 	rr        atomic.Uint64 // round robin over readable replicas
 
-	stats Stats
+	stats    Stats
+	requests *nbdmetrics.Requests // NBD requests as the process serves them (Process wraps the proxy in it)
+	restarts supervise.Restarts   // the process's supervisor restarts
 }
 
 // Stats count what the proxy did; read them with Stats.
@@ -216,6 +220,8 @@ func New(cfg Config) (*Proxy, error) {
 		ready: make(chan struct{}),
 		now:   time.Now,
 		ws:    newWriterState(cfg.Takeover),
+
+		requests: nbdmetrics.New(),
 	}
 	p.view.onEpoch = p.sawEpoch
 	return p, nil

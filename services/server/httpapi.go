@@ -60,6 +60,7 @@ func (a *API) Serve(ctx context.Context) error {
 		mux.HandleFunc("POST /v1/apply", a.handleApply)
 	}
 	mux.HandleFunc("POST /v1/verify/digest", a.handleDigest)
+	mux.HandleFunc("GET /v1/verify/progress", a.handleDigestProgress)
 	mux.Handle("/v1/sync/", http.StripPrefix("/v1/sync", a.syncHandler()))
 	if a.Page != nil {
 		a.Page.Register(mux)
@@ -437,6 +438,17 @@ func (a *API) handleDigest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	wire.WriteJSON(w, http.StatusOK, d)
+}
+
+// handleDigestProgress answers how far a running digest is (keel verify's
+// progress); it touches nothing the digest holds.
+func (a *API) handleDigestProgress(w http.ResponseWriter, r *http.Request) {
+	n := a.node(w, r)
+	if n == nil {
+		return
+	}
+	done, total, running := n.DigestProgress()
+	wire.WriteJSON(w, http.StatusOK, wire.DigestProgress{Running: running, BytesDone: done, BytesTotal: total})
 }
 
 func decodeBody(r *http.Request, v any) error {

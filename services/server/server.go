@@ -13,6 +13,7 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/nbdmetrics"
 	"github.com/keelstore/keel/services/nbdserve"
 	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
@@ -187,6 +188,7 @@ func New(cfg Config) (*Server, error) {
 			return nil, err
 		}
 	}
+	restarts, lags, requests := &supervise.Restarts{}, &PeerLags{}, nbdmetrics.New()
 	s.resync = &Resyncer{Self: cfg.Node.ID, Client: cfg.Client, Log: log.Named("resync")}
 	cfg.Node.Restore = s.resync.Restore
 	cfg.Node.Forwarder = &Forwarder{Client: cfg.Client}
@@ -197,7 +199,7 @@ func New(cfg Config) (*Server, error) {
 		Exports: []nbd.Export{{
 			Name:        "keel",
 			Description: "keel replicated volume (node " + cfg.Node.ID + ")",
-			Backend:     s.status.Meter().Wrap(&Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")}),
+			Backend:     requests.Wrap(s.status.Meter().Wrap(&Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")})),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
@@ -208,18 +210,18 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second, Restarts: restarts})
 	s.cfg = cfg
-	s.raftSup = supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second})
+	s.raftSup = supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second, Restarts: restarts})
 	takeOver := cfg.Upgrader != nil && cfg.Upgrader.HasParent()
 	if !takeOver {
 		s.raftTok = s.raftSup.Add(s.raftService(nil, 0))
 	}
 	root.Add(s.raftSup)
 	root.Add(&API{Listener: cfg.HTTP, TLS: cfg.ClusterTLS, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
-		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http"), Page: s.status})
+		Metrics: NewMetrics(MetricSources{Holder: s.holder, Resync: s.resync, Lags: lags, Restarts: restarts, Requests: requests}), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http"), Page: s.status})
 	root.Add(s.status)
-	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery})
+	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery, Lags: lags})
 	s.nbdSvc = nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout, Paused: takeOver})
 	s.nbdTok = root.Add(s.nbdSvc)
 	s.root = root
