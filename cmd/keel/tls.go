@@ -44,9 +44,10 @@ server-key.pem, client-cert.pem and client-key.pem.`,
   keel tls cert create --ca /etc/keel/ca --dir /etc/keel/n1 --name n1 --host 10.0.0.1 --host n1.example.com
   keel tls cert create --ca /etc/keel/ca --dir ~/.keel/admin --name admin --client`,
 	}
-	ca := &cobra.Command{Use: "ca", Short: "Create a cluster CA"}
+	ca := &cobra.Command{Use: "ca", Short: "Create a cluster CA", Example: "  keel tls ca create --dir /etc/keel/ca"}
 	ca.AddCommand(newTLSCACreateCmd())
-	cert := &cobra.Command{Use: "cert", Short: "Create a node's or a client's certificates, signed by the CA"}
+	cert := &cobra.Command{Use: "cert", Short: "Create a node's or a client's certificates, signed by the CA",
+		Example: "  keel tls cert create --ca /etc/keel/ca --dir /etc/keel/n1 --name n1 --host 10.0.0.1"}
 	cert.AddCommand(newTLSCertCreateCmd())
 	cmd.AddCommand(ca, cert)
 	return cmd
