@@ -2,6 +2,7 @@ package soak
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/keelstore/keel/cmd/keel/keeltest"
 	"github.com/keelstore/keel/nbd"
+	"github.com/keelstore/keel/services/keeltls"
 	"github.com/keelstore/keel/services/wire"
 )
 
@@ -38,6 +40,10 @@ type DevConfig struct {
 	CheckTimeout time.Duration
 	// Faults are kinds from DevFaults; default all of them.
 	Faults []string
+	// ClusterTLS is the directory of a client certificate of keel dev's
+	// cluster (DIR/tls/cli, which keel dev prints); "" for a keel dev
+	// run with --insecure.
+	ClusterTLS string
 }
 
 // RunDev runs the workload against a running keel dev while killing and
@@ -67,6 +73,18 @@ func RunDev(ctx context.Context, cfg DevConfig) (Result, error) {
 		}
 	}
 	res := Result{Seed: cfg.Seed}
+	var clientTLS *tls.Config
+	var verifyArgs []string
+	if cfg.ClusterTLS != "" {
+		b, err := keeltls.Load(cfg.ClusterTLS)
+		if err != nil {
+			return res, fmt.Errorf("%w: DevConfig.ClusterTLS: %w", ErrBadConfig, err)
+		}
+		if clientTLS, err = b.ClientConfig(""); err != nil {
+			return res, err
+		}
+		verifyArgs = []string{"--cluster-tls", cfg.ClusterTLS}
+	}
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", cfg.BasePort)
 	var https []string
 	for i := 0; i < 3; i++ {
@@ -90,7 +108,7 @@ func RunDev(ctx context.Context, cfg DevConfig) (Result, error) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); wl.Run(runCtx) }()
-	in := &devInjector{https: https, hist: hist, logf: cfg.Logf, client: wire.NewClient(5 * time.Second)}
+	in := &devInjector{https: https, hist: hist, logf: cfg.Logf, client: wire.NewClient(5*time.Second, clientTLS)}
 	pl := newPlanner(cfg.Seed, cfg.Faults, 3)
 	for runCtx.Err() == nil {
 		p := pl.next()
@@ -102,7 +120,7 @@ func RunDev(ctx context.Context, cfg DevConfig) (Result, error) {
 	wg.Wait()
 	res.Duration = hist.Now()
 	probeAndReadBack(ctx, &res, hist, dial, clients)
-	res.Verify = verifyReplicas(ctx, cfg.Bin, https[0])
+	res.Verify = verifyReplicas(ctx, cfg.Bin, https[0], verifyArgs...)
 	judge(&res, hist, cfg.CheckTimeout, cfg.Dir, cfg.Logf)
 	return res, nil
 }

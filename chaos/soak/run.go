@@ -322,8 +322,8 @@ func probeAndReadBack(ctx context.Context, res *Result, hist *History, dial func
 
 // verifyReplicas runs keel verify against a member; "" when the replicas
 // are identical.
-func verifyReplicas(ctx context.Context, bin, http string) string {
-	out, err := exec.CommandContext(ctx, bin, "verify", "--http", http, "--timeout", "2m").CombinedOutput()
+func verifyReplicas(ctx context.Context, bin, http string, extra ...string) string {
+	out, err := exec.CommandContext(ctx, bin, append([]string{"verify", "--http", http, "--timeout", "2m"}, extra...)...).CombinedOutput()
 	if err != nil {
 		return fmt.Sprintf("%v: %s", err, out)
 	}

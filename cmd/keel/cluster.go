@@ -31,7 +31,15 @@ func newClusterCmd() *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&addr, "http", "127.0.0.1:7201", "HTTP address of any member")
 	cmd.PersistentFlags().DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the answer")
-	client := func() *wire.Client { return wire.NewClient(timeout) }
+	var tlsDir string
+	clientTLSFlag(cmd, &tlsDir, true)
+	client := func() (*wire.Client, error) {
+		tc, err := loadClientTLS(tlsDir)
+		if err != nil {
+			return nil, err
+		}
+		return wire.NewClient(timeout, tc), nil
+	}
 	ctx := func(c *cobra.Command) (context.Context, context.CancelFunc) {
 		return context.WithTimeout(c.Context(), timeout)
 	}
@@ -53,7 +61,11 @@ image resync that runs. --json prints the same answer as JSON for scripts
 		RunE: func(c *cobra.Command, _ []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()
-			cs, err := client().Cluster(cx, addr)
+			cl, err := client()
+			if err != nil {
+				return err
+			}
+			cs, err := cl.Cluster(cx, addr)
 			if err != nil {
 				return httpErr(addr, err)
 			}
@@ -77,8 +89,12 @@ image resync that runs. --json prints the same answer as JSON for scripts
 		RunE: func(c *cobra.Command, _ []string) error {
 			cx, cancel := ctx(c)
 			defer cancel()
+			cl, err := client()
+			if err != nil {
+				return err
+			}
 			var resp wire.JoinResponse
-			if err := client().Do(cx, "POST", addr, "/v1/cluster/join", wire.JoinRequest{Node: add}, &resp); err != nil {
+			if err := cl.Do(cx, "POST", addr, "/v1/cluster/join", wire.JoinRequest{Node: add}, &resp); err != nil {
 				return httpErr(addr, err)
 			}
 			fmt.Printf("added %s as a non-voter (leader %s); it becomes a voter once it has caught up\n", add.ID, resp.Leader)
@@ -103,8 +119,12 @@ image resync that runs. --json prints the same answer as JSON for scripts
 			defer cancel()
 			// Removing the leader hands leadership over first; the call
 			// then needs to go to the new leader.
+			cl, err := client()
+			if err != nil {
+				return err
+			}
 			for {
-				err := client().Do(cx, "POST", addr, "/v1/cluster/remove", wire.IDRequest{ID: args[0]}, nil)
+				err := cl.Do(cx, "POST", addr, "/v1/cluster/remove", wire.IDRequest{ID: args[0]}, nil)
 				if err == nil {
 					fmt.Printf("removed %s\n", args[0])
 					return nil
@@ -134,8 +154,12 @@ image resync that runs. --json prints the same answer as JSON for scripts
 			if len(args) == 1 {
 				req.ID = args[0]
 			}
+			cl, err := client()
+			if err != nil {
+				return err
+			}
 			var out map[string]string
-			if err := client().Do(cx, "POST", addr, "/v1/cluster/transfer-leadership", req, &out); err != nil {
+			if err := cl.Do(cx, "POST", addr, "/v1/cluster/transfer-leadership", req, &out); err != nil {
 				return httpErr(addr, err)
 			}
 			fmt.Printf("leader is now %s\n", out["leader"])

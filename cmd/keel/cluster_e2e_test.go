@@ -43,6 +43,7 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/cmd/keel/keeltest"
+	"github.com/keelstore/keel/services/keeltls"
 	"github.com/keelstore/keel/services/proxy"
 	"github.com/keelstore/keel/services/wire"
 )
@@ -75,9 +76,31 @@ func newCluster(t *testing.T, size string, n int, flags ...string) *keeltest.TCl
 
 // proxyStatusAt reads a proxy's GET /v1/status.
 func proxyStatusAt(t *testing.T, addr string) (proxy.Status, error) {
+	return proxyStatusWith(t, wire.NewClient(5*time.Second, nil), addr)
+}
+
+// proxyStatusWith reads a proxy's GET /v1/status with c.
+func proxyStatusWith(t *testing.T, c *wire.Client, addr string) (proxy.Status, error) {
 	var st proxy.Status
-	err := wire.NewClient(5*time.Second).Do(t.Context(), http.MethodGet, addr, "/v1/status", nil, &st)
+	err := c.Do(t.Context(), http.MethodGet, addr, "/v1/status", nil, &st)
 	return st, err
+}
+
+// devClient is a client of keel dev's cluster with the certificate it
+// made for the operator (DIR/tls/cli).
+func devClient(t *testing.T, dir string) *wire.Client {
+	t.Helper()
+	b, err := keeltls.Load(filepath.Join(dir, "tls", "cli"))
+	if err != nil {
+		t.Fatalf("keel dev's certificates for the CLI: %v", err)
+	}
+	cfg, err := b.ClientConfig("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := wire.NewClient(5*time.Second, cfg)
+	t.Cleanup(c.HTTP.CloseIdleConnections)
+	return c
 }
 
 // ---------------------------------------------------------------------------
@@ -92,7 +115,11 @@ type verifyResult struct {
 // runVerify runs keel verify against via and parses its table.
 func runVerify(t *testing.T, via *keeltest.Node) verifyResult {
 	t.Helper()
-	r := run(t, 90*time.Second, keeltest.MustBinary(t), "verify", "--http", via.HTTP, "--timeout", "60s")
+	args := []string{"verify", "--http", via.HTTP, "--timeout", "60s"}
+	if via.CertDir != "" { // cluster TLS: the node's client certificate
+		args = append(args, "--cluster-tls", via.CertDir)
+	}
+	r := run(t, 90*time.Second, keeltest.MustBinary(t), args...)
 	v := verifyResult{result: r, digests: map[string]string{}}
 	var exit *exec.ExitError
 	switch {
@@ -801,13 +828,22 @@ func TestClusterDev(t *testing.T) {
 	if !strings.Contains(d.Output(), "nbd://"+keeltest.Loopback(base)) {
 		t.Errorf("keel dev does not print the proxy's address nbd://%s:\n%s", keeltest.Loopback(base), d.Output())
 	}
+	cliTLS := filepath.Join(dir, "tls", "cli")
+	if abs, _ := filepath.Abs(cliTLS); !strings.Contains(d.Output(), "export KEEL_CLUSTER_TLS="+abs) {
+		t.Errorf("keel dev does not say how to point the CLI at its certificates (%s):\n%s", abs, d.Output())
+	}
+	api := devClient(t, dir)
+	// Cluster TLS is on: plain HTTP is refused.
+	if _, err := wire.NewClient(5*time.Second, nil).Status(t.Context(), keeltest.Loopback(base+200)); err == nil {
+		t.Error("keel dev's n1 answered plain HTTP")
+	}
 	if got := strings.TrimSpace(mustRun(t, toolTimeout, nbdinfo, "--size", "nbd://"+keeltest.Loopback(base))); got != strconv.Itoa(64*mib) {
 		t.Errorf("nbdinfo --size through the proxy = %s, want %d", got, 64*mib)
 	}
 	// A write and a read through the proxy, and the same bytes on a server.
 	mustQemuIO(t, "nbd://"+keeltest.Loopback(base), "write -P 0x5a 1M 64k", "read -P 0x5a 1M 64k")
 	mustQemuIO(t, "nbd://"+keeltest.Loopback(base+1), "read -P 0x5a 1M 64k")
-	ps, err := proxyStatusAt(t, keeltest.Loopback(base+300))
+	ps, err := proxyStatusWith(t, api, keeltest.Loopback(base+300))
 	if err != nil {
 		t.Fatalf("proxy status: %v", err)
 	} else if !ps.Holding || ps.Leader == "" || len(ps.Servers) != 3 {
@@ -817,7 +853,7 @@ func TestClusterDev(t *testing.T) {
 	// reads of uncached ranges spread over all three.
 	keeltest.MustPoll(t, clusterTimeout, "every server applied the proxy's last write", func() (bool, string) {
 		var err error
-		if ps, err = proxyStatusAt(t, keeltest.Loopback(base+300)); err != nil {
+		if ps, err = proxyStatusWith(t, api, keeltest.Loopback(base+300)); err != nil {
 			return false, err.Error()
 		}
 		for _, sv := range ps.Servers {
@@ -832,7 +868,7 @@ func TestClusterDev(t *testing.T) {
 		reads = append(reads, fmt.Sprintf("read %dM 1M", 8+i))
 	}
 	mustQemuIO(t, "nbd://"+keeltest.Loopback(base), reads...)
-	if ps, err = proxyStatusAt(t, keeltest.Loopback(base+300)); err != nil {
+	if ps, err = proxyStatusWith(t, api, keeltest.Loopback(base+300)); err != nil {
 		t.Fatalf("proxy status: %v", err)
 	}
 	for i, sv := range ps.Servers {
@@ -840,7 +876,7 @@ func TestClusterDev(t *testing.T) {
 			t.Errorf("server %d answered no reads after 12 uncached reads through the proxy: %+v", i, ps)
 		}
 	}
-	out := mustRun(t, 60*time.Second, keeltest.MustBinary(t), "cluster", "status", "--http", keeltest.Loopback(base+200))
+	out := mustRun(t, 60*time.Second, keeltest.MustBinary(t), "cluster", "status", "--http", keeltest.Loopback(base+200), "--cluster-tls", cliTLS)
 	t.Logf("keel cluster status:\n%s", out)
 	voters := 0
 	for _, l := range strings.Split(out, "\n") {
@@ -867,7 +903,6 @@ func TestClusterDev(t *testing.T) {
 		if !strings.Contains(d.Output(), "n2 restarted (pid") {
 			return false, "no restart reported yet"
 		}
-		api := wire.NewClient(2 * time.Second)
 		lead, err := api.Status(t.Context(), keeltest.Loopback(base+200))
 		if err != nil {
 			return false, err.Error()

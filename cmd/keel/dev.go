@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/thejerf/suture/v4"
 
+	"github.com/keelstore/keel/services/keeltls"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 )
@@ -131,12 +133,10 @@ func (c *devChild) Pid() int {
 func newDevCmd(g *globalFlags) *cobra.Command {
 	var dir, size string
 	var base int
+	var insecure bool
 	cmd := &cobra.Command{
 		Use:   "dev [--dir DIR] [--size SIZE]",
 		Short: "Run a three-node cluster and a proxy on loopback for a first look",
-		Example: `  keel dev
-  keel dev --dir /tmp/keel-dev --size 10G --base-port 20809
-  qemu-img info nbd://127.0.0.1:10809   # in another terminal, once it runs`,
 		Long: `Start three keel servers on 127.0.0.1 (n1 bootstraps, n2 and n3 join) and
 a keel proxy in front of them, print the proxy's NBD address to give qemu,
 nbdinfo or fio, and stop everything on Ctrl-C. Each node keeps its image at
@@ -148,17 +148,27 @@ restarted with a back-off). A child that fails before it first came up
 stops keel dev with its error.
 
 Ports, from --base-port P: proxy NBD P; servers' NBD P+1..P+3, Raft
-P+100.., HTTP P+200..; the proxy's HTTP (status, metrics) P+300.`,
+P+100.., HTTP P+200..; the proxy's HTTP (status, metrics) P+300.
+
+Cluster traffic (Raft, the HTTP API, image sync) is mutual TLS: the first
+run makes a CA and certificates under DIR/tls (ca, n1..n3, proxy, and cli for
+you: keel cluster status --cluster-tls DIR/tls/cli), later runs reuse them.
+--insecure runs it all over plain TCP instead.`,
+		Example: `  keel dev
+  keel dev --dir /tmp/keel-dev --size 10G --base-port 20809
+  keel dev --insecure                   # no cluster TLS
+  qemu-img info nbd://127.0.0.1:10809   # in another terminal, once it runs`,
 		Args: cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error { return runDev(c.Context(), g, dir, size, base) },
+		RunE: func(c *cobra.Command, _ []string) error { return runDev(c.Context(), g, dir, size, base, insecure) },
 	}
 	cmd.Flags().StringVar(&dir, "dir", "keel-dev", "directory for the three nodes")
 	cmd.Flags().StringVar(&size, "size", "1G", "volume size for a new cluster")
 	cmd.Flags().IntVar(&base, "base-port", 10809, "the proxy's NBD port; the servers' ports follow it")
+	cmd.Flags().BoolVar(&insecure, "insecure", false, "run the cluster without TLS: Raft and the HTTP API over plain TCP, unauthenticated")
 	return cmd
 }
 
-func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) error {
+func runDev(ctx context.Context, g *globalFlags, dir, size string, base int, insecure bool) error {
 	if err := checkDir("--dir", dir); err != nil {
 		return err
 	}
@@ -174,6 +184,16 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	var certs *devCerts
+	var cliTLS *tls.Config
+	if !insecure {
+		if certs, err = makeDevCerts(dir); err != nil {
+			return err
+		}
+		if cliTLS, err = loadClientTLS(certs.cli); err != nil {
+			return err
+		}
+	}
 	var nodes []*devNode
 	for i := 0; i < 3; i++ {
 		id := fmt.Sprintf("n%d", i+1)
@@ -225,14 +245,14 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 			return err
 		}
 	}
-	client := wire.NewClient(2 * time.Second)
+	client := wire.NewClient(2*time.Second, cliTLS)
 	for i, n := range nodes {
 		if err := os.MkdirAll(n.dir, 0o755); err != nil {
 			return err
 		}
 		n.child = newDevChild(n.id, self, 70*time.Second, func() []string {
 			args := append(g.childLogArgs(), "server", "--dir", n.dir, "--id", n.id,
-				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd)
+				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd, "--cluster-tls", certs.dir(n.id))
 			if !hasRaftState(n.dir) { // a restarted node needs neither
 				if i == 0 {
 					args = append(args, "--bootstrap", "--size", size)
@@ -254,7 +274,7 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 	proxy := newDevChild("proxy", self, 70*time.Second, func() []string {
 		return append(g.childLogArgs(), "proxy", "--listen", proxyAddr,
 			"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev",
-			"--http", fmt.Sprintf("127.0.0.1:%d", base+300))
+			"--http", fmt.Sprintf("127.0.0.1:%d", base+300), "--cluster-tls", certs.dir("proxy"))
 	})
 	tok := root.Add(proxy)
 	proxyTok = &tok
@@ -270,15 +290,81 @@ keel dev: a three-node cluster is running, with a proxy in front.
     nbdinfo nbd://%s
     qemu-img info nbd://%s
     fio --ioengine=nbd --uri=nbd://%s --rw=randrw --bs=4k --size=64M --name=try
-    keel cluster status --http %s
+%s    keel cluster status --http %s
     keel verify --http %s
-    curl http://127.0.0.1:%d/v1/status     (the proxy: leader, epoch, cache)
+    curl %s://127.0.0.1:%d/v1/status     (the proxy: leader, epoch, cache)
   Kill a server (kill -9 PID, pids: n1 %d  n2 %d  n3 %d): the proxy's clients
   see a stall, and keel dev starts it again. Ctrl-C stops everything.
-`, proxyAddr, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, proxyAddr, proxyAddr, proxyAddr, nodes[0].http, nodes[0].http, base+300,
+`, proxyAddr, nodes[0].nbd, nodes[1].nbd, nodes[2].nbd, proxyAddr, proxyAddr, proxyAddr, certs.howTo(), nodes[0].http, nodes[0].http, certs.curl(), base+300,
 		nodes[0].child.Pid(), nodes[1].child.Pid(), nodes[2].child.Pid())
 	<-ctx.Done()
 	return nil
+}
+
+// devCerts are keel dev's cluster certificates, under DIR/tls: the CA,
+// one directory per server and the proxy, and cli (a client certificate)
+// for the operator's keel cluster and keel verify. Nil: --insecure.
+type devCerts struct {
+	root, cli string
+}
+
+// makeDevCerts makes DIR/tls's CA and certificates, each once: a later
+// run reuses what is there.
+func makeDevCerts(dir string) (*devCerts, error) {
+	root, err := filepath.Abs(filepath.Join(dir, "tls"))
+	if err != nil {
+		return nil, err
+	}
+	ca := filepath.Join(root, "ca")
+	if !exists(filepath.Join(ca, keeltls.CACert)) {
+		if err := keeltls.CreateCA(ca, keeltls.CAOptions{Name: "Keel dev CA"}); err != nil {
+			return nil, fmt.Errorf("keel dev: making its CA: %w", err)
+		}
+	}
+	for _, name := range []string{"n1", "n2", "n3", "proxy", "cli"} {
+		out := filepath.Join(root, name)
+		if exists(filepath.Join(out, keeltls.CACert)) {
+			continue
+		}
+		opts := keeltls.CertOptions{Name: name, Hosts: []string{"127.0.0.1", "localhost"}}
+		if name == "cli" {
+			opts = keeltls.CertOptions{Name: "keel-dev-operator", Client: true}
+		}
+		if err := keeltls.CreateCert(ca, out, opts); err != nil {
+			return nil, fmt.Errorf("keel dev: making %s's certificates: %w", name, err)
+		}
+	}
+	return &devCerts{root: root, cli: filepath.Join(root, "cli")}, nil
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// dir is the --cluster-tls directory of a child; "" with --insecure.
+func (d *devCerts) dir(name string) string {
+	if d == nil {
+		return ""
+	}
+	return filepath.Join(d.root, name)
+}
+
+// howTo tells the operator how to point the CLI at the certificates.
+func (d *devCerts) howTo() string {
+	if d == nil {
+		return "  cluster traffic is NOT encrypted or authenticated (--insecure)\n"
+	}
+	return fmt.Sprintf("  cluster traffic is mutual TLS; point the CLI at its certificates first:\n    export %s=%s\n", clusterTLSEnv, d.cli)
+}
+
+// curl is the scheme of the proxy's status page, with curl's option to
+// trust the dev CA.
+func (d *devCerts) curl() string {
+	if d == nil {
+		return "http"
+	}
+	return "--cacert " + filepath.Join(d.cli, keeltls.CACert) + " https"
 }
 
 func prefixLines(r io.Reader, id string) {

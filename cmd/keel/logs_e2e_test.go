@@ -15,14 +15,15 @@ import (
 	"time"
 
 	"github.com/keelstore/keel/cmd/keel/keeltest"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // scrapeAt reads the /metrics of the HTTP API at addr into its series,
 // keyed as the text format spells them: `name{label="v",...}` or the bare
-// name.
-func scrapeAt(t *testing.T, addr string) (map[string]float64, error) {
+// name; c reads it (keel dev's: its cluster TLS).
+func scrapeAt(t *testing.T, c *wire.Client, addr string) (map[string]float64, error) {
 	t.Helper()
-	resp, err := http.Get("http://" + addr + "/metrics")
+	resp, err := c.HTTP.Get(c.BaseURL(addr) + "/metrics")
 	if err != nil {
 		return nil, err
 	}
@@ -119,8 +120,9 @@ func TestDevLogAndMetrics(t *testing.T) {
 	}
 
 	proxyHTTP := keeltest.Loopback(base + 300)
+	api := devClient(t, dir)
 	keeltest.MustPoll(t, clusterTimeout, "the proxy's /metrics counts the traffic", func() (bool, string) {
-		got, err := scrapeAt(t, proxyHTTP)
+		got, err := scrapeAt(t, api, proxyHTTP)
 		if err != nil {
 			return false, err.Error()
 		}
@@ -138,7 +140,7 @@ func TestDevLogAndMetrics(t *testing.T) {
 	keeltest.MustPoll(t, clusterTimeout, "the leader's /metrics shows its state, term and both peers' lag", func() (bool, string) {
 		var state []string
 		for i := 0; i < 3; i++ {
-			got, err := scrapeAt(t, keeltest.Loopback(base+200+i))
+			got, err := scrapeAt(t, api, keeltest.Loopback(base+200+i))
 			if err != nil {
 				state = append(state, err.Error())
 				continue

@@ -7,6 +7,7 @@
 //	keel serve     one raw image over NBD, standalone (no replication)
 //	keel version   the build version and the feature level it speaks
 //	keel upgrade   replace a running proxy by a fresh start of its binary
+//	keel tls       create the cluster CA and node and client certificates
 //
 // Run `keel help` or `keel CMD --help` for the flags of each.
 package main
@@ -93,7 +94,7 @@ func newRoot() *cobra.Command {
 	root.SetFlagErrorFunc(flagError)
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile(); g.closeSyslog() }
-	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd(), newUpgradeCmd())
+	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd(), newUpgradeCmd(), newTLSCmd())
 	return root
 }
 

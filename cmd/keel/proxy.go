@@ -34,6 +34,7 @@ type proxyFlags struct {
 	http         string
 	pidFile      string
 	upgradeTO    time.Duration
+	clusterTLS   string
 	tls          nbdTLSFlags
 }
 
@@ -63,9 +64,14 @@ destination takes over when it first writes. A proxy restarted under the same
 
 Without a quorum, reads continue and writes wait --write-timeout, then fail
 with EIO. On SIGTERM or SIGINT the proxy answers every request already read,
-closes the connections (qemu reconnects) and releases the volume.`,
+closes the connections (qemu reconnects) and releases the volume.
+
+With --cluster-tls DIR the proxy calls the servers' APIs over mutual TLS
+with its certificate and serves its --http over TLS; the servers must run
+with --cluster-tls from the same CA.`,
 		Example: `  keel proxy --servers 10.0.0.1:7002,10.0.0.2:7002 --listen unix:/run/keel/vm1.sock --cache 256M
-  keel proxy --servers 10.0.0.1:7002 --listen 127.0.0.1:10809 --takeover   # VM migrated here`,
+  keel proxy --servers 10.0.0.1:7002 --listen 127.0.0.1:10809 --takeover   # VM migrated here
+  keel proxy --cluster-tls /etc/keel/proxy --servers 10.0.0.1:7002,10.0.0.2:7002 --listen unix:/run/keel/vm1.sock`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runProxy(cmd.Context(), g, f) },
 	}
@@ -86,6 +92,7 @@ closes the connections (qemu reconnects) and releases the volume.`,
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
 	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary without dropping a connection")
 	fl.DurationVar(&f.upgradeTO, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
+	fl.StringVar(&f.clusterTLS, "cluster-tls", os.Getenv(clusterTLSEnv), clusterTLSHelp)
 	f.tls.register(fl, true)
 	_ = cmd.MarkFlagRequired("servers")
 	return cmd
@@ -108,6 +115,13 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	}
 	if f.connect <= 0 {
 		return fmt.Errorf("--connect-timeout %v: must be positive", f.connect)
+	}
+	ctls, err := loadClusterTLS(f.clusterTLS)
+	if err != nil {
+		return err
+	}
+	if err := checkCertHosts(ctls, f.clusterTLS, map[string]string{"--http": f.http}); err != nil {
+		return err
 	}
 	ntls, err := f.tls.load()
 	if err != nil {
@@ -133,7 +147,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	pcfg := proxy.Config{
 		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
 		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt, RelayAfter: f.relayAfter, Version: version,
-		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
+		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(), ClusterTLS: ctls,
 		UpstreamTLS: ntls.Upstream,
 	}
 	stopChaos, err := chaosProxy(writer, &pcfg, log)

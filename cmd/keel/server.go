@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -44,6 +45,7 @@ type serverFlags struct {
 	upgradeTO    time.Duration
 	election     time.Duration
 	lease        time.Duration
+	clusterTLS   string
 	tls          nbdTLSFlags
 }
 
@@ -65,6 +67,11 @@ committed through Raft on a quorum before they are acknowledged (a follower
 forwards them to the leader). Without a quorum, reads keep working and
 writes fail with EIO after --write-timeout.
 
+--cluster-tls DIR (keel tls cert create) makes Raft, the HTTP API and image
+sync mutual TLS with the cluster's CA: a peer, proxy or CLI without a
+certificate from it cannot join, speak Raft, write or administer. Without
+it the server logs one WARN line: its cluster traffic is unauthenticated.
+
 SIGHUP (keel upgrade --pid-file PATH) replaces the process by a fresh start
 of its binary in place: a leader hands leadership over, the old process
 stops Raft and releases DIR, the new one (which inherited the Raft, HTTP and
@@ -72,7 +79,8 @@ NBD listeners) opens it and takes over every NBD connection. A new binary
 that fails is refused and the old process keeps serving. Upgrade one node
 at a time (docs/upgrade.md).`,
 		Example: `  keel server --dir /var/lib/keel/vm1 --id n1 --raft 10.0.0.1:7001 --nbd 10.0.0.1:10809 --http 10.0.0.1:7002 --bootstrap --size 64G
-  keel server --dir /var/lib/keel/vm1 --id n2 --raft 10.0.0.2:7001 --nbd 10.0.0.2:10809 --http 10.0.0.2:7002 --join 10.0.0.1:7002`,
+  keel server --dir /var/lib/keel/vm1 --id n2 --raft 10.0.0.2:7001 --nbd 10.0.0.2:10809 --http 10.0.0.2:7002 --join 10.0.0.1:7002
+  keel server --cluster-tls /etc/keel/n1 --dir /var/lib/keel/vm1 --id n1 --raft 10.0.0.1:7001 --nbd 10.0.0.1:10809 --http 10.0.0.1:7002 --bootstrap --size 64G`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runServer(cmd.Context(), g, f) },
 	}
@@ -98,6 +106,7 @@ at a time (docs/upgrade.md).`,
 	fl.DurationVar(&f.election, "election-timeout", replica.DefaultElectionTimeout, "Raft: a candidate without a result this long starts another election")
 	fl.DurationVar(&f.lease, "leader-lease-timeout", replica.DefaultLeaderLeaseTimeout, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
 	fl.StringVar(&f.logCache, "log-cache", "16M", "memory for the cache of recent Raft log entries in front of the log store (1M to 4G); 0 turns it off")
+	fl.StringVar(&f.clusterTLS, "cluster-tls", os.Getenv(clusterTLSEnv), clusterTLSHelp)
 	f.tls.register(fl, false)
 	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
@@ -148,6 +157,13 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	if err != nil {
 		return err
 	}
+	ctls, err := loadClusterTLS(f.clusterTLS)
+	if err != nil {
+		return err
+	}
+	if err := checkCertHosts(ctls, f.clusterTLS, map[string]string{"--raft": f.raftAddr, "--http": f.httpAddr}); err != nil {
+		return err
+	}
 	ntls, err := f.tls.load()
 	if err != nil {
 		return err
@@ -179,7 +195,11 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return fail(fmt.Errorf("--nbd: %w", err))
 	}
 	ls = append(ls, nbdL)
-	client := wire.NewClient(10 * time.Second)
+	var clientTLS *tls.Config
+	if ctls != nil {
+		clientTLS = ctls.Client
+	}
+	client := wire.NewClient(10*time.Second, clientTLS)
 	self := replica.NodeInfo{ID: f.id, Raft: f.raftAddr, HTTP: httpL.Addr().String(), NBD: f.nbdAddr}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
@@ -229,13 +249,13 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	}
 	srv, err := server.New(server.Config{
 		Node: nodeCfg, HTTP: httpL, NBD: nbdL, Raft: raftL, VolumeSize: volSize,
-		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Version: version, Log: log,
+		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, ClusterTLS: ctls, Version: version, Log: log,
 		Upgrader: u, Upgrades: hup, NBDTLS: ntls.Mode, NBDTLSConfig: ntls.Server,
 	})
 	if err != nil {
 		return fail(err)
 	}
-	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "nbd_tls", ntls.String(), "size", volSize, "taking_over", u.HasParent())
+	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "nbd_tls", ntls.String(), "size", volSize, "taking_over", u.HasParent(), "cluster_tls", ctls.String())
 	return srv.Run(ctx)
 }
 

@@ -40,6 +40,12 @@ type upgradeCluster struct {
 
 func newUpgradeCluster(t testing.TB, bin string, flags ...string) *upgradeCluster {
 	t.Helper()
+	return newUpgradeClusterTLS(t, bin, false, flags...)
+}
+
+// newUpgradeClusterTLS is newUpgradeCluster, with cluster TLS when tls.
+func newUpgradeClusterTLS(t testing.TB, bin string, tls bool, flags ...string) *upgradeCluster {
+	t.Helper()
 	dir := t.TempDir()
 	wrapper := filepath.Join(dir, "keel-server.sh")
 	if err := os.WriteFile(wrapper, []byte(serverWrapper), 0o755); err != nil {
@@ -54,7 +60,7 @@ func newUpgradeCluster(t testing.TB, bin string, flags ...string) *upgradeCluste
 	u := &upgradeCluster{dir: dir}
 	t.Cleanup(func() { u.cleanup(t) }) // runs after the cluster's own cleanup has killed the first generations
 	u.TCluster = keeltest.MustCluster(t, keeltest.ClusterConfig{
-		Bin: wrapper, N: 3, Size: "32M", Env: []string{"UPGRADE_DIR=" + dir, "KEEL_BIN=" + keeltest.MustBinary(t)},
+		Bin: wrapper, N: 3, Size: "32M", Env: []string{"UPGRADE_DIR=" + dir, "KEEL_BIN=" + keeltest.MustBinary(t)}, TLS: tls,
 		Flags:     append([]string{"--write-timeout", "60s"}, flags...),
 		UpTimeout: nodeUpTimeout, Timeout: clusterTimeout, StopTimeout: nodeStopTimeout, PollEvery: pollEvery,
 	})
@@ -184,6 +190,61 @@ func TestServerUpgradeUnderLoad(t *testing.T) {
 			default:
 			}
 		}
+	}
+	j := fio.wait(t)
+	if j.Read.IOBytes == 0 {
+		t.Error("fio verified nothing")
+	}
+	c.MustConverge(c.Nodes()...)
+	verifyOK(t, c.Nodes()[0], "n1", "n2", "n3")
+}
+
+// TestServerUpgradeClusterTLS upgrades each server of a cluster with cluster TLS
+// once, leader first, while fio writes and verifies through a proxy: the
+// new process inherits the Raft listener and serves Raft and the API over
+// TLS as the old one did.
+func TestServerUpgradeClusterTLS(t *testing.T) {
+	binA := keeltest.MustBinary(t)
+	binB := buildVersion(t, "upgrade-b")
+	c := newUpgradeClusterTLS(t, binA, true)
+	p := c.MustProxy(keeltest.ProxyConfig{Name: "vm1"})
+	fio := startFio(t, "server-upgrades-tls", p.URI(), "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=8",
+		"--verify=crc32c", "--verify_backlog=256", "--verify_state_save=0", "--loops=1000", "--time_based", "--runtime=25s")
+	keeltest.MustPoll(t, 60*time.Second, "fio writes through the proxy", func() (bool, string) {
+		n, err := p.Counter(t.Context(), "writes")
+		return err == nil && n > 0, fmt.Sprint(n, err)
+	})
+	lead := c.MustLeader(c.Nodes()...)
+	order := []*keeltest.Node{lead}
+	for _, n := range c.Nodes() {
+		if n != lead {
+			order = append(order, n)
+		}
+	}
+	for _, n := range order {
+		before := c.pid(t, n)
+		r := c.upgrade(t, n, binB)
+		if r.err != nil {
+			t.Fatalf("%s (leader %v): %v\n%s%s", n.ID, n == lead, r.err, r.stdout, r.stderr)
+		}
+		if after := c.pid(t, n); after == before || !upgrade.Alive(after) {
+			t.Fatalf("%s: pid file names %d (was %d)", n.ID, after, before)
+		}
+		if v := c.MustStatus(n).Version; v != "upgrade-b" {
+			t.Fatalf("%s reports version %q after the upgrade, want upgrade-b", n.ID, v)
+		}
+		c.caughtUp(t, n)
+		t.Logf("upgraded %s (leader %v): %s", n.ID, n == lead, strings.TrimSpace(r.stdout))
+	}
+	writes := p.MustCounter("writes")
+	keeltest.MustPoll(t, 60*time.Second, "fio writes after the last upgrade", func() (bool, string) {
+		n, err := p.Counter(t.Context(), "writes")
+		return err == nil && n > writes+100, fmt.Sprint(n, err)
+	})
+	select {
+	case <-fio.done:
+		t.Fatal("fio ended before the last upgrade was done")
+	default:
 	}
 	j := fio.wait(t)
 	if j.Read.IOBytes == 0 {

@@ -24,8 +24,9 @@ var errDiffer = errors.New("images differ")
 func newVerifyCmd() *cobra.Command {
 	var addr string
 	var timeout, every time.Duration
+	var tlsDir string
 	cmd := &cobra.Command{
-		Use:   "verify --http ADDR",
+		Use:   "verify --http ADDR [--cluster-tls DIR]",
 		Short: "Check that every voter's image is byte-identical at a common applied index",
 		Long: `Ask every voter for a digest of its image taken while nothing is applied,
 at the same applied index. Prints one line per voter. Exits 0 when every
@@ -42,8 +43,12 @@ line every --progress-every.`,
 		RunE: func(c *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(c.Context(), timeout)
 			defer cancel()
+			tc, err := loadClientTLS(tlsDir)
+			if err != nil {
+				return err
+			}
 			pr := &verifyProgress{w: os.Stderr, tty: isTerminal(os.Stderr), every: every}
-			err := verify(ctx, wire.NewClient(timeout), addr, pr)
+			err = verify(ctx, wire.NewClient(timeout, tc), addr, pr)
 			if errors.Is(err, errDiffer) {
 				fmt.Fprintln(os.Stderr, "keel verify: FAILED:", err)
 				os.Exit(1)
@@ -58,6 +63,7 @@ line every --progress-every.`,
 	cmd.Flags().StringVar(&addr, "http", "127.0.0.1:7201", "HTTP address of any member")
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "give up after this long")
 	cmd.Flags().DurationVar(&every, "progress-every", 10*time.Second, "when stderr is not a terminal, print the digests' progress this often (0: never)")
+	clientTLSFlag(cmd, &tlsDir, false)
 	return cmd
 }
 

@@ -195,7 +195,7 @@ func run(ctx context.Context, cfg Config, name string, suites []string) error {
 	if len(work) > 70 {
 		return fmt.Errorf("%w: --data-dir %s is too long for unix socket paths", ErrConfig, work)
 	}
-	b := &bench{cfg: cfg, procs: NewProcs(), http: wire.NewClient(3 * time.Second), out: os.Stdout,
+	b := &bench{cfg: cfg, procs: NewProcs(), http: wire.NewClient(3*time.Second, nil), out: os.Stdout,
 		rep: &Report{Suite: name}, work: work, fioDir: filepath.Join(out, "fio"), logDir: filepath.Join(out, "logs")}
 	defer b.procs.StopAll()
 	if b.keel, err = b.keelBinary(ctx); err != nil {

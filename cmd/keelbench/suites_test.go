@@ -148,7 +148,7 @@ func newFakeBench(t *testing.T, cfg Config) (*bench, *fakeProcs) {
 			t.Fatal(err)
 		}
 	}
-	b := &bench{cfg: cfg, procs: f, http: wire.NewClient(time.Second), out: &testWriter{t}, rep: &Report{Suite: "test"},
+	b := &bench{cfg: cfg, procs: f, http: wire.NewClient(time.Second, nil), out: &testWriter{t}, rep: &Report{Suite: "test"},
 		work: t.TempDir(), fioDir: filepath.Join(out, "fio"), logDir: filepath.Join(out, "logs"), keel: "keel",
 		quietTick: time.Millisecond}
 	return b, f

@@ -16,6 +16,7 @@ import (
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/services/nbdserve"
 	"github.com/keelstore/keel/services/statuspage"
+	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 	"github.com/keelstore/keel/upgrade"
 )
@@ -119,7 +120,12 @@ func (pr *Process) Run(ctx context.Context) error {
 	root.Add(pr.proxy)
 	if cfg.HTTP != nil {
 		root.Add(pr.status)
-		root.Add(&API{Listener: cfg.HTTP, Proxy: pr.proxy, Log: log.Named("http"), Page: pr.status})
+		root.Add(&API{Listener: cfg.HTTP, TLS: cfg.Proxy.ClusterTLS, Proxy: pr.proxy, Log: log.Named("http"), Page: pr.status})
+	}
+	if cfg.Proxy.ClusterTLS == nil {
+		log.Warn(wire.UnsecuredWarning)
+	} else {
+		log.Info("cluster traffic over mutual TLS: the servers' APIs with this proxy's client certificate")
 	}
 	rootErr := root.ServeBackground(rootCtx)
 	u := cfg.Upgrader

@@ -117,6 +117,12 @@ type Config struct {
 	Version string
 	// Log is the proxy's logger. Default: discard.
 	Log hclog.Logger
+	// ClusterTLS, when set, is the cluster's mutual TLS: the proxy calls
+	// the servers' APIs over https with its client certificate
+	// (ClusterTLS.Client), and ProcessConfig's HTTP API is served over
+	// TLS (ClusterTLS.Server). Nil: plain HTTP, and the process says so
+	// once at WARN.
+	ClusterTLS *wire.ClusterTLS
 	// Dial, if set, opens the proxy's connections to the servers (their
 	// HTTP APIs and, for reads, their NBD exports) instead of a plain
 	// net.Dialer: the hook of the chaos tests' network fault layer.
@@ -180,6 +186,11 @@ func (c Config) Validate() error {
 	if c.PollInterval < 10*time.Millisecond || c.PollInterval > 10*time.Second {
 		return fmt.Errorf("proxy: PollInterval %v: must be from 10ms to 10s", c.PollInterval)
 	}
+	if c.ClusterTLS != nil {
+		if err := c.ClusterTLS.Validate(); err != nil {
+			return fmt.Errorf("proxy: ClusterTLS: %w", err)
+		}
+	}
 	return nil
 }
 
@@ -190,7 +201,11 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
-	status, api := wire.NewClient(2*time.Second), wire.NewClient(0)
+	var tc *tls.Config
+	if cfg.ClusterTLS != nil {
+		tc = cfg.ClusterTLS.Client
+	}
+	status, api := wire.NewClient(2*time.Second, tc), wire.NewClient(0, tc)
 	if cfg.Dial != nil {
 		for _, c := range []*wire.Client{status, api} {
 			c.HTTP.Transport.(*http.Transport).DialContext = cfg.Dial

@@ -85,8 +85,11 @@ func (p *Proxy) counters() map[string]uint64 {
 //	GET /            the status page (with Page)
 type API struct {
 	Listener net.Listener
-	Proxy    *Proxy
-	Log      hclog.Logger
+	// TLS, when set, serves the API over TLS; its routes are status
+	// only, open to a client without a certificate (wire.NeedsClientCert).
+	TLS   *wire.ClusterTLS
+	Proxy *Proxy
+	Log   hclog.Logger
 	// Page, when set, is the status page (GET /) with its history.
 	Page *statuspage.Service
 }
@@ -102,7 +105,7 @@ func (a *API) Serve(ctx context.Context) error {
 	if a.Page != nil {
 		a.Page.Register(mux)
 	}
-	return wire.ServeHTTP(ctx, a.Listener, mux, a.Log)
+	return wire.ServeHTTP(ctx, a.TLS.HTTPListener(a.Listener), mux, a.Log)
 }
 
 var restartsDesc = prometheus.NewDesc("keel_supervisor_restarts_total", "Services restarted by their supervisor after a failure or panic.", []string{"supervisor", "service"}, nil)

@@ -30,7 +30,7 @@ func TestClusterViewServeOwnsBarrierFetches(t *testing.T) {
 		_ = json.NewEncoder(w).Encode(wire.NodeStatus{State: "Leader", LastLogIndex: 7, AppliedIndex: 7, ImageSize: 1 << 20})
 	}))
 	defer srv.Close()
-	v := newClusterView([]string{strings.TrimPrefix(srv.URL, "http://")}, wire.NewClient(0), hclog.NewNullLogger(), time.Hour, 10*time.Millisecond)
+	v := newClusterView([]string{strings.TrimPrefix(srv.URL, "http://")}, wire.NewClient(0, nil), hclog.NewNullLogger(), time.Hour, 10*time.Millisecond)
 	ctx, stop := context.WithCancel(context.Background())
 	served := make(chan struct{})
 	go func() { defer close(served); _ = v.Serve(ctx) }()

@@ -27,10 +27,14 @@ import (
 // supervised service listening on Listener.
 type API struct {
 	Listener net.Listener
-	Holder   *NodeHolder
-	Client   *wire.Client
-	Resync   *Resyncer
-	Metrics  *prometheus.Registry
+	// TLS, when set, serves the API over TLS (wire.ClusterTLS.HTTPListener):
+	// a request that changes anything or reads the volume needs a client
+	// certificate from the cluster CA (wire.NeedsClientCert).
+	TLS     *wire.ClusterTLS
+	Holder  *NodeHolder
+	Client  *wire.Client
+	Resync  *Resyncer
+	Metrics *prometheus.Registry
 	// Version is the build version reported in the status; Level the
 	// feature level reported while the node is starting (after that, the
 	// node's own).
@@ -64,7 +68,7 @@ func (a *API) Serve(ctx context.Context) error {
 	if a.Metrics != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(a.Metrics, promhttp.HandlerOpts{}))
 	}
-	return wire.ServeHTTP(ctx, a.Listener, mux, a.Log)
+	return wire.ServeHTTP(ctx, a.TLS.HTTPListener(a.Listener), mux, a.Log)
 }
 
 // syncHandler serves the image to syncing peers, once the node runs.
@@ -119,7 +123,7 @@ func (a *API) leaderOnly(h func(http.ResponseWriter, *http.Request, *replica.Nod
 			writeErr(w, http.StatusBadRequest, err)
 			return
 		}
-		req, err := http.NewRequestWithContext(r.Context(), r.Method, wire.BaseURL(l.HTTP)+r.URL.RequestURI(), bytesReader(body))
+		req, err := http.NewRequestWithContext(r.Context(), r.Method, a.Client.BaseURL(l.HTTP)+r.URL.RequestURI(), bytesReader(body))
 		if err != nil {
 			writeErr(w, http.StatusInternalServerError, err)
 			return

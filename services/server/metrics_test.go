@@ -168,7 +168,7 @@ func TestMetricsFamiliesAfterTraffic(t *testing.T) {
 func TestVerifyProgressIdle(t *testing.T) {
 	o := startOneNode(t)
 	var p wire.DigestProgress
-	if err := wire.NewClient(5*time.Second).Do(t.Context(), http.MethodGet, o.HTTP, "/v1/verify/progress", nil, &p); err != nil {
+	if err := wire.NewClient(5*time.Second, nil).Do(t.Context(), http.MethodGet, o.HTTP, "/v1/verify/progress", nil, &p); err != nil {
 		t.Fatal(err)
 	}
 	size := o.Holder().Peek().Image().Size()

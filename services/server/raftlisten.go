@@ -1,8 +1,11 @@
 package server
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"time"
@@ -10,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // RaftListener shares one Raft TCP listener, which outlives any one
@@ -23,16 +27,28 @@ import (
 //
 // Only the lease's Accept calls the listener's Accept; closing the lease
 // unblocks it with a deadline instead of closing the listener.
+//
+// With cluster TLS, every connection is mutual TLS over the shared TCP
+// listener (the listener itself stays plain TCP, so an upgrade passes it
+// on as before): an accepted one must show a client certificate from the
+// cluster CA, a dialed one shows this node's and checks the peer's server
+// certificate. The handshake of an accepted connection runs in raft's
+// goroutine for that connection (its first Read), never in Accept, so a
+// peer that stalls or fails it holds up nobody; a refused peer is logged
+// once (PeerLog) and its connection closed, as if it had hung up.
 type RaftListener struct {
-	l   *net.TCPListener
-	log hclog.Logger
+	l     *net.TCPListener
+	log   hclog.Logger
+	tls   *wire.ClusterTLS // nil: plain TCP
+	peers *wire.PeerLog
 
 	mu  sync.Mutex // guards the following
 	cur *raftLease // the lease held now, if any
 }
 
-// NewRaftListener shares l, which must be a TCP listener.
-func NewRaftListener(l net.Listener, log hclog.Logger) (*RaftListener, error) {
+// NewRaftListener shares l, which must be a TCP listener; ct, when set,
+// is the cluster TLS every Raft connection runs over.
+func NewRaftListener(l net.Listener, ct *wire.ClusterTLS, log hclog.Logger) (*RaftListener, error) {
 	tl, ok := l.(*net.TCPListener)
 	if !ok {
 		return nil, fmt.Errorf("server: the Raft listener is a %T, want a TCP listener", l)
@@ -40,7 +56,12 @@ func NewRaftListener(l net.Listener, log hclog.Logger) (*RaftListener, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &RaftListener{l: tl, log: log}, nil
+	if ct != nil {
+		if err := ct.Validate(); err != nil {
+			return nil, err
+		}
+	}
+	return &RaftListener{l: tl, log: log, tls: ct, peers: &wire.PeerLog{Log: log}}, nil
 }
 
 // Addr is the listener's address.
@@ -102,7 +123,10 @@ func (l *raftLease) Accept() (net.Conn, error) {
 		return nil, net.ErrClosed
 	default:
 	}
-	return c, err
+	if err != nil || l.r.tls == nil {
+		return c, err
+	}
+	return &handshakeConn{Conn: tls.Server(c, l.r.tls.ServerConfig(tls.RequireAndVerifyClientCert)), peers: l.r.peers}, nil
 }
 
 // Close ends the lease: its Accept returns, the listener stays open.
@@ -125,5 +149,63 @@ func (l *raftLease) Addr() net.Addr { return l.adv }
 
 func (l *raftLease) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	d := net.Dialer{Timeout: timeout}
-	return d.Dial("tcp", string(address))
+	c, err := d.Dial("tcp", string(address))
+	if err != nil || l.r.tls == nil {
+		return c, err
+	}
+	tc := tls.Client(c, l.r.tls.ClientFor(string(address)))
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := tc.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("%w: %s: %w", ErrRaftHandshake, address, err)
+	}
+	return tc, nil
+}
+
+// ErrRaftHandshake: a Raft connection's TLS handshake failed.
+var ErrRaftHandshake = errors.New("server: Raft TLS handshake failed")
+
+// handshakeTimeout bounds an accepted Raft connection's TLS handshake.
+const handshakeTimeout = 10 * time.Second
+
+// handshakeConn is an accepted Raft connection over TLS: its first Read
+// or Write runs the handshake; one that fails is logged once per peer and
+// reads as the peer hanging up (io.EOF, which raft does not log).
+type handshakeConn struct {
+	*tls.Conn
+	peers *wire.PeerLog
+	once  sync.Once
+	err   error
+}
+
+func (c *handshakeConn) handshake() error {
+	c.once.Do(func() {
+		_ = c.Conn.SetDeadline(time.Now().Add(handshakeTimeout))
+		err := c.Conn.Handshake()
+		_ = c.Conn.SetDeadline(time.Time{})
+		if err == nil {
+			return
+		}
+		c.err = fmt.Errorf("%w: %w", ErrRaftHandshake, err)
+		if wire.Probe(err) {
+			return
+		}
+		c.peers.Refused(c.RemoteAddr().String(), "refused a Raft connection: TLS handshake failed (a peer without a certificate from the cluster CA?)", "error", err)
+	})
+	return c.err
+}
+
+func (c *handshakeConn) Read(p []byte) (int, error) {
+	if c.handshake() != nil {
+		return 0, io.EOF
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *handshakeConn) Write(p []byte) (int, error) {
+	if err := c.handshake(); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(p)
 }

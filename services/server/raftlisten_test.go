@@ -17,7 +17,7 @@ func TestRaftListenerLeases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rl, err := server.NewRaftListener(l, nil)
+	rl, err := server.NewRaftListener(l, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestRaftListenerWantsTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	if _, err := server.NewRaftListener(l, nil); err == nil {
+	if _, err := server.NewRaftListener(l, nil, nil); err == nil {
 		t.Fatal("a unix listener was taken for Raft")
 	}
 }

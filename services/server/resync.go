@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"sort"
 	"sync"
 	"time"
@@ -83,10 +85,12 @@ func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.S
 	if err == nil {
 		r.Log.Info("resyncing the image from peers", "index", st.Index, "peers", peers, "size", img.Size())
 		var stats imagesync.Stats
+		hc := r.syncClient()
 		stats, err = imagesync.Sync(ctx, imagesync.Config{
-			Image: img,
-			Peers: peers,
-			Log:   r.Log.Named("sync"),
+			Image:  img,
+			Peers:  peers,
+			Client: hc,
+			Log:    r.Log.Named("sync"),
 			Progress: func(p imagesync.Progress) {
 				r.update(func(s *wire.SyncStatus) {
 					s.BytesCompared, s.BytesMoved, s.BytesZeroed = p.BytesCompared, p.BytesMoved, p.BytesZeroed
@@ -94,6 +98,9 @@ func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.S
 				})
 			},
 		})
+		if hc != nil {
+			hc.CloseIdleConnections()
+		}
 		if err == nil {
 			r.Log.Info("resync done", "index", st.Index, "moved", stats.Moved, "zeroed", stats.Zeroed,
 				"compared", stats.Compared, "took", stats.Duration.Round(time.Millisecond))
@@ -114,6 +121,21 @@ func (r *Resyncer) Restore(ctx context.Context, img *rawimage.File, st replica.S
 		r.Log.Error("resync failed; raft will retry", "index", st.Index, "error", err)
 	}
 	return err
+}
+
+// syncClient is the image pull's HTTP client: imagesync's own (nil) over
+// plain HTTP; over cluster TLS, one with the cluster client certificate.
+func (r *Resyncer) syncClient() *http.Client {
+	if r.Client.TLS == nil {
+		return nil
+	}
+	return &http.Client{Transport: &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:     r.Client.TLS.Clone(),
+		TLSHandshakeTimeout: 10 * time.Second,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     30 * time.Second,
+	}}
 }
 
 // upToDatePeers returns the sync URLs of registered peers that have
@@ -139,7 +161,7 @@ func (r *Resyncer) upToDatePeers(ctx context.Context, st replica.State) ([]strin
 		case s.AppliedIndex < st.Index || (s.Sync != nil && s.Sync.Active):
 			errs = append(errs, fmt.Errorf("%s: applied %d, need %d", id, s.AppliedIndex, st.Index))
 		default:
-			peers = append(peers, wire.BaseURL(info.HTTP)+"/v1/sync")
+			peers = append(peers, r.Client.BaseURL(info.HTTP)+"/v1/sync")
 		}
 	}
 	if len(peers) == 0 {

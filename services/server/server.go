@@ -43,8 +43,17 @@ type Config struct {
 	// promote and registers itself. Default 500ms.
 	MembershipEvery time.Duration
 	// Client calls other servers' APIs. Default: a client with a 10s
-	// per-request timeout.
+	// per-request timeout (over ClusterTLS.Client when ClusterTLS is set;
+	// a Client given with ClusterTLS must have TLS too).
 	Client *wire.Client
+	// ClusterTLS, when set, is the mutual TLS of every link to and from
+	// other Keel processes: Raft (a peer must show a certificate from the
+	// cluster CA), the HTTP API (admin calls, forwarded writes and image
+	// sync need one; wire.NeedsClientCert) and this server's calls to its
+	// peers (Client). With it, New opens the Raft listener itself when
+	// Raft is nil. Nil: all of it is plain TCP, and Run says so once at
+	// WARN.
+	ClusterTLS *wire.ClusterTLS
 	// Version is the build version the server reports (keel version).
 	Version string
 	// Log is the server's logger.
@@ -81,7 +90,11 @@ func (c *Config) defaults() {
 		c.DrainTimeout = 60 * time.Second
 	}
 	if c.Client == nil {
-		c.Client = wire.NewClient(10 * time.Second)
+		var tc *tls.Config
+		if c.ClusterTLS != nil {
+			tc = c.ClusterTLS.Client
+		}
+		c.Client = wire.NewClient(10*time.Second, tc)
 	}
 	if c.Log == nil {
 		c.Log = hclog.NewNullLogger()
@@ -107,6 +120,14 @@ func (c Config) Validate() error {
 	}
 	if c.Upgrader != nil && c.Raft == nil {
 		return errors.New("server: Raft (the listener) is required with an Upgrader, which passes it on")
+	}
+	if c.ClusterTLS != nil {
+		if err := c.ClusterTLS.Validate(); err != nil {
+			return fmt.Errorf("server: ClusterTLS: %w", err)
+		}
+		if c.Client != nil && c.Client.TLS == nil {
+			return errors.New("server: Client has no TLS, but ClusterTLS is set: its calls to peers would be refused")
+		}
 	}
 	if c.TransferTimeout < 0 || c.TransferTimeout > time.Minute {
 		return fmt.Errorf("server: TransferTimeout %v: must be from 0 (5s) to 1m", c.TransferTimeout)
@@ -149,9 +170,21 @@ func New(cfg Config) (*Server, error) {
 	}
 	log := cfg.Log
 	s := &Server{cfg: cfg, holder: NewNodeHolder(), status: newStatusPage()}
+	if cfg.Raft == nil && cfg.ClusterTLS != nil {
+		// The node's own transport is plain TCP: serve Raft on a listener
+		// of ours, over TLS.
+		l, err := net.Listen("tcp", cfg.Node.RaftAddr)
+		if err != nil {
+			return nil, fmt.Errorf("server: Raft address %s: %w", cfg.Node.RaftAddr, err)
+		}
+		cfg.Raft = l
+	}
 	if cfg.Raft != nil {
 		var err error
-		if s.rl, err = NewRaftListener(cfg.Raft, log.Named("raft-listener")); err != nil {
+		if s.rl, err = NewRaftListener(cfg.Raft, cfg.ClusterTLS, log.Named("raft-listener")); err != nil {
+			if cfg.Upgrader == nil {
+				cfg.Raft.Close()
+			}
 			return nil, err
 		}
 	}
@@ -185,7 +218,7 @@ func New(cfg Config) (*Server, error) {
 		s.raftTok = s.raftSup.Add(s.raftService(nil, 0))
 	}
 	root.Add(s.raftSup)
-	root.Add(&API{Listener: cfg.HTTP, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
+	root.Add(&API{Listener: cfg.HTTP, TLS: cfg.ClusterTLS, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
 		Metrics: NewMetrics(MetricSources{Holder: s.holder, Resync: s.resync, Lags: lags, Restarts: restarts, Requests: requests}), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http"), Page: s.status})
 	root.Add(s.status)
 	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery, Lags: lags})
@@ -215,6 +248,11 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	rootCtx, cancelRoot := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelRoot()
+	if s.cfg.ClusterTLS == nil {
+		log.Warn(wire.UnsecuredWarning)
+	} else {
+		log.Info("cluster traffic over mutual TLS", "raft", "client certificate required", "http", "client certificate required for admin, writes and image sync")
+	}
 	rootErr := s.root.ServeBackground(rootCtx)
 	if u != nil && u.HasParent() {
 		if err := u.TakeOver(s.openAfterParent(ctx), s.nbdSvc.ResumeConn); err != nil {

@@ -118,7 +118,7 @@ func TestAPIBadInput(t *testing.T) {
 	}
 	// Still serving.
 	var st wire.NodeStatus
-	if err := wire.NewClient(5*time.Second).Do(context.Background(), "GET", o.HTTP, "/v1/status", nil, &st); err != nil || st.State != "Leader" {
+	if err := wire.NewClient(5*time.Second, nil).Do(context.Background(), "GET", o.HTTP, "/v1/status", nil, &st); err != nil || st.State != "Leader" {
 		t.Fatalf("status after bad input: %+v %v", st, err)
 	}
 }
@@ -178,7 +178,7 @@ func TestApplyCarriesDeadline(t *testing.T) {
 	last := n.Raft().LastIndex()
 	expired, cancelExpired := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
 	defer cancelExpired()
-	if _, err := wire.NewClient(5*time.Second).Apply(expired, o.HTTP, cmd); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := wire.NewClient(5*time.Second, nil).Apply(expired, o.HTTP, cmd); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("apply with an expired deadline: %v, want DeadlineExceeded", err)
 	}
 	if got := n.Raft().LastIndex(); got != last {
@@ -186,7 +186,7 @@ func TestApplyCarriesDeadline(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	r, err := wire.NewClient(5*time.Second).Apply(ctx, o.HTTP, cmd)
+	r, err := wire.NewClient(5*time.Second, nil).Apply(ctx, o.HTTP, cmd)
 	if err != nil || r.Refused != wire.NotRefused || r.Index <= last {
 		t.Fatalf("apply within a deadline: %+v %v", r, err)
 	}
@@ -207,7 +207,7 @@ func TestStatusReadIndex(t *testing.T) {
 	}
 	var st wire.NodeStatus
 	for i := 0; i < 2; i++ { // the first commits the term's read barrier
-		if err := wire.NewClient(5*time.Second).Do(context.Background(), "GET", o.HTTP, "/v1/status", nil, &st); err != nil {
+		if err := wire.NewClient(5*time.Second, nil).Do(context.Background(), "GET", o.HTTP, "/v1/status", nil, &st); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -16,7 +16,7 @@ import (
 // (leading alone) raises its cluster level once its membership loop ran.
 func TestServerLevels(t *testing.T) {
 	o := servertest.StartOne(t, 0)
-	c := wire.NewClient(5 * time.Second)
+	c := wire.NewClient(5*time.Second, nil)
 	ctx := context.Background()
 	st, err := c.Status(ctx, o.HTTP)
 	if err != nil || st.Level != replica.CurrentLevel {

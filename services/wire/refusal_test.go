@@ -39,7 +39,7 @@ func TestClientSendsLevel(t *testing.T) {
 		WriteJSON(w, http.StatusOK, NodeStatus{Level: Level})
 	}))
 	defer srv.Close()
-	st, err := NewClient(5*time.Second).Status(t.Context(), srv.URL)
+	st, err := NewClient(5*time.Second, nil).Status(t.Context(), srv.URL)
 	if err != nil || st.Level != Level {
 		t.Fatalf("status %+v, %v", st, err)
 	}

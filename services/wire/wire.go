@@ -11,10 +11,12 @@ package wire
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	stdlog "log"
 	"net"
 	"net/http"
 	"strconv"
@@ -177,24 +179,35 @@ type ErrorBody struct {
 // Client calls a keel server's HTTP API.
 type Client struct {
 	HTTP *http.Client
+	// TLS, when set, is the cluster's client side (ClusterTLS.Client):
+	// calls go over https with this process's client certificate.
+	TLS *tls.Config
 }
 
-// NewClient returns a client with the given per-request timeout. It keeps
-// enough idle connections per peer for a follower forwarding many writes
-// at once (net/http's default keeps 2).
-func NewClient(timeout time.Duration) *Client {
+// NewClient returns a client with the given per-request timeout, over
+// https with tlsConfig (the cluster client certificate, ClusterTLS.Client)
+// when it is not nil. It keeps enough idle connections per peer for a
+// follower forwarding many writes at once (net/http's default keeps 2).
+func NewClient(timeout time.Duration, tlsConfig *tls.Config) *Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.MaxIdleConnsPerHost = 128
-	return &Client{HTTP: &http.Client{Timeout: timeout, Transport: t}}
+	if tlsConfig != nil {
+		t.TLSClientConfig = tlsConfig.Clone()
+	}
+	return &Client{HTTP: &http.Client{Timeout: timeout, Transport: t}, TLS: tlsConfig}
 }
 
 // ErrRemoteNotLeader is returned when the called node is not the leader.
 var ErrRemoteNotLeader = errors.New("keel: the node called is not the leader")
 
-// BaseURL turns a HOST:PORT (or a URL) into the API's base URL.
-func BaseURL(addr string) string {
+// BaseURL turns a HOST:PORT (or a URL, kept as it is) into the API's base
+// URL: https when the client has TLS, else http.
+func (c *Client) BaseURL(addr string) string {
 	if strings.HasPrefix(addr, "http://") || strings.HasPrefix(addr, "https://") {
 		return strings.TrimSuffix(addr, "/")
+	}
+	if c.TLS != nil {
+		return "https://" + addr
 	}
 	return "http://" + addr
 }
@@ -218,7 +231,7 @@ func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Hea
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, BaseURL(addr)+path, body)
+	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL(addr)+path, body)
 	if err != nil {
 		return err
 	}
@@ -233,7 +246,7 @@ func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Hea
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
-		return err
+		return tlsHint(err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
@@ -247,6 +260,9 @@ func (c *Client) do(ctx context.Context, method, addr, path string, hdr http.Hea
 				return fmt.Errorf("%w (leader: %q): %s", ErrRemoteNotLeader, ae.Leader, ae.Error)
 			}
 			return fmt.Errorf("%s %s: %s", method, addr+path, ae.Error)
+		}
+		if resp.StatusCode == http.StatusBadRequest && c.TLS == nil && bytes.Contains(data, []byte("HTTP request to an HTTPS server")) {
+			return fmt.Errorf("%s %s: %w", method, addr+path, ErrServerWantsTLS)
 		}
 		return fmt.Errorf("%s %s: %s: %s", method, addr+path, resp.Status, strings.TrimSpace(string(data)))
 	}
@@ -306,10 +322,14 @@ func (c *Client) apply(ctx context.Context, addr string, cmd []byte, relay bool)
 // its first request 100ms into the shutdown is closed: net/http would wait
 // 5s for it (a client's spare dial, kept idle on its side), and that held
 // a server handing over to its successor (docs/upgrade.md) for 5s.
+//
+// Over a TLS listener (ClusterTLS.HTTPListener), h is behind
+// RequireClientCert, and a failed handshake is logged once per peer.
 func ServeHTTP(ctx context.Context, l net.Listener, h http.Handler, log hclog.Logger) error {
+	h = RequireClientCert(h)
 	var mu sync.Mutex // guards fresh
 	fresh := map[net.Conn]struct{}{}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: stdlog.New(newHTTPErrorLog(log), "", 0),
 		ConnState: func(c net.Conn, st http.ConnState) {
 			mu.Lock()
 			defer mu.Unlock()

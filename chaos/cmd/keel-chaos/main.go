@@ -36,7 +36,7 @@ func main() {
 	bin := flag.String("keel", "", "keel binary built with -tags chaos (default: built from this module)")
 	keep := flag.Bool("keep", false, "keep the working directory on a pass")
 	snapOften := flag.Bool("snapshot-often", false, "servers snapshot every 1000 entries and keep 100 behind: faults land mid-snapshot and mid-resync")
-	dev := flag.Int("dev", 0, "instead of starting a cluster, soak a running `keel dev` with this --base-port (it writes the volume; process faults only: "+strings.Join(soak.DevFaults, ",")+")")
+	dev := flag.Int("dev", 0, "instead of starting a cluster, soak a running `keel dev` with this --base-port (it writes the volume; process faults only: "+strings.Join(soak.DevFaults, ",")+"; its cluster certificate from $KEEL_CLUSTER_TLS, as keel dev prints)")
 	check := flag.String("check", "", "only check a saved history (history.json of a failed soak) and print the verdict")
 	flag.Parse()
 	if *check != "" {
@@ -111,7 +111,7 @@ func run(ctx context.Context, duration time.Duration, seed uint64, faults, dir, 
 	var err error
 	if dev != 0 {
 		res, err = soak.RunDev(ctx, soak.DevConfig{BasePort: dev, Bin: bin, Dir: dir, Duration: duration, Seed: seed,
-			Faults: cfg.Faults, Logf: cfg.Logf})
+			Faults: cfg.Faults, Logf: cfg.Logf, ClusterTLS: os.Getenv("KEEL_CLUSTER_TLS")})
 	} else {
 		res, err = soak.Run(ctx, cfg)
 	}

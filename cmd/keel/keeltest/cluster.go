@@ -3,6 +3,7 @@ package keeltest
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keelstore/keel/services/keeltls"
 	"github.com/keelstore/keel/services/wire"
 )
 
@@ -69,6 +71,12 @@ type ClusterConfig struct {
 	// HTTPTimeout bounds one request to a server's or proxy's API.
 	// 0 means 5s.
 	HTTPTimeout time.Duration
+	// TLS runs every server and proxy with --cluster-tls (mutual TLS
+	// between them): NewCluster makes a CA in Dir/tls/ca, each node and
+	// proxy gets Dir/tls/NAME (server and client certificates for
+	// 127.0.0.1, CertDir), and the harness reads the APIs with a client
+	// certificate of its own (Dir/tls/harness).
+	TLS bool
 }
 
 // Validate names the first bad field.
@@ -134,7 +142,49 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 			return nil, fmt.Errorf("keeltest: %w", err)
 		}
 	}
-	return &Cluster{cfg: cfg, client: wire.NewClient(cfg.HTTPTimeout)}, nil
+	c := &Cluster{cfg: cfg}
+	var tc *tls.Config
+	if cfg.TLS {
+		if err := keeltls.CreateCA(c.CADir(), keeltls.CAOptions{Name: "keeltest CA"}); err != nil {
+			return nil, fmt.Errorf("keeltest: %w", err)
+		}
+		dir := filepath.Join(cfg.Dir, "tls", "harness")
+		if err := keeltls.CreateCert(c.CADir(), dir, keeltls.CertOptions{Name: "keeltest-harness", Client: true}); err != nil {
+			return nil, fmt.Errorf("keeltest: %w", err)
+		}
+		b, err := keeltls.Load(dir)
+		if err != nil {
+			return nil, fmt.Errorf("keeltest: %w", err)
+		}
+		if tc, err = b.ClientConfig(""); err != nil {
+			return nil, fmt.Errorf("keeltest: %w", err)
+		}
+	}
+	c.client = wire.NewClient(cfg.HTTPTimeout, tc)
+	return c, nil
+}
+
+// CADir is the cluster CA's directory (ClusterConfig.TLS): a test signs
+// more certificates with it (keel tls cert create --ca).
+func (c *Cluster) CADir() string { return filepath.Join(c.cfg.Dir, "tls", "ca") }
+
+// CertDir is the --cluster-tls directory of the node or proxy name, made
+// on first use (server and client certificates for 127.0.0.1 and
+// localhost); "" without ClusterConfig.TLS.
+func (c *Cluster) CertDir(name string) (string, error) {
+	if !c.cfg.TLS {
+		return "", nil
+	}
+	dir := filepath.Join(c.cfg.Dir, "tls", name)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, err := os.Stat(filepath.Join(dir, keeltls.CACert)); err == nil {
+		return dir, nil
+	}
+	if err := keeltls.CreateCert(c.CADir(), dir, keeltls.CertOptions{Name: name, Hosts: []string{"127.0.0.1", "localhost"}}); err != nil {
+		return "", fmt.Errorf("keeltest: certificates of %s: %w", name, err)
+	}
+	return dir, nil
 }
 
 // StartCluster is NewCluster and Start; on an error it kills what it
@@ -183,6 +233,10 @@ func (c *Cluster) Client() *wire.Client { return c.client }
 func (c *Cluster) Add(id string) (*Node, error) {
 	n := &Node{ID: id, Dir: filepath.Join(c.cfg.Dir, id), LogPath: filepath.Join(c.cfg.LogDir, id+".log"), c: c}
 	if err := n.pickPorts(); err != nil {
+		return nil, err
+	}
+	var err error
+	if n.CertDir, err = c.CertDir(id); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
@@ -505,6 +559,10 @@ type Node struct {
 	// ClusterConfig.Bin (another build, for a mixed-version cluster). Set
 	// it while the node is stopped.
 	Bin string
+	// CertDir is the node's --cluster-tls (ClusterConfig.TLS; "" without):
+	// set it to another directory before a start to run the node with
+	// other certificates, "" to run it without.
+	CertDir string
 
 	c *Cluster
 
@@ -568,6 +626,9 @@ func (n *Node) Running() bool {
 func (n *Node) Args(extra ...string) []string {
 	args := append(slices.Clone(n.c.cfg.GlobalFlags), "server", "--dir", n.Dir, "--id", n.ID,
 		"--raft", n.Raft, "--http", n.HTTP, "--nbd", n.NBD)
+	if n.CertDir != "" {
+		args = append(args, "--cluster-tls", n.CertDir)
+	}
 	args = append(args, n.c.cfg.Flags...)
 	if n.c.cfg.PidFiles {
 		args = append(args, "--pid-file", n.PidFile())
@@ -738,7 +799,7 @@ func (n *Node) ClusterStatus(ctx context.Context) (wire.ClusterStatus, error) {
 
 // Metric reads one unlabelled gauge or counter from the node's /metrics.
 func (n *Node) Metric(ctx context.Context, name string) (float64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, wire.BaseURL(n.HTTP)+"/metrics", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, n.c.client.BaseURL(n.HTTP)+"/metrics", nil)
 	if err != nil {
 		return 0, err
 	}

@@ -58,6 +58,10 @@ func (c *Cluster) StartProxy(ctx context.Context, cfg ProxyConfig) (*Proxy, erro
 	if p.LogPath == "" {
 		p.LogPath = filepath.Join(c.cfg.LogDir, "proxy-"+cfg.Name+".log")
 	}
+	certs, err := c.CertDir("proxy-" + cfg.Name)
+	if err != nil {
+		return nil, err
+	}
 	c.mu.Lock()
 	c.proxies = append(c.proxies, p)
 	c.mu.Unlock()
@@ -77,6 +81,9 @@ func (c *Cluster) StartProxy(ctx context.Context, cfg ProxyConfig) (*Proxy, erro
 		}
 		p.args = append(slices.Concat(c.cfg.GlobalFlags, cfg.GlobalFlags), "proxy", "--servers", strings.Join(c.HTTPAddrs(), ","),
 			"--listen", p.Listen, "--http", p.HTTP, "--writer", cfg.Name)
+		if certs != "" {
+			p.args = append(p.args, "--cluster-tls", certs)
+		}
 		p.args = append(p.args, cfg.Flags...)
 		if c.cfg.PidFiles {
 			p.args = append(p.args, "--pid-file", p.PidFile())

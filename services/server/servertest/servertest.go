@@ -15,6 +15,7 @@ import (
 
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/services/server"
+	"github.com/keelstore/keel/services/wire"
 )
 
 // Node is a running single-node server.
@@ -54,10 +55,31 @@ func FreeAddr(t testing.TB) string {
 // 30s) when the test ends.
 func StartOne(t testing.TB, size uint64) *Node {
 	t.Helper()
+	return Start(t, Options{Size: size})
+}
+
+// Options configure Start.
+type Options struct {
+	// Size is the volume's size in bytes; 0 means 16 MiB.
+	Size uint64
+	// ClusterTLS, when set, is the server's cluster TLS (Raft and the
+	// HTTP API over mutual TLS; server.Config.ClusterTLS).
+	ClusterTLS *wire.ClusterTLS
+	// Log is the server's logger; nil: Logger(t, "n1").
+	Log hclog.Logger
+}
+
+// Start is StartOne with options.
+func Start(t testing.TB, o Options) *Node {
+	t.Helper()
+	size := o.Size
 	if size == 0 {
 		size = 16 << 20
 	}
-	log := Logger(t, "n1")
+	log := o.Log
+	if log == nil {
+		log = Logger(t, "n1")
+	}
 	httpL, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -74,7 +96,7 @@ func StartOne(t testing.TB, size uint64) *Node {
 		},
 		HTTP: httpL, NBD: nbdL, VolumeSize: size,
 		WriteTimeout: 5 * time.Second, DrainTimeout: 10 * time.Second, MembershipEvery: 50 * time.Millisecond,
-		Log: log,
+		ClusterTLS: o.ClusterTLS, Log: log,
 	})
 	if err != nil {
 		t.Fatal(err)
