@@ -20,8 +20,8 @@ import (
 )
 
 // Proxy is the nbd.Backend of `keel proxy`: the VM's side of a replicated
-// volume. It finds the leader and commits writes through it (POST
-// /v1/apply) as the volume's one writer (a claimed epoch, a request id per
+// volume. It finds the leader and commits writes through it (an apply
+// stream, or POST /v1/apply) as the volume's one writer (a claimed epoch, a request id per
 // command, so a write re-sent after a failover is applied once), keeps the
 // client's requests waiting across leader changes, reads from any replica
 // that has applied the proxy's last acknowledged write, and keeps a
@@ -31,12 +31,15 @@ import (
 // the volume at start, releasing it at stop); the NBD service in front of
 // it is separate and must be stopped first.
 type Proxy struct {
-	cfg   Config
-	view  *clusterView
-	api   *wire.Client // apply calls; each attempt has its own deadline
-	cache *blockCache
-	ahead readAhead // tells sequential reads (which fetch ahead) from random ones
-	log   hclog.Logger
+	cfg  Config
+	view *clusterView
+	api  *wire.Client // apply calls; each attempt has its own deadline
+	// streams carry writes to the leader as frames of one long-lived
+	// connection (applystream.go); relayed writes go by api.
+	streams *applyStreams
+	cache   *blockCache
+	ahead   readAhead // tells sequential reads (which fetch ahead) from random ones
+	log     hclog.Logger
 
 	ready chan struct{} // closed once size is known
 	size  uint64
@@ -61,6 +64,9 @@ type Stats struct {
 	Reads, CacheHits, CacheMisses, RemoteReads    atomic.Uint64
 	RemoteReadBytes                               atomic.Uint64 // what the remote reads asked for
 	Writes, Retries, Relayed, Duplicates, Refused atomic.Uint64
+	// Streamed counts the apply attempts sent over an apply stream (the
+	// rest went by POST /v1/apply).
+	Streamed atomic.Uint64
 }
 
 // Config configures a Proxy.
@@ -196,6 +202,7 @@ func New(cfg Config) (*Proxy, error) {
 		ws:    newWriterState(cfg.Takeover),
 	}
 	p.view.onEpoch = p.sawEpoch
+	p.streams = newApplyStreams(api, cfg.Log.Named("stream"), func() time.Time { return p.now() })
 	return p, nil
 }
 
@@ -210,6 +217,7 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	viewDone := make(chan struct{})
 	go func() { defer close(viewDone); _ = p.view.Serve(vctx) }()
 	defer func() { stopView(); <-viewDone }()
+	defer p.streams.Close() // after the release, which may use one
 
 	size, err := p.view.Size(ctx)
 	if err != nil {
@@ -556,8 +564,12 @@ func (p *Proxy) send(ctx context.Context, data []byte, relay bool) (wire.ApplyRe
 			stop()
 		} else {
 			stop := context.AfterFunc(l.lostContext(), cancel)
-			r, err = p.api.Apply(actx, l.http, data)
+			var streamed bool
+			r, streamed, err = p.streams.apply(actx, l.http, data)
 			stop()
+			if streamed {
+				p.stats.Streamed.Add(1)
+			}
 		}
 		cancel()
 		if err != nil {

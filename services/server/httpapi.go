@@ -48,6 +48,9 @@ func (a *API) Serve(ctx context.Context) error {
 	mux.HandleFunc("POST /v1/cluster/remove", a.leaderOnly(a.handleRemove))
 	mux.HandleFunc("POST /v1/cluster/transfer-leadership", a.leaderOnly(a.handleTransfer))
 	mux.HandleFunc("POST /v1/apply", a.handleApply)
+	streams, stopStreams := a.streamServer(ctx) // POST /v1/apply/stream (applystream.go)
+	defer stopStreams()
+	mux.Handle("POST "+wire.StreamPath, streams)
 	mux.HandleFunc("POST /v1/verify/digest", a.handleDigest)
 	mux.Handle("/v1/sync/", http.StripPrefix("/v1/sync", a.syncHandler()))
 	if a.Metrics != nil {

@@ -1,0 +1,72 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/wire"
+)
+
+// The leader's side of the apply stream (wire.StreamServer, stream.go in
+// services/wire): the proxy's writes arrive as frames on one long-lived
+// connection upgraded from the API listener, and each is answered as
+// handleApply answers a POST /v1/apply. Relayed writes (wire.RelayHeader)
+// stay on POST /v1/apply: the stream goes to the leader only.
+
+// streamNodeWait bounds how long a frame waits for the node to be running
+// (a server starting, or between an upgrade's parent and child).
+const streamNodeWait = 5 * time.Second
+
+// applyStream commits one frame's command: decoded once (its buffer
+// becomes the command's data), then Node.Propose within the frame's
+// deadline (ctx).
+func (a *API) applyStream(ctx context.Context, data []byte) wire.StreamAnswer {
+	gctx, cancel := context.WithTimeout(ctx, streamNodeWait)
+	n, err := a.Holder.Get(gctx)
+	cancel()
+	if err != nil {
+		return wire.StreamAnswer{Status: wire.StreamFailed, Response: wire.ApplyResponse{Error: err.Error()}}
+	}
+	c, err := replica.DecodeAt(data, n.Level())
+	if errors.Is(err, replica.ErrUnknownCommand) {
+		return wire.StreamAnswer{Response: wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusedUnknownCommand, Error: err.Error()}}
+	}
+	if err != nil {
+		return wire.StreamAnswer{Response: wire.ApplyResponse{Level: n.Level(), Refused: wire.RefusedBadCommand, Error: err.Error()}}
+	}
+	if !n.IsLeader() {
+		l, _ := n.Leader()
+		return wire.StreamAnswer{Status: wire.StreamNotLeader, Leader: l.HTTP, Response: wire.ApplyResponse{Error: "not the leader"}}
+	}
+	res, err := n.Propose(ctx, &c)
+	if errors.Is(err, replica.ErrNotLeader) {
+		l, _ := n.Leader()
+		return wire.StreamAnswer{Status: wire.StreamNotLeader, Leader: l.HTTP, Response: wire.ApplyResponse{Error: err.Error()}}
+	}
+	if err != nil {
+		return wire.StreamAnswer{Status: wire.StreamFailed, Response: wire.ApplyResponse{Error: err.Error()}}
+	}
+	out := wire.ApplyResponse{Level: n.Level(), Index: res.Index, Epoch: res.Epoch, Duplicate: res.Duplicate, Holder: res.Writer}
+	if res.Err != nil {
+		out.Refused, out.Error = wire.RefusalOf(res.Err), res.Err.Error()
+	}
+	return wire.StreamAnswer{Response: out}
+}
+
+// streamServer returns the API's apply-stream server and a stop that
+// closes its connections when ctx ends (the server's drain or upgrade)
+// and, called at the end of Serve, waits until they have.
+func (a *API) streamServer(ctx context.Context) (*wire.StreamServer, func()) {
+	s := &wire.StreamServer{Apply: a.applyStream, Level: a.Level, Log: a.Log.Named("apply-stream")}
+	closed := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() { defer close(closed); s.Close() })
+	return s, func() {
+		if stop() {
+			s.Close()
+		} else {
+			<-closed
+		}
+	}
+}
