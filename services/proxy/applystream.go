@@ -9,6 +9,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/services/wire"
 )
 
@@ -20,7 +21,10 @@ import (
 // streamRetry (the server may have been upgraded meanwhile). A stream
 // that ends (the server stopped, drained or upgraded; the connection was
 // cut) fails the writes it carried, which send re-sends with their
-// request ids, and the next write dials a new one.
+// request ids, and the next write dials a new one. Commands on a stream
+// travel in the versioned form (every build with the stream reads it),
+// a write's data written from the client's buffer as it is; POST carries
+// the form every build reads (Command.EncodeCompat).
 
 // streamRetry is how long a server that refused the stream is written to
 // over POST /v1/apply before the stream is tried again.
@@ -52,19 +56,56 @@ func newApplyStreams(c *wire.Client, log hclog.Logger, now func() time.Time) *ap
 	return &applyStreams{client: c, log: log, now: now, retry: streamRetry, by: map[string]*streamSlot{}}
 }
 
-// apply sends an encoded command to the leader at addr, over its stream
-// when it has one, else by POST /v1/apply. streamed says which.
-func (a *applyStreams) apply(ctx context.Context, addr string, data []byte) (r wire.ApplyResponse, streamed bool, err error) {
+// apply sends a command to the leader at addr, over its stream when it
+// has one, else by POST /v1/apply. streamed says which.
+func (a *applyStreams) apply(ctx context.Context, addr string, o *outgoing) (r wire.ApplyResponse, streamed bool, err error) {
 	s, err := a.get(ctx, addr)
 	if errors.Is(err, errUseHTTP) {
-		r, err = a.client.Apply(ctx, addr, data)
+		r, err = a.client.Apply(ctx, addr, o.compat())
 		return r, false, err
 	}
 	if err != nil {
 		return r, true, err
 	}
-	r, err = s.Apply(ctx, data)
+	if s.Level() < replica.LevelVersioned {
+		r, err = s.Apply(ctx, o.compat())
+	} else {
+		r, err = s.Apply(ctx, o.versioned()...)
+	}
 	return r, true, err
+}
+
+// outgoing is a command being sent, encoded at most once for each form
+// its attempts need.
+type outgoing struct {
+	c    *replica.Command
+	enc  []byte   // EncodeCompat: POST /v1/apply, relays
+	head [][]byte // the versioned form, a write's data not copied
+}
+
+// compat is the form every build reads (Command.EncodeCompat).
+func (o *outgoing) compat() []byte {
+	if o.enc == nil {
+		o.enc = o.c.EncodeCompat(nil)
+	}
+	return o.enc
+}
+
+// versioned is the versioned form (Command.Encode) as parts: for a write,
+// its header and its data as they are. A leader whose cluster speaks the
+// versioned form proposes the frame as it read it (Command.Encoded): no
+// copy of the data on either side.
+func (o *outgoing) versioned() [][]byte {
+	if o.head == nil {
+		if o.c.Kind == replica.KindWrite && len(o.c.Data) > 0 {
+			h := *o.c
+			h.Data = nil
+			o.head = [][]byte{h.Encode(nil), o.c.Data}
+		} else {
+			o.head = [][]byte{o.c.Encode(nil)}
+		}
+	}
+	return o.head
 }
 
 // get returns addr's live stream, dialling one if there is none (one dial

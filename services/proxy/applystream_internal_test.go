@@ -55,7 +55,7 @@ func TestApplyStreamsRetryLater(t *testing.T) {
 	defer cancel()
 	send := func(step string, wantStreamed bool) {
 		t.Helper()
-		r, streamed, err := a.apply(ctx, addr, []byte("abc"))
+		r, streamed, err := a.apply(ctx, addr, &outgoing{enc: []byte("abc"), head: [][]byte{[]byte("ab"), []byte("c")}})
 		if err != nil || r.Index != 3 || streamed != wantStreamed {
 			t.Fatalf("%s: %+v streamed %v, %v; want index 3, streamed %v", step, r, streamed, err, wantStreamed)
 		}
@@ -77,7 +77,7 @@ func TestApplyStreamsRetryLater(t *testing.T) {
 	// send); the next one dials a new stream.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		_, streamed, err := a.apply(ctx, addr, []byte("abc"))
+		_, streamed, err := a.apply(ctx, addr, &outgoing{enc: []byte("abc"), head: [][]byte{[]byte("abc")}})
 		if err == nil && streamed {
 			break
 		}

@@ -291,7 +291,7 @@ func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
 	// Never relayed: a claim is not idempotent (each one is a new epoch),
 	// and a relayed copy could reach the leader after the retry that
 	// answered, fencing this proxy's own epoch.
-	r, err := p.send(ctx, c.EncodeCompat(nil), false)
+	r, err := p.send(ctx, &c, false)
 	if err != nil {
 		return 0, err
 	}
@@ -405,7 +405,7 @@ func (p *Proxy) release(ctx context.Context) {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	c := replica.Command{Kind: replica.KindRelease, Epoch: e}
-	if _, err := p.send(rctx, c.EncodeCompat(nil), false); err != nil {
+	if _, err := p.send(rctx, &c, false); err != nil {
 		p.log.Warn("could not release the volume; the next proxy needs the same --writer name or --takeover", "error", err)
 		return
 	}
@@ -486,7 +486,7 @@ func (p *Proxy) commit(ctx context.Context, c *replica.Command) error {
 	p.stats.Writes.Add(1)
 	// Relayed if need be: a copy that lands late is a duplicate of its
 	// request id, never applied twice.
-	r, err := p.send(ctx, c.EncodeCompat(nil), true)
+	r, err := p.send(ctx, c, true)
 	if err != nil {
 		length := c.Length
 		if c.Kind == replica.KindWrite {
@@ -524,14 +524,15 @@ func (p *Proxy) settle(g, off, length uint64, err error) error {
 	return err
 }
 
-// send delivers an encoded command to the leader, whichever it is, until
+// send delivers a command to the leader, whichever it is, until
 // it is answered (committed, possibly refused) or ctx ends. Each attempt
 // ends early when the leader is found lost. With relay, a write may go
 // through a follower while no leader answers the proxy
 // (clusterView.Target): only for commands that are safe to apply late
 // and twice (a request id's), since an abandoned relayed copy may still
 // reach the leader.
-func (p *Proxy) send(ctx context.Context, data []byte, relay bool) (wire.ApplyResponse, error) {
+func (p *Proxy) send(ctx context.Context, c *replica.Command, relay bool) (wire.ApplyResponse, error) {
+	o := outgoing{c: c}
 	var last error
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
@@ -560,12 +561,12 @@ func (p *Proxy) send(ctx context.Context, data []byte, relay bool) (wire.ApplyRe
 			who = "relay"
 			p.stats.Relayed.Add(1)
 			stop := context.AfterFunc(p.view.foundContext(), cancel)
-			r, err = p.api.Relay(actx, l.http, data)
+			r, err = p.api.Relay(actx, l.http, o.compat())
 			stop()
 		} else {
 			stop := context.AfterFunc(l.lostContext(), cancel)
 			var streamed bool
-			r, streamed, err = p.streams.apply(actx, l.http, data)
+			r, streamed, err = p.streams.apply(actx, l.http, &o)
 			stop()
 			if streamed {
 				p.stats.Streamed.Add(1)

@@ -20,8 +20,9 @@ import (
 const streamNodeWait = 5 * time.Second
 
 // applyStream commits one frame's command: decoded once (its buffer
-// becomes the command's data), then Node.Propose within the frame's
-// deadline (ctx).
+// becomes the command's data, and, in the versioned form the proxy sends
+// on a stream, the log entry itself: Command.Encoded), then Node.Propose
+// within the frame's deadline (ctx).
 func (a *API) applyStream(ctx context.Context, data []byte) wire.StreamAnswer {
 	gctx, cancel := context.WithTimeout(ctx, streamNodeWait)
 	n, err := a.Holder.Get(gctx)
@@ -40,6 +41,7 @@ func (a *API) applyStream(ctx context.Context, data []byte) wire.StreamAnswer {
 		l, _ := n.Leader()
 		return wire.StreamAnswer{Status: wire.StreamNotLeader, Leader: l.HTTP, Response: wire.ApplyResponse{Error: "not the leader"}}
 	}
+	c.Encoded = data // a write in the form the cluster reads goes into the log as this buffer
 	res, err := n.Propose(ctx, &c)
 	if errors.Is(err, replica.ErrNotLeader) {
 		l, _ := n.Leader()

@@ -229,17 +229,24 @@ func (s *Stream) read() {
 	}
 }
 
-// Apply sends an encoded command (Command.EncodeCompat) and waits for its
-// answer, telling the server ctx's deadline. It answers like Client.Apply:
-// an ApplyResponse (which may be a refusal), ErrRemoteNotLeader, or an
-// error for a failed attempt (ErrStreamClosed among them when the stream
-// ended first: the command may have been applied, and is re-sent with its
+// Apply sends an encoded command (Command.EncodeCompat, or the versioned
+// form to a server whose Level is at least replica.LevelVersioned), given
+// as the parts it is made of (a write's header and its data: written
+// together, not copied into one buffer), and waits for its answer,
+// telling the server ctx's deadline. It answers like Client.Apply: an
+// ApplyResponse (which may be a refusal), ErrRemoteNotLeader, or an error
+// for a failed attempt (ErrStreamClosed among them when the stream ended
+// first: the command may have been applied, and is re-sent with its
 // request id).
-func (s *Stream) Apply(ctx context.Context, cmd []byte) (ApplyResponse, error) {
-	if len(cmd) == 0 || len(cmd) > MaxStreamCommand {
-		return ApplyResponse{}, fmt.Errorf("apply stream: a command of %d bytes, want 1 to %d", len(cmd), MaxStreamCommand)
+func (s *Stream) Apply(ctx context.Context, cmd ...[]byte) (ApplyResponse, error) {
+	n := 0
+	for _, p := range cmd {
+		n += len(p)
 	}
-	h := FrameHeader{Kind: FrameRequest, Length: uint32(len(cmd))}
+	if n == 0 || n > MaxStreamCommand {
+		return ApplyResponse{}, fmt.Errorf("apply stream: a command of %d bytes, want 1 to %d", n, MaxStreamCommand)
+	}
+	h := FrameHeader{Kind: FrameRequest, Length: uint32(n)}
 	d, hasDeadline := ctx.Deadline()
 	if hasDeadline {
 		ms := time.Until(d).Milliseconds()
@@ -278,16 +285,17 @@ func (s *Stream) Apply(ctx context.Context, cmd []byte) (ApplyResponse, error) {
 }
 
 // write sends one request frame, within the caller's deadline.
-func (s *Stream) write(h FrameHeader, cmd []byte, d time.Time, hasDeadline bool) error {
+func (s *Stream) write(h FrameHeader, cmd [][]byte, d time.Time, hasDeadline bool) error {
 	var hdr [FrameHeaderSize]byte
 	AppendFrameHeader(hdr[:0], h)
+	bufs := make(net.Buffers, 0, 1+len(cmd))
+	bufs = append(append(bufs, hdr[:]), cmd...) // one writev on a plain TCP connection
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	if !hasDeadline {
 		d = time.Time{}
 	}
 	_ = s.conn.SetWriteDeadline(d)
-	bufs := net.Buffers{hdr[:], cmd} // one writev on a plain TCP connection
 	_, err := bufs.WriteTo(s.conn)
 	return err
 }
