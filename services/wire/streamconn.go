@@ -93,6 +93,7 @@ func (c *Client) DialStream(ctx context.Context, addr string) (*Stream, error) {
 		if cfg.ServerName == "" {
 			cfg.ServerName = u.Hostname()
 		}
+		cfg.NextProtos = []string{"http/1.1"} // an upgrade is HTTP/1.1's; HTTP/2 has none
 		tc := tls.Client(conn, cfg)
 		if err := tc.HandshakeContext(hctx); err != nil {
 			conn.Close()
