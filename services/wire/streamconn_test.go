@@ -228,3 +228,28 @@ func TestStreamCloseDrains(t *testing.T) {
 		t.Fatal("a closed StreamServer took a new upgrade")
 	}
 }
+
+// TestStreamTLS: over an https API the stream is upgraded from the TLS
+// connection, with the client transport's TLS configuration.
+func TestStreamTLS(t *testing.T) {
+	ss := &StreamServer{Apply: echoIndex, Level: Level}
+	mux := http.NewServeMux()
+	mux.Handle("POST "+StreamPath, ss)
+	hs := httptest.NewUnstartedServer(mux)
+	hs.EnableHTTP2 = true // the client must still get HTTP/1.1 for the upgrade
+	hs.StartTLS()
+	defer hs.Close()
+	defer ss.Close()
+	c := &Client{HTTP: hs.Client()}
+	s, err := c.DialStream(context.Background(), hs.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if r, err := s.Apply(context.Background(), cmdFor(5)); err != nil || r.Index != 5 {
+		t.Fatalf("over TLS: %+v, %v", r, err)
+	}
+	if _, err := NewClient(0).DialStream(context.Background(), hs.URL); err == nil {
+		t.Fatal("a client that does not trust the server's certificate got a stream")
+	}
+}
