@@ -87,6 +87,12 @@ var rules = []rule{
 		return under(r, "upgrade") && !isTestHarness(r) && !under(r, "upgrade/upgradetest")
 	},
 		func(d string) bool { return !under(d, "upgrade") }},
+	{"keeltls imports nothing of Keel's", func(r string) bool { return under(r, "services/keeltls") },
+		func(d string) bool { return !under(d, "services/keeltls") }},
+	{"statuspage imports nothing of Keel's but nbd", func(r string) bool { return under(r, "services/statuspage") },
+		func(d string) bool { return !under(d, "services/statuspage") && !under(d, "nbd") }},
+	{"nbdmetrics imports nothing of Keel's but nbd", func(r string) bool { return under(r, "services/nbdmetrics") },
+		func(d string) bool { return !under(d, "services/nbdmetrics") && !under(d, "nbd") }},
 	{"supervise imports nothing of Keel's", func(r string) bool { return under(r, "supervise") },
 		func(d string) bool { return !under(d, "supervise") }},
 	{"replica imports nothing of services, upgrade, cmd or chaos", func(r string) bool { return under(r, "replica") && !isTestHarness(r) },

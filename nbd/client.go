@@ -21,6 +21,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +30,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -80,6 +82,15 @@ type ClientConfig struct {
 	// attention (fallbacks in the handshake, the connection dying).
 	// Default: hclog.NewNullLogger().
 	Logger hclog.Logger
+	// TLS, when set, makes the client send NBD_OPT_STARTTLS before any
+	// other option and run the rest of the connection over TLS with this
+	// configuration (its RootCAs check the server; Certificates holds
+	// the client's own, for servers that verify peers). A server that
+	// refuses STARTTLS is an error: the client never falls back to plain
+	// text. An empty ServerName is the host the client dials (Dial), or
+	// the host of the connection's remote address (NewClient). Default
+	// nil: no TLS.
+	TLS *tls.Config
 }
 
 func (c ClientConfig) withDefaults() ClientConfig {
@@ -172,9 +183,12 @@ func (e *OptionError) Error() string {
 // split into several requests, sent together.
 type Client struct {
 	cfg ClientConfig
-	nc  net.Conn
+	nc  net.Conn // the TLS connection over the socket once STARTTLS is done
 	br  *bufio.Reader
 	log hclog.Logger
+
+	serverName string // what the server's certificate is checked against
+	secured    bool   // TLS is in use
 
 	// Negotiated in the handshake; read-only afterwards.
 	size       uint64
@@ -187,7 +201,16 @@ type Client struct {
 	maxZero    uint64 // longest WRITE_ZEROES without FAST_ZERO
 
 	slots chan struct{} // one token per request in flight
-	wlock chan struct{} // held (one token) while a request is written
+	wlock chan struct{} // held (one token) while requests are written
+
+	wmu      sync.Mutex // guards wqueue, wspare and writing
+	wqueue   []*call    // registered requests waiting to be written, oldest first
+	wspare   []*call    // a drained queue's backing array, for reuse
+	wscratch []byte     // gathers a batch where the connection has no writev (TLS); wlock's holder only
+	writing  bool       // a goroutine is writing wqueue out
+
+	sentRequests atomic.Uint64 // requests written whole
+	sentBatches  atomic.Uint64 // writevs that carried them
 
 	mu       sync.Mutex // guards the following
 	pending  map[uint64]*call
@@ -248,6 +271,10 @@ func Dial(ctx context.Context, network, addr string, cfg ClientConfig) (*Client,
 	if err != nil {
 		return nil, fmt.Errorf("nbd: dial %s %s: %w", network, addr, err)
 	}
+	if cfg.TLS != nil && cfg.TLS.ServerName == "" && network != "unix" {
+		cfg.TLS = cfg.TLS.Clone()
+		cfg.TLS.ServerName = hostOf(addr)
+	}
 	return NewClient(ctx, nc, cfg)
 }
 
@@ -271,13 +298,16 @@ func NewClient(ctx context.Context, nc net.Conn, cfg ClientConfig) (*Client, err
 		dead:    make(chan struct{}),
 		done:    make(chan struct{}),
 	}
+	if a := nc.RemoteAddr(); a != nil && a.Network() != "unix" {
+		c.serverName = hostOf(a.String())
+	}
 	if err := ctx.Err(); err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("nbd: handshake with %s: %w", remoteAddr(nc), err)
 	}
 	_ = nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	stop := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
-	err := c.handshake()
+	err := c.handshake(ctx)
 	if !stop() {
 		nc.Close()
 		return nil, fmt.Errorf("nbd: handshake with %s: %w", remoteAddr(nc), ctx.Err())
@@ -297,6 +327,9 @@ func NewClient(ctx context.Context, nc net.Conn, cfg ClientConfig) (*Client, err
 	return c, nil
 }
 
+// TLS reports whether the connection runs over TLS.
+func (c *Client) TLS() bool { return c.secured }
+
 func remoteAddr(nc net.Conn) string {
 	if a := nc.RemoteAddr(); a != nil && a.String() != "" {
 		return a.String()
@@ -306,6 +339,26 @@ func remoteAddr(nc net.Conn) string {
 
 // Size is the export's size in bytes.
 func (c *Client) Size() uint64 { return c.size }
+
+// ClientStats count what a Client wrote.
+type ClientStats struct {
+	// Requests is how many requests were written whole; Batches how many
+	// writes (one writev each) carried them. Requests that are issued
+	// while another batch is being written go out together, so
+	// Requests/Batches is how well concurrent requests were coalesced.
+	Requests, Batches uint64
+	// Waiting is how many requests wait to be written now (while the
+	// server does not read fast enough, or while a batch is going out).
+	Waiting int
+}
+
+// Stats says what the Client has written so far.
+func (c *Client) Stats() ClientStats {
+	c.wmu.Lock()
+	waiting := len(c.wqueue)
+	c.wmu.Unlock()
+	return ClientStats{Requests: c.sentRequests.Load(), Batches: c.sentBatches.Load(), Waiting: waiting}
+}
 
 // Flags are the transmission flags the server sent (TFlag...).
 func (c *Client) Flags() uint16 { return c.flags }
@@ -343,8 +396,8 @@ func (c *Client) has(flag uint16) bool {
 
 // handshake negotiates, then derives the request limits from what was
 // agreed.
-func (c *Client) handshake() error {
-	gotBS, err := c.negotiate()
+func (c *Client) handshake(ctx context.Context) error {
+	gotBS, err := c.negotiate(ctx)
 	if err != nil {
 		return err
 	}
@@ -364,7 +417,7 @@ func (c *Client) handshake() error {
 
 // negotiate runs the option haggling up to the transmission phase and
 // reports whether the server sent its block sizes.
-func (c *Client) negotiate() (gotBS bool, err error) {
+func (c *Client) negotiate(ctx context.Context) (gotBS bool, err error) {
 	var g [18]byte
 	if _, err := io.ReadFull(c.br, g[:]); err != nil {
 		return false, fmt.Errorf("nbd: reading the greeting of %s: %w", remoteAddr(c.nc), err)
@@ -389,8 +442,16 @@ func (c *Client) negotiate() (gotBS bool, err error) {
 		return false, fmt.Errorf("nbd: sending client flags: %w", err)
 	}
 	if !fixed {
+		if c.cfg.TLS != nil {
+			return false, fmt.Errorf("nbd: %s does not speak fixed newstyle negotiation, so it cannot do TLS", remoteAddr(c.nc))
+		}
 		// Plain newstyle allows no option but EXPORT_NAME.
 		return false, c.exportName(noZeroes)
+	}
+	if c.cfg.TLS != nil {
+		if err := c.clientStartTLS(ctx); err != nil {
+			return false, err
+		}
 	}
 
 	if !c.cfg.NoStructured {
@@ -500,7 +561,7 @@ func (c *Client) handshakeFailed(opt uint32, err error) error {
 	case opt == OptGo:
 		return fmt.Errorf("nbd: server refused export %q: %w", c.cfg.Export, err)
 	case oe.Type == RepErrTLSReqd:
-		return fmt.Errorf("nbd: server requires TLS, which this client does not support: %w", err)
+		return fmt.Errorf("nbd: server requires TLS and this client is not configured for it: %w", err)
 	case oe.Type == RepErrShutdown:
 		return fmt.Errorf("nbd: server is shutting down: %w", err)
 	}
@@ -820,6 +881,13 @@ type call struct {
 	payload []byte // a write's data; the caller's, read while sending
 	hdr     [RequestSize]byte
 
+	// ctx is the caller's while the request waits to be written; sent
+	// gets exactly one value: nil once the request is written whole,
+	// else why it was not (the call is then unregistered, or the
+	// connection failed and finished it).
+	ctx  context.Context
+	sent chan error
+
 	// done is closed when the call is finished; err and extents are set
 	// before.
 	done    chan struct{}
@@ -919,63 +987,182 @@ func (c *Client) start(ctx context.Context, cl *call) error {
 	c.mu.Unlock()
 	AppendRequest(cl.hdr[:0], Request{Flags: cl.flags, Type: cl.cmd, Cookie: cl.cookie, Offset: cl.off, Length: cl.length}, false)
 
+	cl.ctx, cl.sent = ctx, make(chan error, 1)
+	c.wmu.Lock()
+	c.wqueue = append(c.wqueue, cl)
+	if c.writing {
+		c.wmu.Unlock()
+		return c.awaitSent(ctx, cl)
+	}
+	c.writing = true
+	c.wmu.Unlock()
+	c.writeQueued()
+	return <-cl.sent
+}
+
+// awaitSent waits until the goroutine writing the queue has written cl.
+// When ctx ends first and cl is still queued, cl is taken out and
+// unregistered; once a writer has taken it, ctx interrupts that write
+// (writeBatch), so this returns promptly either way. It never returns
+// while cl's payload may still be read.
+func (c *Client) awaitSent(ctx context.Context, cl *call) error {
+	select {
+	case err := <-cl.sent:
+		return err
+	case <-ctx.Done():
+	}
+	c.wmu.Lock()
+	for i, q := range c.wqueue {
+		if q == cl {
+			c.wqueue = append(c.wqueue[:i], c.wqueue[i+1:]...)
+			c.wmu.Unlock()
+			if c.unregister(cl) {
+				c.disconnect(errServerShutdown)
+			}
+			return ctx.Err()
+		}
+	}
+	c.wmu.Unlock()
+	return <-cl.sent
+}
+
+// writeQueued writes the queue out until it is empty: the requests that
+// piled up while a batch was being written go out together in one writev,
+// the way the server coalesces its replies. The caller set c.writing.
+func (c *Client) writeQueued() {
+	var vec net.Buffers
+	for {
+		c.wmu.Lock()
+		batch := c.wqueue
+		if len(batch) == 0 {
+			c.writing = false
+			c.wmu.Unlock()
+			return
+		}
+		c.wqueue = c.wspare[:0]
+		c.wspare = nil
+		c.wmu.Unlock()
+
+		retry, disc := c.writeBatch(batch, &vec)
+
+		c.wmu.Lock()
+		if len(retry) > 0 { // not written; they go first
+			c.wqueue = append(retry, c.wqueue...)
+		} else {
+			clear(batch)
+			c.wspare = batch[:0]
+		}
+		c.wmu.Unlock()
+		if disc {
+			c.disconnect(errServerShutdown)
+		}
+	}
+}
+
+// writeBatch writes batch's requests in one writev and tells each caller.
+// A call whose context has ended is dropped unwritten. While the batch is
+// written, the end of any of its calls' contexts interrupts the write: if
+// nothing had gone out, the calls whose context ended are dropped and the
+// others returned to be written again (retry); a batch cut in half leaves
+// the stream out of step, so the connection is failed. disc says the
+// connection must now hang up (which needs wlock, released by then).
+func (c *Client) writeBatch(batch []*call, vec *net.Buffers) (retry []*call, disc bool) {
 	select {
 	case c.wlock <- struct{}{}:
 	default:
 		select {
 		case c.wlock <- struct{}{}:
-		case <-ctx.Done():
-			if c.unregister(cl) {
-				c.disconnect(errServerShutdown)
-			}
-			return ctx.Err()
 		case <-c.dead:
-			return c.Err() // fail finished cl
+			for _, cl := range batch {
+				cl.sent <- c.Err() // fail finished cl
+			}
+			return nil, false
 		}
 	}
-	disc, err := c.send(ctx, cl)
-	<-c.wlock
-	if disc {
-		c.disconnect(errServerShutdown)
-	}
-	return err
-}
+	defer func() { <-c.wlock }()
 
-// send writes cl's request; the caller holds wlock. When ctx ends while the
-// request is being written, the write is interrupted: if nothing had gone
-// out the call is simply dropped; a request cut in half leaves the stream
-// out of step, so the connection is closed. disc says the connection must
-// now hang up (which needs wlock).
-func (c *Client) send(ctx context.Context, cl *call) (disc bool, err error) {
-	bufs := net.Buffers{cl.hdr[:]}
-	if len(cl.payload) > 0 {
-		bufs = append(bufs, cl.payload)
+	drop := func(cl *call, err error) {
+		if c.unregister(cl) {
+			disc = true
+		}
+		cl.sent <- err
 	}
-	var stop func() bool
-	var fired chan struct{}
-	if ctx.Done() != nil {
-		fired = make(chan struct{})
-		stop = context.AfterFunc(ctx, func() {
+	live := make([]*call, 0, len(batch))
+	for _, cl := range batch {
+		if err := cl.ctx.Err(); err != nil {
+			drop(cl, err)
+			continue
+		}
+		live = append(live, cl)
+	}
+	if len(live) == 0 {
+		return nil, disc
+	}
+	v := (*vec)[:0]
+	for _, cl := range live {
+		v = append(v, cl.hdr[:])
+		if len(cl.payload) > 0 {
+			v = append(v, cl.payload)
+		}
+	}
+	*vec = v
+	type interrupt struct {
+		stop  func() bool
+		fired chan struct{}
+	}
+	var stops []interrupt
+	for _, cl := range live {
+		if cl.ctx.Done() == nil {
+			continue
+		}
+		fired := make(chan struct{})
+		stops = append(stops, interrupt{context.AfterFunc(cl.ctx, func() {
 			_ = c.nc.SetWriteDeadline(time.Unix(1, 0))
 			close(fired)
-		})
+		}), fired})
 	}
-	n, err := bufs.WriteTo(c.nc)
-	if stop != nil && !stop() {
-		<-fired
+	n, err := writeVec(c.nc, v, &c.wscratch)
+	clear(*vec)
+	interrupted := false
+	for _, s := range stops {
+		if !s.stop() {
+			<-s.fired
+			interrupted = true
+		}
+	}
+	if interrupted {
 		_ = c.nc.SetWriteDeadline(time.Time{})
-		if err != nil && n == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
-			return c.unregister(cl), ctx.Err()
-		}
-		if err != nil {
-			err = fmt.Errorf("request cut short when its context ended: %w", err)
-		}
 	}
-	if err != nil {
-		c.fail(fmt.Errorf("sending %s: %w", cmdName(cl.cmd), err))
-		return false, c.Err()
+	switch {
+	case err == nil:
+		c.sentBatches.Add(1)
+		c.sentRequests.Add(uint64(len(live)))
+		for _, cl := range live {
+			cl.sent <- nil
+		}
+		return nil, disc
+	case interrupted && n == 0 && errors.Is(err, os.ErrDeadlineExceeded):
+		for _, cl := range live {
+			if cerr := cl.ctx.Err(); cerr != nil {
+				drop(cl, cerr)
+			} else {
+				retry = append(retry, cl)
+			}
+		}
+		return retry, disc
 	}
-	return false, nil
+	if interrupted {
+		err = fmt.Errorf("request cut short when its context ended: %w", err)
+	}
+	what := cmdName(live[0].cmd)
+	if len(live) > 1 {
+		what = fmt.Sprintf("%d requests", len(live))
+	}
+	c.fail(fmt.Errorf("sending %s: %w", what, err))
+	for _, cl := range live {
+		cl.sent <- c.Err()
+	}
+	return nil, disc
 }
 
 // wait waits for cl's reply. When ctx ends first, cl is sealed so the

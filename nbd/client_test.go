@@ -850,6 +850,73 @@ func TestClientCancelWhileSending(t *testing.T) {
 	}
 }
 
+// TestClientCoalescesRequests: requests issued while another is being
+// written go out together in one write once the socket takes data again,
+// and every one is answered.
+func TestClientCoalescesRequests(t *testing.T) {
+	checkClientLeaks(t)
+	const reads = 16
+	started, resume := make(chan struct{}), make(chan struct{})
+	f := &fakeServer{size: 64 << 20, script: func(fc *fakeConn) {
+		// Stall the first request (a 32 MiB write) after a byte of its
+		// payload until the reads have piled up behind it.
+		b := make([]byte, nbd.RequestSize+1)
+		if _, err := io.ReadFull(fc.br, b); err != nil {
+			return
+		}
+		close(started)
+		<-resume
+		w, err := nbd.ParseRequest(b[:nbd.RequestSize], false)
+		if err != nil {
+			t.Errorf("fake server: %v", err)
+			return
+		}
+		if _, err := io.CopyN(io.Discard, fc.br, int64(w.Length)-1); err != nil {
+			return
+		}
+		fc.send(nbd.AppendSimpleReply(nil, 0, w.Cookie))
+		for range reads {
+			r, ok := fc.request()
+			if !ok {
+				return
+			}
+			fc.send(fakeChunk(nbd.ReplyFlagDone, nbd.ReplyTypeOffsetData, r.Cookie, append(fakeU64(r.Offset), make([]byte, r.Length)...)))
+		}
+		fc.drain()
+	}}
+	c := dialClient(t, f.start(t), nbd.ClientConfig{})
+	write := make(chan error, 1)
+	go func() { write <- c.WriteAt(opCtx(t), make([]byte, 32<<20), 0, false) }()
+	waitFor(t, started, "the write to start going out")
+
+	var wg sync.WaitGroup
+	errs := make(chan error, reads)
+	for i := range reads {
+		wg.Go(func() { errs <- c.ReadAt(opCtx(t), make([]byte, 4096), uint64(i)*4096) })
+	}
+	for deadline := time.Now().Add(10 * time.Second); c.Stats().Waiting < reads; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d reads waiting to be written, want %d", c.Stats().Waiting, reads)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(resume)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Errorf("read: %v", err)
+		}
+	}
+	if err := result(t, write, "the stalled write"); err != nil {
+		t.Errorf("write: %v", err)
+	}
+	st := c.Stats()
+	if st.Requests != reads+1 || st.Batches != 2 || st.Waiting != 0 {
+		t.Errorf("stats %+v: want %d requests in 2 writes (the write, then every read together), none waiting", st, reads+1)
+	}
+}
+
 // ---- Connection death ----
 
 // servePair connects a client socket to srv through a unix socket and

@@ -32,15 +32,18 @@ const sparseReadMin = 64 << 10
 const maxLoggedRejects = 10
 
 type conn struct {
-	s    *Server
-	nc   net.Conn
-	br   *bufio.Reader
-	pre  *prefixReader // a resumed connection's read-ahead not yet in br; nil if none
-	st   *session
-	log  hclog.Logger
-	be   Backend
-	exp  *Export
-	caps Caps // be.Capabilities(), fixed while serving
+	s  *Server
+	nc net.Conn
+	// scratch gathers a batch of replies for a connection without writev
+	// (TLS); only the goroutine writing replies touches it.
+	scratch []byte
+	br      *bufio.Reader
+	pre     *prefixReader // a resumed connection's read-ahead not yet in br; nil if none
+	st      *session
+	log     hclog.Logger
+	be      Backend
+	exp     *Export
+	caps    Caps // be.Capabilities(), fixed while serving
 	// ctx is what backend calls get: cancelled (with a cause) only when no
 	// answer can be delivered any more (see kill), not by a graceful stop.
 	ctx    context.Context
@@ -61,6 +64,8 @@ type conn struct {
 	// reader stopped between two requests (reader goroutine only).
 	detaching  atomic.Bool
 	atBoundary bool
+	// secured: nc is a TLS connection, which cannot be handed over.
+	secured bool
 
 	panicOnce sync.Once
 	panicVal  *ConnPanic
@@ -172,10 +177,14 @@ func (c *conn) serve(ctx context.Context, h *Handoff) (*Detached, error) {
 	c.wmu.Unlock()
 	if c.panicVal == nil && readErr == nil && werr == nil && c.atBoundary && c.detaching.Load() && c.ctx.Err() == nil {
 		d, err := c.detach()
-		if err == nil {
+		switch {
+		case err == nil:
 			return d, nil
+		case errors.Is(err, errNotTLSDetachable):
+			c.log.Info("TLS connection drained for the handover and closed (every request read was answered; the client reconnects)")
+		default:
+			c.log.Warn("could not hand the connection over; closing it (the client reconnects)", "error", err)
 		}
-		c.log.Warn("could not hand the connection over; closing it (the client reconnects)", "error", err)
 	}
 	c.nc.Close()
 
@@ -193,7 +202,15 @@ func (c *conn) serve(ctx context.Context, h *Handoff) (*Detached, error) {
 
 // detach gives the quiesced connection up: its state, with what the
 // reader had read ahead, and a descriptor of its socket (nc is closed).
+//
+// A TLS connection is never detached (errNotTLSDetachable): its session
+// keys and sequence numbers live in this process's crypto/tls state. It
+// has drained like any other (every request read was answered) and is
+// closed; the client reconnects to whoever accepts next.
 func (c *conn) detach() (*Detached, error) {
+	if c.secured {
+		return nil, errNotTLSDetachable
+	}
 	fc, ok := c.nc.(interface{ File() (*os.File, error) })
 	if !ok {
 		return nil, fmt.Errorf("%w: a %T has no descriptor", ErrNotDetachable, c.nc)
@@ -775,8 +792,7 @@ func (c *conn) send(rep *reply, after func()) {
 			for _, r := range batch {
 				vec = append(vec, r.bufs...)
 			}
-			v := vec
-			if _, err := v.WriteTo(c.nc); err != nil {
+			if _, err := writeVec(c.nc, vec, &c.scratch); err != nil {
 				werr = err
 				c.kill(fmt.Errorf("%w: %v", errConnLost, err)) // the reader sees it and stops
 			}

@@ -101,7 +101,7 @@ func FuzzHandshake(f *testing.F) {
 	}
 	s := fuzzServer(f)
 	f.Fuzz(func(t *testing.T, b []byte) {
-		st, err := s.handshake(bufio.NewReader(bytes.NewReader(b)), bufio.NewWriter(io.Discard))
+		st, err := s.handshake(context.Background(), &hsConn{br: bufio.NewReader(bytes.NewReader(b)), bw: bufio.NewWriter(io.Discard)})
 		if err != nil {
 			return
 		}

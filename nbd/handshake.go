@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -52,8 +53,10 @@ func (r *optionReplier) fail(option, typ uint32, format string, args ...any) err
 }
 
 // handshake runs the fixed newstyle negotiation and returns the session the
-// client chose, or an error that ends the connection.
-func (s *Server) handshake(br *bufio.Reader, bw *bufio.Writer) (*session, error) {
+// client chose, or an error that ends the connection. After STARTTLS hc
+// holds the TLS connection, which the transmission phase then uses.
+func (s *Server) handshake(ctx context.Context, hc *hsConn) (*session, error) {
+	br, bw := hc.br, hc.bw
 	if _, err := bw.Write(AppendServerGreeting(nil, FlagFixedNewstyle|FlagNoZeroes)); err != nil {
 		return nil, err
 	}
@@ -87,12 +90,17 @@ func (s *Server) handshake(br *bufio.Reader, bw *bufio.Writer) (*session, error)
 		if err != nil {
 			return nil, protoErrorf("%v", err)
 		}
+		verdict := tlsDecide(s.cfg.TLS, hc.secured, oh.Option, oh.Length)
 		if oh.Length > MaxOptionLength {
 			if _, err := io.CopyN(io.Discard, br, int64(oh.Length)); err != nil {
 				return nil, fmt.Errorf("skipping option data: %w", err)
 			}
 			typ := uint32(RepErrInvalid)
-			if !knownOption(oh.Option) {
+			switch {
+			case verdict == tlsRefuseReqd:
+				hc.refusedTLS++
+				typ = RepErrTLSReqd
+			case !knownOption(oh.Option):
 				typ = RepErrUnsup
 			}
 			if err := rep.fail(oh.Option, typ, "option data of %d bytes is longer than the %d this server accepts", oh.Length, MaxOptionLength); err != nil {
@@ -103,6 +111,45 @@ func (s *Server) handshake(br *bufio.Reader, bw *bufio.Writer) (*session, error)
 		data := make([]byte, oh.Length)
 		if _, err := io.ReadFull(br, data); err != nil {
 			return nil, fmt.Errorf("reading option data: %w", err)
+		}
+
+		switch verdict {
+		case tlsProceed:
+		case tlsRefuseUnsup:
+			if err := rep.fail(oh.Option, RepErrUnsup, "this server runs without TLS"); err != nil {
+				return nil, err
+			}
+			continue
+		case tlsRefuseInvalid:
+			msg := "TLS is already in use"
+			if !hc.secured {
+				msg = "NBD_OPT_STARTTLS takes no data"
+			}
+			if err := rep.fail(oh.Option, RepErrInvalid, "%s", msg); err != nil {
+				return nil, err
+			}
+			continue
+		case tlsRefuseReqd:
+			hc.refusedTLS++
+			if err := rep.fail(oh.Option, RepErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first"); err != nil {
+				return nil, err
+			}
+			continue
+		case tlsHangUp:
+			return nil, fmt.Errorf("%w: the client chose an export with NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS", ErrTLSRequired)
+		case tlsStart:
+			if err := rep.reply(oh.Option, RepAck, nil); err != nil {
+				return nil, err
+			}
+			if err := s.startTLS(ctx, hc); err != nil {
+				return nil, err
+			}
+			// The haggling starts over under TLS: nothing chosen in
+			// plain text counts.
+			br, bw = hc.br, hc.bw
+			rep = &optionReplier{w: bw}
+			st, metaExport = &session{}, nil
+			continue
 		}
 
 		switch oh.Option {
@@ -222,8 +269,7 @@ func (s *Server) handshake(br *bufio.Reader, bw *bufio.Writer) (*session, error)
 			err = rep.reply(oh.Option, RepAck, nil)
 
 		default:
-			// Unknown options, STARTTLS (this server runs without TLS) and
-			// the withdrawn PEEK_EXPORT: refused, and the next option is
+			// Unknown options and the withdrawn PEEK_EXPORT: refused, and the next option is
 			// parsed as usual.
 			err = rep.fail(oh.Option, RepErrUnsup, "option %d is not supported by this server", oh.Option)
 		}

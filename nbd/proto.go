@@ -11,6 +11,8 @@
 // call gets the connection's context, cancelled only when no answer can be
 // delivered any more (the connection died, or a graceful stop ran past
 // DrainTimeout); a graceful stop itself answers every request already read.
+// TLS (tls.go): NBD_OPT_STARTTLS on the server (ServerConfig.TLS, a
+// TLSMode as nbdkit's --tls) and on the client (ClientConfig.TLS).
 // ZeroFlags and ErrNotFast are the one zero-flags type and the one "not
 // fast" error that rawimage and the replicated log use too.
 //
@@ -31,6 +33,10 @@
 //
 //	C: u64 IHAVEOPT  u32 option  u32 length  [length bytes]
 //	S: u64 REPLYMAGIC  u32 option  u32 reply type  u32 length  [length bytes]
+//
+// NBD_OPT_STARTTLS (5, no data) is answered NBD_REP_ACK, and both sides
+// then run a TLS handshake on the socket; the option haggling starts over
+// inside TLS.
 //
 // Reply to NBD_OPT_EXPORT_NAME (no option reply header):
 //

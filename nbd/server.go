@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -36,6 +37,15 @@ type ServerConfig struct {
 	// MaxInFlightBytes bounds the payload buffers of one connection's
 	// in-flight requests. Default 128 MiB; range 32 MiB to 4 GiB.
 	MaxInFlightBytes int64
+	// TLS is whether NBD_OPT_STARTTLS is offered and whether it is
+	// required (see TLSMode). Default TLSOff.
+	TLS TLSMode
+	// TLSConfig is the server side of TLS: its certificate and, when
+	// client certificates are wanted, ClientAuth and ClientCAs (the
+	// caller builds it; tls.RequireAndVerifyClientCert refuses a client
+	// without a certificate signed by ClientCAs). Required when TLS is
+	// TLSOn or TLSRequire, with a certificate; ignored when TLSOff.
+	TLSConfig *tls.Config
 	// Hooks let tests and the chaos monkey reach into request handling.
 	Hooks Hooks
 }
@@ -97,6 +107,14 @@ func (c ServerConfig) Validate() error {
 	}
 	if c.MaxInFlight < 1 || c.MaxInFlight > 4096 {
 		return fmt.Errorf("nbd: ServerConfig.MaxInFlight %d: must be from 1 to 4096", c.MaxInFlight)
+	}
+	switch {
+	case c.TLS > TLSRequire:
+		return fmt.Errorf("nbd: ServerConfig.TLS %v: must be TLSOff, TLSOn or TLSRequire", c.TLS)
+	case c.TLS != TLSOff && c.TLSConfig == nil:
+		return fmt.Errorf("nbd: ServerConfig.TLSConfig: required when TLS is %v", c.TLS)
+	case c.TLS != TLSOff && len(c.TLSConfig.Certificates) == 0 && c.TLSConfig.GetCertificate == nil && c.TLSConfig.GetConfigForClient == nil:
+		return fmt.Errorf("nbd: ServerConfig.TLSConfig: has no server certificate (TLS is %v)", c.TLS)
 	}
 	if c.MaxInFlightBytes < DefaultMaxPayload || c.MaxInFlightBytes > 4<<30 {
 		return fmt.Errorf("nbd: ServerConfig.MaxInFlightBytes %d: must be from %d to %d", c.MaxInFlightBytes, DefaultMaxPayload, int64(4<<30))
@@ -282,16 +300,28 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, h *Handoff) (*Detac
 	}
 	stopHandshake := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Now()) })
 	_ = nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	br := bufio.NewReaderSize(nc, 64<<10)
-	bw := bufio.NewWriterSize(nc, 4<<10)
-	st, err := s.handshake(br, bw)
+	hc := &hsConn{nc: nc, br: bufio.NewReaderSize(nc, 64<<10), bw: bufio.NewWriterSize(nc, 4<<10)}
+	st, err := s.handshake(ctx, hc)
 	stopped := !stopHandshake()
 	if err != nil {
+		if hc.secured {
+			defer hc.nc.Close() // a close_notify; nc is closed by the caller
+		}
+		if hc.refusedTLS > 0 && (errors.Is(err, errAbort) || isClosed(err)) {
+			log.Info("plain-text client refused: TLS is required, and it left without STARTTLS", "options_refused", hc.refusedTLS)
+			return nil, nil
+		}
 		switch {
 		case errors.Is(err, errAbort):
 			log.Debug("client aborted the handshake")
 			return nil, nil
 		case stopped:
+			return nil, nil
+		case errors.Is(err, ErrTLSRequired):
+			log.Info("plain-text client refused: TLS is required, connection closed", "error", err)
+			return nil, nil
+		case errors.Is(err, errTLSHandshake):
+			log.Warn("TLS handshake failed, connection closed", "error", err)
 			return nil, nil
 		case isClosed(err):
 			log.Info("client disconnected during the handshake", "error", err)
@@ -309,9 +339,10 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, h *Handoff) (*Detac
 		return nil, fmt.Errorf("nbd: handshake: %w", err)
 	}
 	_ = nc.SetDeadline(time.Time{})
-	log.Debug("transmission started", "export", st.export.Name, "structured", st.structured, "extended", st.extended)
+	log.Debug("transmission started", "export", st.export.Name, "structured", st.structured, "extended", st.extended, "tls", hc.secured)
 
-	c := newConn(s, nc, br, st, log)
+	c := newConn(s, hc.nc, hc.br, st, log)
+	c.secured = hc.secured
 	return c.serve(ctx, h)
 }
 

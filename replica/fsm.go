@@ -97,9 +97,12 @@ type FSM struct {
 	log   hclog.Logger
 	level Level
 
-	// mu is held for writing by Apply and by anything that needs the image
-	// and the state not to move (Paused); readers of the state take it for
-	// reading.
+	// applyMu is held by whatever changes the image or the state (Apply,
+	// Restore) and by what needs neither to move (Paused, for as long as
+	// keel verify hashes the image). mu, taken inside applyMu, guards the
+	// state itself: held for writing only while it changes, so readers of
+	// the state (status, metrics) never wait for a digest.
+	applyMu    sync.Mutex
 	mu         sync.RWMutex
 	st         *fsmState // guarded by mu
 	index      uint64    // guarded by mu: the last index applied to st
@@ -159,10 +162,12 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return f.halt(l.Index)
 	}
 	c, derr := DecodeAt(l.Data, f.level)
+	f.applyMu.Lock()
 	f.mu.Lock()
 	res, eff := decideEntry(f.st, l.Index, &c, derr)
 	if eff.kind == effectHalt {
 		f.mu.Unlock()
+		f.applyMu.Unlock()
 		f.fail(fmt.Errorf("index %d: %w", l.Index, derr), eff.note)
 		return f.halt(l.Index)
 	}
@@ -175,12 +180,14 @@ func (f *FSM) Apply(l *raft.Log) any {
 	}
 	if err := f.carryOut(l.Index, &c, eff); err != nil {
 		f.mu.Unlock()
+		f.applyMu.Unlock()
 		f.fail(err, "IMAGE WRITE FAILED: this node stops applying; it must not serve")
 		return f.halt(l.Index)
 	}
 	f.index = l.Index
 	f.mu.Unlock()
-	f.advance(l.Index)
+	f.advance(l.Index) // before applyMu goes: Paused sees the index with the image
+	f.applyMu.Unlock()
 	return res
 }
 
@@ -282,10 +289,11 @@ func (f *FSM) stateLocked() State {
 
 // Paused runs fn while no command is applied, with the state as of then.
 // keel verify uses it to hash an image that does not move underneath.
+// Readers of the state (State, AppliedIndex) are not held up meanwhile.
 func (f *FSM) Paused(fn func(st State) error) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return fn(f.stateLocked())
+	f.applyMu.Lock()
+	defer f.applyMu.Unlock()
+	return fn(f.State())
 }
 
 // Snapshot captures the metadata; the image itself is made durable by
@@ -382,11 +390,13 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	// The state is the snapshot's from now on, but the applied index stays
 	// where it was until the image holds the snapshot's writes: status,
 	// promotion and followers' read-your-writes waits all go by it.
+	f.applyMu.Lock()
 	f.mu.Lock()
 	prev := f.appliedIdx.Load()
 	f.setState(st)
 	f.appliedIdx.Store(prev)
 	f.mu.Unlock()
+	f.applyMu.Unlock()
 
 	done := make(chan struct{})
 	f.pullMu.Lock()

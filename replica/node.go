@@ -259,6 +259,9 @@ type Node struct {
 	// from before it led).
 	clusterLevel atomic.Uint32
 	levelTerm    atomic.Uint64
+
+	digesting  atomic.Int32  // Digests running (DigestProgress)
+	digestDone atomic.Uint64 // bytes the latest Digest has fingerprinted
 }
 
 // OpenNode opens or creates the node's directory and starts Raft. ctx
@@ -341,7 +344,7 @@ func OpenNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(cfg.ID)
-	rc.Logger = cfg.Log.Named("raft")
+	rc.Logger = RaftLogger(cfg.Log.Named("raft"))
 	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
 	rc.ElectionTimeout = cfg.ElectionTimeout
 	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout

@@ -403,3 +403,69 @@ func TestReadBarrierOnNewLeader(t *testing.T) {
 		}
 	}
 }
+
+// TestPausedHoldsAppliesNotReaders: while keel verify hashes the image
+// (Paused), no command is applied, but the state can still be read, so
+// status and metrics do not stall for the length of a digest.
+func TestPausedHoldsAppliesNotReaders(t *testing.T) {
+	img, err := rawimage.Open(t.TempDir()+"/img", rawimage.Options{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	f := replica.NewFSM(context.Background(), replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { t.Error(e) }}, replica.State{})
+	defer f.Stop()
+	f.Apply(&raft.Log{Index: 1, Data: write(0, 0, 0, 0, []byte("a")).Encode(nil)})
+
+	inside, release, paused := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	go func() {
+		paused <- f.Paused(func(st replica.State) error {
+			if st.Index != 1 {
+				t.Errorf("Paused sees index %d, want 1", st.Index)
+			}
+			close(inside)
+			<-release
+			return nil
+		})
+	}()
+	waitClosed(t, inside, "Paused to start")
+	applied := make(chan any, 1)
+	go func() { applied <- f.Apply(&raft.Log{Index: 2, Data: write(0, 0, 0, 0, []byte("b")).Encode(nil)}) }()
+
+	read := make(chan replica.State, 1)
+	go func() { read <- f.State() }()
+	select {
+	case st := <-read:
+		if st.Index != 1 {
+			t.Errorf("State during Paused: index %d, want 1", st.Index)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("State blocked while Paused ran")
+	}
+	select {
+	case <-applied:
+		t.Fatal("a command was applied while Paused ran")
+	default:
+	}
+	close(release)
+	if err := <-paused; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-applied:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Apply did not go on after Paused returned")
+	}
+	if got := f.AppliedIndex(); got != 2 {
+		t.Errorf("applied index %d after Paused, want 2", got)
+	}
+}
+
+func waitClosed(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("timed out waiting for %s", what)
+	}
+}

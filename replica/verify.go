@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/cespare/xxhash/v2"
 
@@ -27,7 +28,11 @@ const digestChunk = 1 << 20
 var zeroChunk = make([]byte, digestChunk)
 
 // ImageDigest computes the digest of img's contents.
-func ImageDigest(img *rawimage.File) (string, error) {
+func ImageDigest(img *rawimage.File) (string, error) { return imageDigest(img, nil) }
+
+// imageDigest is ImageDigest, storing the bytes fingerprinted so far in
+// done (when not nil) after each chunk.
+func imageDigest(img *rawimage.File, done *atomic.Uint64) (string, error) {
 	h := xxhash.New()
 	buf := make([]byte, digestChunk)
 	var rec [9]byte
@@ -52,6 +57,9 @@ func ImageDigest(img *rawimage.File) (string, error) {
 			binary.BigEndian.PutUint64(rec[1:], xxhash.Sum64(buf[:n]))
 		}
 		h.Write(rec[:])
+		if done != nil {
+			done.Store(off + n)
+		}
 	}
 	return fmt.Sprintf("%016x", h.Sum64()), nil
 }
@@ -76,8 +84,18 @@ func (n *Node) Digest(ctx context.Context, minIndex uint64) (Digest, error) {
 	err := n.fsm.Paused(func(st State) error {
 		d.AppliedIndex = n.fsm.AppliedIndex()
 		var err error
-		d.Digest, err = ImageDigest(n.img)
+		n.digestDone.Store(0)
+		n.digesting.Add(1)
+		defer n.digesting.Add(-1)
+		d.Digest, err = imageDigest(n.img, &n.digestDone)
 		return err
 	})
 	return d, err
+}
+
+// DigestProgress reports a running Digest's progress: the bytes of the
+// image fingerprinted so far and the image's size, and whether one runs
+// (keel verify shows it on a big volume).
+func (n *Node) DigestProgress() (done, total uint64, running bool) {
+	return n.digestDone.Load(), n.img.Size(), n.digesting.Load() > 0
 }

@@ -63,6 +63,10 @@ func (c *devChild) up() {
 func (c *devChild) Serve(ctx context.Context) error {
 	cmd := exec.Command(c.bin, c.args()...)
 	cmd.Stdout = os.Stdout
+	// Its own process group: a Ctrl-C in the terminal reaches keel dev
+	// alone, which stops its children in order (they would otherwise all
+	// stop at once, and be restarted as if they had died).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	pr, pw := io.Pipe()
 	cmd.Stderr = pw
 	printed := make(chan struct{})
@@ -130,6 +134,9 @@ func newDevCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dev [--dir DIR] [--size SIZE]",
 		Short: "Run a three-node cluster and a proxy on loopback for a first look",
+		Example: `  keel dev
+  keel dev --dir /tmp/keel-dev --size 10G --base-port 20809
+  qemu-img info nbd://127.0.0.1:10809   # in another terminal, once it runs`,
 		Long: `Start three keel servers on 127.0.0.1 (n1 bootstraps, n2 and n3 join) and
 a keel proxy in front of them, print the proxy's NBD address to give qemu,
 nbdinfo or fio, and stop everything on Ctrl-C. Each node keeps its image at
@@ -152,6 +159,9 @@ P+100.., HTTP P+200..; the proxy's HTTP (status, metrics) P+300.`,
 }
 
 func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) error {
+	if err := checkDir("--dir", dir); err != nil {
+		return err
+	}
 	if _, err := parseVolumeSize(size); err != nil {
 		return err
 	}
@@ -221,8 +231,8 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 			return err
 		}
 		n.child = newDevChild(n.id, self, 70*time.Second, func() []string {
-			args := []string{"--log-level", g.logLevel, "server", "--dir", n.dir, "--id", n.id,
-				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd}
+			args := append(g.childLogArgs(), "server", "--dir", n.dir, "--id", n.id,
+				"--raft", n.raft, "--http", n.http, "--nbd", n.nbd)
 			if !hasRaftState(n.dir) { // a restarted node needs neither
 				if i == 0 {
 					args = append(args, "--bootstrap", "--size", size)
@@ -242,9 +252,9 @@ func runDev(ctx context.Context, g *globalFlags, dir, size string, base int) err
 	}
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", base)
 	proxy := newDevChild("proxy", self, 70*time.Second, func() []string {
-		return []string{"--log-level", g.logLevel, "proxy", "--listen", proxyAddr,
-			"--servers", nodes[0].http + "," + nodes[1].http + "," + nodes[2].http, "--writer", "keel-dev",
-			"--http", fmt.Sprintf("127.0.0.1:%d", base+300)}
+		return append(g.childLogArgs(), "proxy", "--listen", proxyAddr,
+			"--servers", nodes[0].http+","+nodes[1].http+","+nodes[2].http, "--writer", "keel-dev",
+			"--http", fmt.Sprintf("127.0.0.1:%d", base+300))
 	})
 	tok := root.Add(proxy)
 	proxyTok = &tok

@@ -15,8 +15,9 @@ import (
 	"fmt"
 	"os"
 	"runtime/pprof"
+	"strings"
 
-	"github.com/hashicorp/go-hclog"
+	gsyslog "github.com/hashicorp/go-syslog"
 	"github.com/spf13/cobra"
 
 	"github.com/keelstore/keel/replica"
@@ -31,16 +32,20 @@ var version = "dev"
 
 func main() {
 	if err := newRoot().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "keel:", err)
+		fmt.Fprintln(os.Stderr, "keel:", explain(err))
 		os.Exit(1)
 	}
 }
 
 type globalFlags struct {
-	logLevel   string
-	logJSON    bool
-	cpuProfile string
-	profFile   *os.File
+	logLevel       string
+	logJSON        bool
+	syslog         bool
+	syslogFacility string
+	syslogAddr     string
+	cpuProfile     string
+	profFile       *os.File
+	sys            gsyslog.Syslogger // opened by the first logger with --syslog
 }
 
 func (g *globalFlags) startProfile() error {
@@ -69,41 +74,37 @@ func (g *globalFlags) stopProfile() {
 func newRoot() *cobra.Command {
 	g := &globalFlags{}
 	root := &cobra.Command{
-		Use:           "keel",
-		Short:         "Keel: a replicated network block device",
-		Long:          "Keel serves disks over NBD. Every disk is a plain raw image file that qemu can boot directly.",
+		Use:   "keel",
+		Short: "Keel: a replicated network block device",
+		Long:  "Keel serves disks over NBD. Every disk is a plain raw image file that qemu can boot directly.",
+		Example: `  keel dev                                    # a three-node cluster and a proxy on loopback
+  keel cluster status --http 127.0.0.1:11009   # what that cluster is doing
+  keel server --help                           # the flags of one command
+  keel --log-json --syslog server ...          # logs as JSON lines on stderr and to syslog`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "log JSON lines instead of text")
+	root.PersistentFlags().BoolVar(&g.syslog, "syslog", false, "send every log line to syslog as well (the local daemon, or --syslog-addr), at the line's level")
+	root.PersistentFlags().StringVar(&g.syslogFacility, "syslog-facility", "LOCAL0", "syslog facility with --syslog: "+strings.Join(syslogFacilities, ", "))
+	root.PersistentFlags().StringVar(&g.syslogAddr, "syslog-addr", "", "with --syslog: a remote syslog, udp:HOST:PORT, tcp:HOST:PORT or unix:PATH, instead of the local daemon")
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
+	root.SetFlagErrorFunc(flagError)
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
-	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile() }
+	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile(); g.closeSyslog() }
 	root.AddCommand(newServeCmd(g), newServerCmd(g), newClusterCmd(), newVerifyCmd(), newDevCmd(g), newProxyCmd(g), newVersionCmd(), newUpgradeCmd())
 	return root
 }
 
 func newVersionCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "version",
-		Short: "Print the build version and the feature level it speaks",
-		Args:  cobra.NoArgs,
+		Use:     "version",
+		Short:   "Print the build version and the feature level it speaks",
+		Example: `  keel version`,
+		Args:    cobra.NoArgs,
 		Run: func(c *cobra.Command, _ []string) {
 			fmt.Fprintf(c.OutOrStdout(), "keel %s (feature level %d)\n", version, replica.CurrentLevel)
 		},
 	}
-}
-
-func (g *globalFlags) logger(name string) (hclog.Logger, error) {
-	level := hclog.LevelFromString(g.logLevel)
-	if level == hclog.NoLevel {
-		return nil, fmt.Errorf("--log-level %q: want trace, debug, info, warn or error", g.logLevel)
-	}
-	return hclog.New(&hclog.LoggerOptions{
-		Name:       name,
-		Level:      level,
-		Output:     os.Stderr,
-		JSONFormat: g.logJSON,
-	}), nil
 }

@@ -34,6 +34,7 @@ type proxyFlags struct {
 	http         string
 	pidFile      string
 	upgradeTO    time.Duration
+	tls          nbdTLSFlags
 }
 
 func newProxyCmd(g *globalFlags) *cobra.Command {
@@ -85,6 +86,7 @@ closes the connections (qemu reconnects) and releases the volume.`,
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
 	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary without dropping a connection")
 	fl.DurationVar(&f.upgradeTO, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
+	f.tls.register(fl, true)
 	_ = cmd.MarkFlagRequired("servers")
 	return cmd
 }
@@ -107,6 +109,10 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 	if f.connect <= 0 {
 		return fmt.Errorf("--connect-timeout %v: must be positive", f.connect)
 	}
+	ntls, err := f.tls.load()
+	if err != nil {
+		return err
+	}
 	writer := f.writer
 	if writer == "" {
 		host, _ := os.Hostname()
@@ -128,6 +134,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 		Servers: servers, Writer: writer, Takeover: f.takeover, CacheBytes: cache,
 		WriteTimeout: f.writeTimeout, ReadTimeout: f.readTimeout, AttemptTimeout: f.attempt, RelayAfter: f.relayAfter, Version: version,
 		PollInterval: f.poll, Log: log.Named("proxy"), Inherited: u.HasParent(),
+		UpstreamTLS: ntls.Upstream,
 	}
 	stopChaos, err := chaosProxy(writer, &pcfg, log)
 	if err != nil {
@@ -143,7 +150,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags) error {
 		Proxy:  pcfg,
 		Listen: f.listen, ExportName: f.name, HTTP: httpL,
 		ConnectTimeout: f.connect, DrainTimeout: f.drain, Log: log,
-		Upgrader: u, Upgrades: hup,
+		Upgrader: u, Upgrades: hup, TLS: ntls.Mode, TLSConfig: ntls.Server,
 	})
 	if err != nil {
 		if httpL != nil {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica/rawimage"
 	"github.com/keelstore/keel/services/nbdserve"
 	"github.com/keelstore/keel/upgrade"
@@ -24,6 +25,7 @@ type serveFlags struct {
 	drain    time.Duration
 	pidFile  string
 	upgrade  time.Duration
+	tls      nbdTLSFlags
 }
 
 func newServeCmd(g *globalFlags) *cobra.Command {
@@ -39,7 +41,8 @@ ADDR is HOST:PORT or unix:PATH. SIGTERM or SIGINT stops the server
 gracefully: no new request is read, every request already read is answered,
 then connections are closed (clients such as qemu reconnect and resend).`,
 		Example: `  keel serve --file disk.img --size 10G --listen 127.0.0.1:10809
-  keel serve --file disk.img --listen unix:/run/keel/disk.sock --read-only`,
+  keel serve --file disk.img --listen unix:/run/keel/disk.sock --read-only
+  keel serve --file disk.img --listen 0.0.0.0:10809 --tls-certificates /etc/keel/nbd --tls-verify-peer   # nbds://`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runServe(cmd.Context(), g, f) },
 	}
@@ -52,6 +55,7 @@ then connections are closed (clients such as qemu reconnect and resend).`,
 	fl.DurationVar(&f.drain, "drain-timeout", 60*time.Second, "on stop, how long in-flight requests may take before connections are closed anyway")
 	fl.StringVar(&f.pidFile, "pid-file", "", "write the pid here once serving; SIGHUP (keel upgrade --pid-file) replaces the process by a fresh start of its binary without dropping a connection")
 	fl.DurationVar(&f.upgrade, "upgrade-timeout", 60*time.Second, "how long a new process may take to get ready and take over at an upgrade before it is killed")
+	f.tls.register(fl, false)
 	_ = cmd.MarkFlagRequired("file")
 	return cmd
 }
@@ -62,6 +66,10 @@ func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
 		return err
 	}
 	size, err := parseVolumeSize(f.size)
+	if err != nil {
+		return err
+	}
+	ntls, err := f.tls.load()
 	if err != nil {
 		return err
 	}
@@ -79,13 +87,14 @@ func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
 
 	l, uri, err := nbdserve.ListenWith(f.listen, u)
 	if err != nil {
-		return fail(err)
+		return fail(fmt.Errorf("--listen: %w", err))
 	}
 	hup, stopHup := relaySIGHUP()
 	defer stopHup()
 	srv, err := nbdserve.NewStandalone(nbdserve.StandaloneConfig{
 		Image: img, Listener: l, Name: f.name, Description: "keel image " + f.file,
 		ReadOnly: f.readOnly, DrainTimeout: f.drain, Log: log, Upgrader: u, Upgrades: hup,
+		TLS: ntls.Mode, TLSConfig: ntls.Server,
 	})
 	if err != nil {
 		l.Close()
@@ -93,7 +102,10 @@ func runServe(ctx context.Context, g *globalFlags, f *serveFlags) error {
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	log.Info("serving", "image", img.Path(), "size", img.Size(), "read_only", f.readOnly, "uri", uri, "took_over", u.HasParent())
+	if ntls.Mode == nbd.TLSRequire {
+		uri = nbdserve.TLSURI(uri)
+	}
+	log.Info("serving", "image", img.Path(), "size", img.Size(), "read_only", f.readOnly, "uri", uri, "tls", ntls.String(), "took_over", u.HasParent())
 	if err := srv.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "keel serve:", err)
 		return err

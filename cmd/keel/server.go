@@ -44,6 +44,7 @@ type serverFlags struct {
 	upgradeTO    time.Duration
 	election     time.Duration
 	lease        time.Duration
+	tls          nbdTLSFlags
 }
 
 func newServerCmd(g *globalFlags) *cobra.Command {
@@ -97,6 +98,7 @@ at a time (docs/upgrade.md).`,
 	fl.DurationVar(&f.election, "election-timeout", replica.DefaultElectionTimeout, "Raft: a candidate without a result this long starts another election")
 	fl.DurationVar(&f.lease, "leader-lease-timeout", replica.DefaultLeaderLeaseTimeout, "Raft: a leader without contact from a quorum this long steps down (at most --heartbeat-timeout)")
 	fl.StringVar(&f.logCache, "log-cache", "16M", "memory for the cache of recent Raft log entries in front of the log store (1M to 4G); 0 turns it off")
+	f.tls.register(fl, false)
 	fl.StringVar(&f.memLimit, "memory-limit", "192M", "soft limit for the Go heap (GOMEMLIMIT); the garbage collector works harder near it")
 	for _, name := range []string{"dir", "id", "raft", "nbd", "http"} {
 		_ = cmd.MarkFlagRequired(name)
@@ -110,6 +112,9 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return err
 	}
 	log = log.With("node", f.id)
+	if err := checkDir("--dir", f.dir); err != nil {
+		return err
+	}
 	if f.writeTimeout < 100*time.Millisecond || f.writeTimeout > time.Hour {
 		return fmt.Errorf("--write-timeout %v: must be from 100ms to 1h", f.writeTimeout)
 	}
@@ -140,6 +145,10 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 		return fmt.Errorf("--log-cache %s: must be 0 (off) or from 1M to 4G", f.logCache)
 	}
 	size, err := parseVolumeSize(f.size)
+	if err != nil {
+		return err
+	}
+	ntls, err := f.tls.load()
 	if err != nil {
 		return err
 	}
@@ -221,12 +230,12 @@ func runServer(ctx context.Context, g *globalFlags, f *serverFlags) error {
 	srv, err := server.New(server.Config{
 		Node: nodeCfg, HTTP: httpL, NBD: nbdL, Raft: raftL, VolumeSize: volSize,
 		WriteTimeout: f.writeTimeout, DrainTimeout: f.drain, Client: client, Version: version, Log: log,
-		Upgrader: u, Upgrades: hup,
+		Upgrader: u, Upgrades: hup, NBDTLS: ntls.Mode, NBDTLSConfig: ntls.Server,
 	})
 	if err != nil {
 		return fail(err)
 	}
-	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "size", volSize, "taking_over", u.HasParent())
+	log.Info("server starting", "version", version, "level", replica.CurrentLevel, "dir", f.dir, "raft", f.raftAddr, "http", httpL.Addr().String(), "nbd", uri, "nbd_tls", ntls.String(), "size", volSize, "taking_over", u.HasParent())
 	return srv.Run(ctx)
 }
 

@@ -6,6 +6,7 @@ package nbdtest
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -208,6 +209,24 @@ func (c *Client) Option(opt uint32, data []byte) ([]OptReply, error) {
 	}
 }
 
+// StartTLS sends NBD_OPT_STARTTLS and, once it is acknowledged, runs the
+// TLS handshake: the client goes on over TLS.
+func (c *Client) StartTLS(cfg *tls.Config) error {
+	rs, err := c.Option(nbd.OptStartTLS, nil)
+	if err != nil {
+		return err
+	}
+	if last := rs[len(rs)-1]; last.Type != nbd.RepAck {
+		return fmt.Errorf("NBD_OPT_STARTTLS refused: %#x %s", last.Type, last.Data)
+	}
+	tc := tls.Client(c.Conn, cfg)
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	c.Conn, c.br = tc, bufio.NewReader(tc)
+	return nil
+}
+
 // Handshake describes what Connect negotiates.
 type Handshake struct {
 	Export     string
@@ -215,6 +234,8 @@ type Handshake struct {
 	Extended   bool
 	Meta       bool // select base:allocation
 	BlockSize  bool // request NBD_INFO_BLOCK_SIZE (promising to honour it)
+	// TLS, when set, sends NBD_OPT_STARTTLS first and goes on over TLS.
+	TLS *tls.Config
 }
 
 // Connect runs a whole handshake ending in NBD_OPT_GO.
@@ -230,6 +251,11 @@ func (c *Client) Connect(h Handshake) error {
 			return rs, fmt.Errorf("option %d refused: %#x %s", last.Option, last.Type, last.Data)
 		}
 		return rs, nil
+	}
+	if h.TLS != nil {
+		if err := c.StartTLS(h.TLS); err != nil {
+			return err
+		}
 	}
 	if h.Extended {
 		if _, err := final(c.Option(nbd.OptExtendedHeaders, nil)); err != nil {

@@ -103,3 +103,16 @@ func removeStaleSocket(path string) error {
 func socketQuery(path string) string {
 	return strings.NewReplacer("+", "%20", "%2F", "/").Replace(url.QueryEscape(path))
 }
+
+// TLSURI is uri, as Listen returns it, for a client that must use TLS
+// (a server with nbd.TLSRequire): nbds:// or nbds+unix://, as libnbd
+// spells it.
+func TLSURI(uri string) string {
+	if rest, ok := strings.CutPrefix(uri, "nbd+unix://"); ok {
+		return "nbds+unix://" + rest
+	}
+	if rest, ok := strings.CutPrefix(uri, "nbd://"); ok {
+		return "nbds://" + rest
+	}
+	return uri
+}

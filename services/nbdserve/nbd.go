@@ -85,7 +85,9 @@ func (n *NBD) add(nc net.Conn, st *nbd.ConnState) {
 // Quiesce stops accepting (the listener stays open) and detaches every
 // connection at a request boundary, all at once; it returns each one's
 // state (nbd.AppendConnState) and socket. A connection that ends instead
-// (the client left) is not returned.
+// (the client left) is not returned, nor is a TLS connection: its session
+// keys cannot leave this process, so it answers every request it read and
+// is closed, and its client reconnects to the process that accepts next.
 func (n *NBD) Quiesce(ctx context.Context) ([]upgrade.Conn, error) {
 	if err := n.acc.pause(ctx); err != nil {
 		return nil, err

@@ -679,3 +679,15 @@ func TestListenBadAddresses(t *testing.T) {
 		}
 	}
 }
+
+func TestTLSURI(t *testing.T) {
+	for in, want := range map[string]string{
+		"nbd://127.0.0.1:10809/":          "nbds://127.0.0.1:10809/",
+		"nbd+unix:///?socket=/run/k.sock": "nbds+unix:///?socket=/run/k.sock",
+		"nbds://h/":                       "nbds://h/",
+	} {
+		if got := nbdserve.TLSURI(in); got != want {
+			t.Errorf("TLSURI(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

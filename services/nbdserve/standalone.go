@@ -2,6 +2,7 @@ package nbdserve
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -30,6 +31,10 @@ type StandaloneConfig struct {
 	// DrainTimeout is how long, on stop, in-flight requests may take.
 	// Default 60s.
 	DrainTimeout time.Duration
+	// TLS and TLSConfig are the listener's TLS (nbd.ServerConfig's fields
+	// of the same names). Default nbd.TLSOff.
+	TLS       nbd.TLSMode
+	TLSConfig *tls.Config
 	// Log is the process's logger.
 	Log hclog.Logger
 	// Upgrader, when set, puts the process under upgrade control
@@ -72,6 +77,8 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 		}},
 		Logger:       cfg.Log.Named("nbd"),
 		DrainTimeout: cfg.DrainTimeout,
+		TLS:          cfg.TLS,
+		TLSConfig:    cfg.TLSConfig,
 	})
 	if err != nil {
 		return nil, err

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/supervise"
 	"github.com/keelstore/keel/upgrade"
 )
@@ -29,8 +31,8 @@ type ProcessConfig struct {
 	Listen string
 	// ExportName is the NBD export's name. Default "keel".
 	ExportName string
-	// HTTP, when not nil, serves /v1/status and /metrics. The process
-	// takes ownership of it.
+	// HTTP, when not nil, serves /v1/status, /metrics and the status
+	// page (GET /). The process takes ownership of it.
 	HTTP net.Listener
 	// ConnectTimeout bounds the wait at start for a server to tell the
 	// volume's size. Default 60s.
@@ -40,6 +42,11 @@ type ProcessConfig struct {
 	DrainTimeout time.Duration
 	// Log is the process's logger.
 	Log hclog.Logger
+	// TLS and TLSConfig are the NBD listener's TLS (nbd.ServerConfig's
+	// fields of the same names): the proxy's own clients, such as qemu.
+	// Default nbd.TLSOff. The links to the servers are Proxy.UpstreamTLS.
+	TLS       nbd.TLSMode
+	TLSConfig *tls.Config
 	// OnServing, when set, is called with the NBD URI once clients can
 	// connect.
 	OnServing func(uri string)
@@ -56,15 +63,16 @@ type ProcessConfig struct {
 //
 //	keel
 //	├── Proxy: polls the servers, claims the volume, releases it at stop
-//	├── API (with --http)
+//	├── status history and API (with --http)
 //	└── NBD: the listener, one service per connection, over the Proxy
 //
 // Run owns the stop order: NBD first (every request already read is
 // committed while the proxy can still reach the servers), then the proxy,
 // which releases the volume.
 type Process struct {
-	cfg   ProcessConfig
-	proxy *Proxy
+	cfg    ProcessConfig
+	proxy  *Proxy
+	status *statuspage.Service // the status page's history (statuspage.go)
 }
 
 // NewProcess checks the configuration and builds the proxy.
@@ -94,7 +102,7 @@ func NewProcess(cfg ProcessConfig) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Process{cfg: cfg, proxy: p}, nil
+	return &Process{cfg: cfg, proxy: p, status: newStatusPage(p)}, nil
 }
 
 // Proxy is the process's backend (status, tests).
@@ -107,10 +115,11 @@ func (pr *Process) Run(ctx context.Context) error {
 	cfg, log := pr.cfg, pr.cfg.Log
 	rootCtx, cancelRoot := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelRoot()
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second, Restarts: &pr.proxy.restarts})
 	root.Add(pr.proxy)
 	if cfg.HTTP != nil {
-		root.Add(&API{Listener: cfg.HTTP, Proxy: pr.proxy, Log: log.Named("http")})
+		root.Add(pr.status)
+		root.Add(&API{Listener: cfg.HTTP, Proxy: pr.proxy, Log: log.Named("http"), Page: pr.status})
 	}
 	rootErr := root.ServeBackground(rootCtx)
 	u := cfg.Upgrader
@@ -136,11 +145,13 @@ func (pr *Process) Run(ctx context.Context) error {
 		Exports: []nbd.Export{{
 			Name:        cfg.ExportName,
 			Description: "keel replicated volume via proxy (servers " + strings.Join(cfg.Proxy.Servers, ",") + ")",
-			Backend:     pr.proxy,
+			Backend:     pr.proxy.requests.Wrap(pr.status.Meter().Wrap(pr.proxy)),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
 		MaxInFlightBytes: 64 << 20,
+		TLS:              cfg.TLS,
+		TLSConfig:        cfg.TLSConfig,
 	})
 	if err != nil {
 		return abort(err)
@@ -176,7 +187,10 @@ func (pr *Process) Run(ctx context.Context) error {
 			log.Warn("could not announce readiness", "error", err)
 		}
 	}
-	log.Info("proxy serving", "uri", uri, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","), "took_over", takeOver)
+	if cfg.TLS == nbd.TLSRequire {
+		uri = nbdserve.TLSURI(uri)
+	}
+	log.Info("proxy serving", "uri", uri, "tls", cfg.TLS.String(), "upstream_tls", cfg.Proxy.UpstreamTLS != nil, "size", size, "writer", cfg.Proxy.Writer, "cache", cfg.Proxy.CacheBytes, "servers", strings.Join(cfg.Proxy.Servers, ","), "took_over", takeOver)
 	if cfg.OnServing != nil {
 		cfg.OnServing(uri)
 	}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -16,7 +17,9 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/nbdmetrics"
 	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/supervise"
 )
 
 // Proxy is the nbd.Backend of `keel proxy`: the VM's side of a replicated
@@ -56,7 +59,9 @@ type Proxy struct {
 	adopted   atomic.Bool   // took over from a parent under the same writer name (Adopt)
 	rr        atomic.Uint64 // round robin over readable replicas
 
-	stats Stats
+	stats    Stats
+	requests *nbdmetrics.Requests // NBD requests as the process serves them (Process wraps the proxy in it)
+	restarts supervise.Restarts   // the process's supervisor restarts
 }
 
 // Stats count what the proxy did; read them with Stats.
@@ -122,6 +127,12 @@ type Config struct {
 	// HTTP APIs and, for reads, their NBD exports) instead of a plain
 	// net.Dialer: the hook of the chaos tests' network fault layer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// UpstreamTLS, when set, runs the proxy's NBD connections to the
+	// servers (its reads) over TLS with this client configuration: its
+	// RootCAs check the servers' certificates against the host dialed
+	// (when ServerName is empty), and its certificate, if any, is shown
+	// to servers that verify peers. Nil: plain NBD.
+	UpstreamTLS *tls.Config
 }
 
 func (c Config) withDefaults() Config {
@@ -200,6 +211,8 @@ func New(cfg Config) (*Proxy, error) {
 		ready: make(chan struct{}),
 		now:   time.Now,
 		ws:    newWriterState(cfg.Takeover),
+
+		requests: nbdmetrics.New(),
 	}
 	p.view.onEpoch = p.sawEpoch
 	p.streams = newApplyStreams(api, cfg.Log.Named("stream"), func() time.Time { return p.now() })
@@ -777,7 +790,7 @@ func (p *Proxy) onReplica(ctx context.Context, fn func(context.Context, *nbd.Cli
 			}
 			continue
 		}
-		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"), p.cfg.Dial)
+		c, err := s.nbdClient(ctx, p.log.Named("nbd-client"), p.cfg.Dial, p.cfg.UpstreamTLS)
 		if err == nil {
 			s.inflight.Add(1)
 			err = fn(ctx, c)

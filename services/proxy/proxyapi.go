@@ -8,7 +8,9 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/supervise"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -80,10 +82,13 @@ func (p *Proxy) counters() map[string]uint64 {
 //
 //	GET /v1/status   Status
 //	GET /metrics     Prometheus metrics
+//	GET /            the status page (with Page)
 type API struct {
 	Listener net.Listener
 	Proxy    *Proxy
 	Log      hclog.Logger
+	// Page, when set, is the status page (GET /) with its history.
+	Page *statuspage.Service
 }
 
 func (a *API) String() string { return "proxy http " + a.Listener.Addr().String() }
@@ -94,13 +99,29 @@ func (a *API) Serve(ctx context.Context) error {
 		wire.WriteJSON(w, http.StatusOK, a.Proxy.Status())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Proxy.metrics(), promhttp.HandlerOpts{}))
+	if a.Page != nil {
+		a.Page.Register(mux)
+	}
 	return wire.ServeHTTP(ctx, a.Listener, mux, a.Log)
+}
+
+var restartsDesc = prometheus.NewDesc("keel_supervisor_restarts_total", "Services restarted by their supervisor after a failure or panic.", []string{"supervisor", "service"}, nil)
+
+// restartCollector reports a process's supervisor restarts.
+type restartCollector struct{ r *supervise.Restarts }
+
+func (c restartCollector) Describe(ch chan<- *prometheus.Desc) { ch <- restartsDesc }
+
+func (c restartCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, rc := range c.r.Counts() {
+		ch <- prometheus.MustNewConstMetric(restartsDesc, prometheus.CounterValue, float64(rc.N), rc.Supervisor, rc.Service)
+	}
 }
 
 // metrics returns a registry reading the proxy's counters at scrape time.
 func (p *Proxy) metrics() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), p.requests, restartCollector{&p.restarts})
 	counter := func(name, help string, f func() uint64) {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(f()) }))
 	}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -600,8 +601,9 @@ func (s *serverState) readable(index uint64) bool {
 }
 
 // nbdClient returns the server's NBD connection, dialing it (with dial
-// when set: Config.Dial) if needed.
-func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*nbd.Client, error) {
+// when set: Config.Dial; over TLS with tc when set: Config.UpstreamTLS)
+// if needed.
+func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger, dial func(ctx context.Context, network, addr string) (net.Conn, error), tc *tls.Config) (*nbd.Client, error) {
 	s.mu.Lock()
 	if c := s.client; c != nil {
 		select {
@@ -632,6 +634,7 @@ func (s *serverState) nbdClient(ctx context.Context, log hclog.Logger, dial func
 		CloseTimeout:     time.Second,
 		MaxInFlight:      128,
 		Logger:           log,
+		TLS:              upstreamTLS(tc, network, a),
 	}
 	var c *nbd.Client
 	var err error
@@ -685,4 +688,17 @@ func dialAddr(addr string) (network, a string) {
 		return "unix", p
 	}
 	return "tcp", addr
+}
+
+// upstreamTLS is tc for a connection to addr: the server's certificate is
+// checked against the host dialed unless tc names one. Nil stays nil.
+func upstreamTLS(tc *tls.Config, network, addr string) *tls.Config {
+	if tc == nil || tc.ServerName != "" || network == "unix" {
+		return tc
+	}
+	tc = tc.Clone()
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		tc.ServerName = h
+	}
+	return tc
 }

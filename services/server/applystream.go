@@ -61,7 +61,17 @@ func (a *API) applyStream(ctx context.Context, data []byte) wire.StreamAnswer {
 // closes its connections when ctx ends (the server's drain or upgrade)
 // and, called at the end of Serve, waits until they have.
 func (a *API) streamServer(ctx context.Context) (*wire.StreamServer, func()) {
-	s := &wire.StreamServer{Apply: a.applyStream, Level: a.Level, Log: a.Log.Named("apply-stream")}
+	apply := a.applyStream
+	if a.Page != nil { // counted on the status page as POST /v1/apply's are
+		m := a.Page.Meter()
+		apply = func(ctx context.Context, data []byte) wire.StreamAnswer {
+			start := time.Now()
+			ans := a.applyStream(ctx, data)
+			m.Write(len(data), time.Since(start))
+			return ans
+		}
+	}
+	s := &wire.StreamServer{Apply: apply, Level: a.Level, Log: a.Log.Named("apply-stream")}
 	closed := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() { defer close(closed); s.Close() })
 	return s, func() {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/keelstore/keel/replica"
 	"github.com/keelstore/keel/replica/imagesync"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
 )
 
@@ -36,6 +37,8 @@ type API struct {
 	Version string
 	Level   replica.Level
 	Log     hclog.Logger
+	// Page, when set, is the status page (GET /) with its history.
+	Page *statuspage.Service
 }
 
 func (a *API) String() string { return "http " + a.Listener.Addr().String() }
@@ -47,12 +50,20 @@ func (a *API) Serve(ctx context.Context) error {
 	mux.HandleFunc("POST /v1/cluster/join", a.leaderOnly(a.handleJoin))
 	mux.HandleFunc("POST /v1/cluster/remove", a.leaderOnly(a.handleRemove))
 	mux.HandleFunc("POST /v1/cluster/transfer-leadership", a.leaderOnly(a.handleTransfer))
-	mux.HandleFunc("POST /v1/apply", a.handleApply)
+	if a.Page != nil {
+		mux.Handle("POST /v1/apply", a.Page.Meter().WriteHandler(http.HandlerFunc(a.handleApply)))
+	} else {
+		mux.HandleFunc("POST /v1/apply", a.handleApply)
+	}
 	streams, stopStreams := a.streamServer(ctx) // POST /v1/apply/stream (applystream.go)
 	defer stopStreams()
 	mux.Handle("POST "+wire.StreamPath, streams)
 	mux.HandleFunc("POST /v1/verify/digest", a.handleDigest)
+	mux.HandleFunc("GET /v1/verify/progress", a.handleDigestProgress)
 	mux.Handle("/v1/sync/", http.StripPrefix("/v1/sync", a.syncHandler()))
+	if a.Page != nil {
+		a.Page.Register(mux)
+	}
 	if a.Metrics != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(a.Metrics, promhttp.HandlerOpts{}))
 	}
@@ -426,6 +437,17 @@ func (a *API) handleDigest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	wire.WriteJSON(w, http.StatusOK, d)
+}
+
+// handleDigestProgress answers how far a running digest is (keel verify's
+// progress); it touches nothing the digest holds.
+func (a *API) handleDigestProgress(w http.ResponseWriter, r *http.Request) {
+	n := a.node(w, r)
+	if n == nil {
+		return
+	}
+	done, total, running := n.DigestProgress()
+	wire.WriteJSON(w, http.StatusOK, wire.DigestProgress{Running: running, BytesDone: done, BytesTotal: total})
 }
 
 func decodeBody(r *http.Request, v any) error {

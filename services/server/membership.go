@@ -19,7 +19,8 @@ import (
 // read; see replica.Node.RefreshLevels), and promotes a non-voter to
 // voter once it has caught up (applied within PromoteLag entries of the
 // leader and no resync running), so a new node never weakens the quorum
-// while it is still copying.
+// while it is still copying. On every node it logs one line per leader
+// change and per change of the volume's writer (seen at its checks).
 type Membership struct {
 	Holder *NodeHolder
 	Client *wire.Client
@@ -29,7 +30,69 @@ type Membership struct {
 	PromoteLag uint64
 	// Every is the check interval. Default 500ms.
 	Every time.Duration
+	// Lags, when set, gets each polled peer's lag behind the leader's
+	// applied index at every check while leading, and is emptied when
+	// this node does not lead.
+	Lags *PeerLags
+
+	// Only Serve's goroutine touches the following.
+	lastLeader string       // the last leader noteLeader logged
+	lastWriter writerHolder // the writer noteWriter last saw
+	sawWriter  bool         // lastWriter is known
 }
+
+// writerHolder is who holds the volume: a writer's name ("" none) and the
+// epoch of its claim.
+type writerHolder struct {
+	writer string
+	epoch  uint64
+}
+
+// writerEvent is the line to log when the volume's holder goes from prev
+// to cur ("" for none): a claim (a new writer, or the same name claiming
+// again, as a restarted proxy does), a release, or, when prev is not
+// known (this node just started), who holds it now.
+func writerEvent(prev writerHolder, known bool, cur writerHolder) string {
+	switch {
+	case !known && cur.writer != "":
+		return "writer holds the volume"
+	case !known, cur == prev:
+		return ""
+	case cur.writer == "":
+		return "writer released the volume"
+	case prev.writer != "" && prev.writer != cur.writer:
+		return "writer took the volume over"
+	default:
+		return "writer claimed the volume"
+	}
+}
+
+// noteWriter logs one line when the volume's writer changes, on every
+// node.
+func (m *Membership) noteWriter(n *replica.Node) {
+	st := n.FSM().State()
+	cur := writerHolder{st.Writer, st.Epoch}
+	if msg := writerEvent(m.lastWriter, m.sawWriter, cur); msg != "" {
+		m.Log.Info(msg, "writer", cur.writer, "epoch", cur.epoch, "previous", m.lastWriter.writer, "previous_epoch", m.lastWriter.epoch)
+	}
+	m.lastWriter, m.sawWriter = cur, true
+}
+
+// noteLeader logs one line when this node sees a new leader: the one
+// line per leader change, on every node, an operator looks for. A time
+// without a leader (an election) is not logged here; raft logs it.
+func (m *Membership) noteLeader(n *replica.Node) {
+	_, id := n.Raft().LeaderWithID()
+	if !leaderChanged(m.lastLeader, string(id)) {
+		return
+	}
+	m.Log.Info("leader changed", "leader", id, "previous", m.lastLeader, "term", n.Raft().Stats()["term"], "self", id == raft.ServerID(n.ID()))
+	m.lastLeader = string(id)
+}
+
+// leaderChanged reports whether cur, the leader now known (empty: none),
+// is a change from last, the last leader logged.
+func leaderChanged(last, cur string) bool { return cur != "" && cur != last }
 
 func (m *Membership) String() string { return "membership" }
 
@@ -48,11 +111,21 @@ func (m *Membership) Serve(ctx context.Context) error {
 		}
 		supervise.Point(supervise.PointMembership)
 		n := m.Holder.Peek()
+		if n != nil {
+			m.noteLeader(n)
+			m.noteWriter(n)
+		}
 		if n == nil || !n.IsLeader() {
+			if m.Lags != nil {
+				m.Lags.Set(nil)
+			}
 			continue
 		}
 		m.registerSelf(ctx, n)
 		sts := m.poll(ctx, n)
+		if m.Lags != nil {
+			m.Lags.Set(lagsOf(n.FSM().AppliedIndex(), sts))
+		}
 		if _, err := n.RefreshLevels(); err != nil {
 			m.Log.Warn("refreshing the cluster's feature level", "error", err)
 		}
@@ -93,6 +166,21 @@ func (m *Membership) poll(ctx context.Context, n *replica.Node) map[string]wire.
 		}()
 	}
 	wg.Wait()
+	return out
+}
+
+// lagsOf is each peer's lag behind applied, the leader's applied index
+// (0 for a peer ahead of it, which a status polled after the leader's
+// index was read can be).
+func lagsOf(applied uint64, sts map[string]wire.NodeStatus) map[string]uint64 {
+	out := make(map[string]uint64, len(sts))
+	for id, st := range sts {
+		if st.AppliedIndex < applied {
+			out[id] = applied - st.AppliedIndex
+		} else {
+			out[id] = 0
+		}
+	}
 	return out
 }
 

@@ -12,15 +12,40 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/nbdmetrics"
 	"github.com/keelstore/keel/services/wire"
+	"github.com/keelstore/keel/supervise"
 )
+
+// MetricSources is what a server's /metrics reads at scrape time.
+type MetricSources struct {
+	// Holder has the running node (required).
+	Holder *NodeHolder
+	// Resync is the image resync's progress (required).
+	Resync *Resyncer
+	// Lags, when set, is each peer's replication lag as the leader's
+	// membership loop last saw it.
+	Lags *PeerLags
+	// Restarts, when set, counts the supervisors' service restarts.
+	Restarts *supervise.Restarts
+	// Requests, when set, counts the NBD requests served.
+	Requests *nbdmetrics.Requests
+}
+
+// raftStates are the values of keel_raft_state's state label.
+var raftStates = []raft.RaftState{raft.Follower, raft.Candidate, raft.Leader, raft.Shutdown}
 
 // NewMetrics returns a registry with the Go and process collectors, the
 // node's gauges, read at scrape time from whatever node the holder has, and
 // hashicorp/raft's own go-metrics (the process's raftSink, see below).
-func NewMetrics(h *NodeHolder, r *Resyncer) *prometheus.Registry {
+func NewMetrics(src MetricSources) *prometheus.Registry {
+	h, r := src.Holder, src.Resync
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), processRaftSink())
+	if src.Requests != nil {
+		reg.MustRegister(src.Requests)
+	}
+	reg.MustRegister(&serverCollector{src: src})
 	gauge := func(name, help string, f func(n *replica.Node) float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
 			if n := h.Peek(); n != nil {
@@ -62,7 +87,76 @@ func NewMetrics(h *NodeHolder, r *Resyncer) *prometheus.Registry {
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "keel_resyncs_total", Help: "Image resyncs finished (or failed) since the process started."},
 		func() float64 { _, n := r.Totals(); return float64(n) }))
 	syncGauge("keel_resync_bytes_compared", "Bytes compared by the current or last resync.", func(s *wire.SyncStatus) float64 { return float64(s.BytesCompared) })
+	syncGauge("keel_resync_bytes_to_compare", "Bytes the current or last resync compares in all (its progress is keel_resync_bytes_compared over this).", func(s *wire.SyncStatus) float64 { return float64(s.BytesTotal) })
+	gauge("keel_raft_term", "Raft term this node is in.", func(n *replica.Node) float64 { return float64(parseUint(n.Raft().Stats()["term"])) })
 	return reg
+}
+
+var (
+	raftStateDesc = prometheus.NewDesc("keel_raft_state", "1 for the Raft state this node is in (follower, candidate, leader, shutdown), 0 for the others; all 0 while no node runs.", []string{"state"}, nil)
+	lagDesc       = prometheus.NewDesc("keel_replication_lag_entries", "On the leader: how many log entries each peer's applied index trails the leader's, as last polled (every 500ms).", []string{"peer"}, nil)
+	restartsDesc  = prometheus.NewDesc("keel_supervisor_restarts_total", "Services restarted by their supervisor after a failure or panic.", []string{"supervisor", "service"}, nil)
+)
+
+// serverCollector reports the labelled families whose series come and go
+// with the node: its Raft state, the peers' lags, the restarted services.
+type serverCollector struct{ src MetricSources }
+
+func (c *serverCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- raftStateDesc
+	ch <- lagDesc
+	ch <- restartsDesc
+}
+
+func (c *serverCollector) Collect(ch chan<- prometheus.Metric) {
+	var state raft.RaftState = 255 // none: every state reads 0
+	if n := c.src.Holder.Peek(); n != nil {
+		state = n.Raft().State()
+	}
+	for _, s := range raftStates {
+		v := 0.0
+		if s == state {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(raftStateDesc, prometheus.GaugeValue, v, strings.ToLower(s.String()))
+	}
+	if c.src.Lags != nil {
+		for peer, lag := range c.src.Lags.Snapshot() {
+			ch <- prometheus.MustNewConstMetric(lagDesc, prometheus.GaugeValue, float64(lag), peer)
+		}
+	}
+	if c.src.Restarts != nil {
+		for _, rc := range c.src.Restarts.Counts() {
+			ch <- prometheus.MustNewConstMetric(restartsDesc, prometheus.CounterValue, float64(rc.N), rc.Supervisor, rc.Service)
+		}
+	}
+}
+
+// PeerLags is each peer's replication lag in entries, as the leader's
+// Membership loop last measured it: the leader's applied index minus the
+// peer's. It is emptied when the node stops leading (a follower knows no
+// lags). Safe for concurrent use; the zero value is ready.
+type PeerLags struct {
+	mu   sync.Mutex        // guards the following
+	lags map[string]uint64 // by peer id
+}
+
+// Set replaces every lag.
+func (l *PeerLags) Set(lags map[string]uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lags = lags
+}
+
+// Snapshot returns a copy of the lags.
+func (l *PeerLags) Snapshot() map[string]uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make(map[string]uint64, len(l.lags))
+	for k, v := range l.lags {
+		out[k] = v
+	}
+	return out
 }
 
 // hashicorp/raft reports its stage timings (raft.leader.dispatchLog,

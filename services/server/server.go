@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -12,7 +13,9 @@ import (
 
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
+	"github.com/keelstore/keel/services/nbdmetrics"
 	"github.com/keelstore/keel/services/nbdserve"
+	"github.com/keelstore/keel/services/statuspage"
 	"github.com/keelstore/keel/services/wire"
 	"github.com/keelstore/keel/supervise"
 	"github.com/keelstore/keel/upgrade"
@@ -59,6 +62,11 @@ type Config struct {
 	// fresh start of its binary.
 	Upgrader *upgrade.Upgrader
 	Upgrades <-chan struct{}
+	// NBDTLS and NBDTLSConfig are the NBD listener's TLS
+	// (nbd.ServerConfig's TLS and TLSConfig): STARTTLS for NBD clients
+	// and proxies. Default nbd.TLSOff.
+	NBDTLS       nbd.TLSMode
+	NBDTLSConfig *tls.Config
 	// TransferTimeout bounds how long an upgrade of the leader waits for
 	// another node to lead before it proceeds anyway (a one-node cluster
 	// cannot hand leadership over). Default 5s; at most 1m.
@@ -113,6 +121,7 @@ func (c Config) Validate() error {
 //	│   └── RaftService: opens the replica.Node, publishes it in the holder
 //	├── API: the HTTP API
 //	├── Membership: registration and promotion while leading
+//	├── status history: the status page's per-second samples
 //	└── NBD: the listener, one service per connection, over the Volume
 //
 // Run owns the stop order: NBD first (every request already read is
@@ -129,6 +138,7 @@ type Server struct {
 	nbdSvc  *nbdserve.NBD
 	raftSup *suture.Supervisor
 	raftTok suture.ServiceToken // the RaftService while it is in raftSup
+	status  *statuspage.Service // the status page's history (statuspage.go)
 }
 
 // New builds the tree; Run starts it.
@@ -138,13 +148,14 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	log := cfg.Log
-	s := &Server{cfg: cfg, holder: NewNodeHolder()}
+	s := &Server{cfg: cfg, holder: NewNodeHolder(), status: newStatusPage()}
 	if cfg.Raft != nil {
 		var err error
 		if s.rl, err = NewRaftListener(cfg.Raft, log.Named("raft-listener")); err != nil {
 			return nil, err
 		}
 	}
+	restarts, lags, requests := &supervise.Restarts{}, &PeerLags{}, nbdmetrics.New()
 	s.resync = &Resyncer{Self: cfg.Node.ID, Client: cfg.Client, Log: log.Named("resync")}
 	cfg.Node.Restore = s.resync.Restore
 	cfg.Node.Forwarder = &Forwarder{Client: cfg.Client}
@@ -155,26 +166,29 @@ func New(cfg Config) (*Server, error) {
 		Exports: []nbd.Export{{
 			Name:        "keel",
 			Description: "keel replicated volume (node " + cfg.Node.ID + ")",
-			Backend:     &Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")},
+			Backend:     requests.Wrap(s.status.Meter().Wrap(&Volume{Holder: s.holder, SizeBytes: cfg.VolumeSize, WriteTimeout: cfg.WriteTimeout, Log: log.Named("volume")})),
 		}},
 		Logger:           log.Named("nbd"),
 		DrainTimeout:     cfg.DrainTimeout,
 		MaxInFlightBytes: 64 << 20,
+		TLS:              cfg.NBDTLS,
+		TLSConfig:        cfg.NBDTLSConfig,
 	})
 	if err != nil {
 		return nil, err
 	}
-	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second})
+	root := supervise.New("keel", log, supervise.Policy{StopTimeout: cfg.DrainTimeout + 15*time.Second, Restarts: restarts})
 	s.cfg = cfg
-	s.raftSup = supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second})
+	s.raftSup = supervise.New("raft", log, supervise.Policy{StopTimeout: 30 * time.Second, Restarts: restarts})
 	takeOver := cfg.Upgrader != nil && cfg.Upgrader.HasParent()
 	if !takeOver {
 		s.raftTok = s.raftSup.Add(s.raftService(nil, 0))
 	}
 	root.Add(s.raftSup)
 	root.Add(&API{Listener: cfg.HTTP, Holder: s.holder, Client: cfg.Client, Resync: s.resync,
-		Metrics: NewMetrics(s.holder, s.resync), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http")})
-	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery})
+		Metrics: NewMetrics(MetricSources{Holder: s.holder, Resync: s.resync, Lags: lags, Restarts: restarts, Requests: requests}), Version: cfg.Version, Level: levelOr(cfg.Node.Level), Log: log.Named("http"), Page: s.status})
+	root.Add(s.status)
+	root.Add(&Membership{Holder: s.holder, Client: cfg.Client, Log: log.Named("membership"), Every: cfg.MembershipEvery, Lags: lags})
 	s.nbdSvc = nbdserve.NewNBD(nbdserve.NBDConfig{Listener: cfg.NBD, Server: srv, Log: log.Named("nbd"), DrainTimeout: cfg.DrainTimeout, Paused: takeOver})
 	s.nbdTok = root.Add(s.nbdSvc)
 	s.root = root

@@ -78,6 +78,15 @@ type NodeStatus struct {
 	Sync         *SyncStatus `json:"sync,omitempty"`
 }
 
+// DigestProgress is how far a node's image digest (keel verify) is: GET
+// /v1/verify/progress, which answers while the digest holds the state
+// machine (and /v1/status waits).
+type DigestProgress struct {
+	Running    bool   `json:"running"`
+	BytesDone  uint64 `json:"bytes_done"`
+	BytesTotal uint64 `json:"bytes_total"`
+}
+
 // SyncStatus is the progress of an image resync on this node.
 type SyncStatus struct {
 	Active          bool      `json:"active"`
