@@ -362,13 +362,13 @@ func (s *StreamServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		WriteJSON(w, http.StatusInternalServerError, ErrorBody{Error: "apply stream: " + err.Error()})
 		return
 	}
+	_ = conn.SetDeadline(time.Time{}) // net/http's; before add, so that it never clears Close's
 	if !s.add(conn) {
 		conn.Close() // stopping: the client dials again elsewhere
 		return
 	}
 	defer s.wg.Done()
 	defer s.remove(conn)
-	_ = conn.SetDeadline(time.Time{})
 	ans := "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + StreamProtocol +
 		"\r\n" + LevelHeader + ": " + strconv.Itoa(int(s.Level)) + "\r\n\r\n"
 	if _, err := conn.Write([]byte(ans)); err != nil {
