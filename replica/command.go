@@ -18,6 +18,7 @@
 package replica
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -174,6 +175,13 @@ type Command struct {
 	Writer   string
 	// Register, Forget.
 	Node NodeInfo
+	// Encoded, if set, is the buffer the command was decoded from (Decode
+	// leaves it nil; a caller that decoded a command it then proposes sets
+	// it). Node.Apply proposes it as is, without copying a Write's data
+	// again, when it is a Write in exactly the form the cluster reads with
+	// Data as its tail (appendForLog checks); anything else is encoded
+	// afresh.
+	Encoded []byte
 }
 
 // NodeInfo is what the cluster records about a member: where to reach it.
@@ -243,6 +251,25 @@ func (c *Command) EncodeCompat(b []byte) []byte {
 		return out
 	}
 	return c.Encode(b)
+}
+
+// appendForLog is AppendFor(nil, level), except that it returns
+// c.Encoded itself when that holds exactly those bytes: a Write whose Data
+// is Encoded's tail (the same memory) and whose header encodes at level to
+// Encoded's head. So a write read from the network into one buffer goes
+// into the log without another copy of its data.
+func (c *Command) appendForLog(level Level) ([]byte, error) {
+	if c.Kind == KindWrite && len(c.Data) > 0 && len(c.Encoded) > len(c.Data) {
+		h := *c
+		h.Data, h.Encoded = nil, nil
+		var buf [4 + ioHeader]byte
+		head, err := h.AppendFor(buf[:0], level)
+		if err == nil && len(head)+len(c.Data) == len(c.Encoded) &&
+			&c.Encoded[len(head)] == &c.Data[0] && bytes.Equal(head, c.Encoded[:len(head)]) {
+			return c.Encoded, nil
+		}
+	}
+	return c.AppendFor(nil, level)
 }
 
 func (c *Command) appendBody(b []byte) []byte {

@@ -196,3 +196,50 @@ func FuzzDecodeCommand(f *testing.F) {
 		}
 	})
 }
+
+// TestAppendForLogReusesEncoded: a Write decoded from a buffer in the form
+// the cluster reads is proposed as that buffer (no copy of its data);
+// another form, a changed header, data that is not the buffer's tail, or
+// another kind is encoded afresh, to the same bytes AppendFor gives.
+func TestAppendForLogReusesEncoded(t *testing.T) {
+	w := Command{Kind: KindWrite, Epoch: 5, ReqID: 7, AckedBelow: 3, Offset: 4096, Data: bytes.Repeat([]byte{9}, 4096)}
+	decoded := func(b []byte) Command {
+		c, err := Decode(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Encoded = b
+		return c
+	}
+	same := func(a, b []byte) bool { return len(a) == len(b) && &a[0] == &b[0] }
+	for _, tc := range []struct {
+		name   string
+		c      Command
+		level  Level
+		reused bool
+	}{
+		{"versioned in a versioned cluster", decoded(w.Encode(nil)), LevelVersioned, true},
+		{"legacy in a legacy cluster", decoded(w.EncodeCompat(nil)), LevelLegacy, true},
+		{"legacy in a versioned cluster", decoded(w.EncodeCompat(nil)), LevelVersioned, false},
+		{"versioned in a legacy cluster", decoded(w.Encode(nil)), LevelLegacy, false},
+		{"header changed", func() Command { c := decoded(w.Encode(nil)); c.ReqID++; return c }(), LevelVersioned, false},
+		{"data replaced", func() Command { c := decoded(w.Encode(nil)); c.Data = bytes.Clone(c.Data); return c }(), LevelVersioned, false},
+		{"data cut", func() Command { c := decoded(w.Encode(nil)); c.Data = c.Data[:100]; return c }(), LevelVersioned, false},
+		{"not a write", func() Command {
+			c := Command{Kind: KindTrim, Epoch: 1, ReqID: 2, Offset: 0, Length: 512}
+			return decoded(c.Encode(nil))
+		}(), LevelVersioned, false},
+	} {
+		got, err := tc.c.appendForLog(tc.level)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		want, _ := tc.c.AppendFor(nil, tc.level)
+		if !bytes.Equal(got, want) {
+			t.Errorf("%s: %x..., want AppendFor's %x...", tc.name, got[:8], want[:8])
+		}
+		if reused := same(got, tc.c.Encoded); reused != tc.reused {
+			t.Errorf("%s: Encoded reused %v, want %v", tc.name, reused, tc.reused)
+		}
+	}
+}

@@ -697,7 +697,7 @@ func (n *Node) Apply(ctx context.Context, c *Command) (Result, error) {
 	if err := ctx.Err(); err != nil {
 		return Result{}, fmt.Errorf("replica: apply: %w", err)
 	}
-	data, err := c.AppendFor(nil, n.ClusterLevel())
+	data, err := c.appendForLog(n.ClusterLevel()) // c.Encoded, when it is that form
 	if err != nil {
 		// Refused before it was proposed: a result, like the FSM's
 		// refusals, so it reads the same through a Forwarder.

@@ -23,8 +23,8 @@ import (
 )
 
 // Proxy is the nbd.Backend of `keel proxy`: the VM's side of a replicated
-// volume. It finds the leader and commits writes through it (POST
-// /v1/apply) as the volume's one writer (a claimed epoch, a request id per
+// volume. It finds the leader and commits writes through it (an apply
+// stream, or POST /v1/apply) as the volume's one writer (a claimed epoch, a request id per
 // command, so a write re-sent after a failover is applied once), keeps the
 // client's requests waiting across leader changes, reads from any replica
 // that has applied the proxy's last acknowledged write, and keeps a
@@ -34,12 +34,15 @@ import (
 // the volume at start, releasing it at stop); the NBD service in front of
 // it is separate and must be stopped first.
 type Proxy struct {
-	cfg   Config
-	view  *clusterView
-	api   *wire.Client // apply calls; each attempt has its own deadline
-	cache *blockCache
-	ahead readAhead // tells sequential reads (which fetch ahead) from random ones
-	log   hclog.Logger
+	cfg  Config
+	view *clusterView
+	api  *wire.Client // apply calls; each attempt has its own deadline
+	// streams carry writes to the leader as frames of one long-lived
+	// connection (applystream.go); relayed writes go by api.
+	streams *applyStreams
+	cache   *blockCache
+	ahead   readAhead // tells sequential reads (which fetch ahead) from random ones
+	log     hclog.Logger
 
 	ready chan struct{} // closed once size is known
 	size  uint64
@@ -66,6 +69,9 @@ type Stats struct {
 	Reads, CacheHits, CacheMisses, RemoteReads    atomic.Uint64
 	RemoteReadBytes                               atomic.Uint64 // what the remote reads asked for
 	Writes, Retries, Relayed, Duplicates, Refused atomic.Uint64
+	// Streamed counts the apply attempts sent over an apply stream (the
+	// rest went by POST /v1/apply).
+	Streamed atomic.Uint64
 }
 
 // Config configures a Proxy.
@@ -224,6 +230,7 @@ func New(cfg Config) (*Proxy, error) {
 		requests: nbdmetrics.New(),
 	}
 	p.view.onEpoch = p.sawEpoch
+	p.streams = newApplyStreams(api, cfg.Log.Named("stream"), func() time.Time { return p.now() })
 	return p, nil
 }
 
@@ -238,6 +245,7 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	viewDone := make(chan struct{})
 	go func() { defer close(viewDone); _ = p.view.Serve(vctx) }()
 	defer func() { stopView(); <-viewDone }()
+	defer p.streams.Close() // after the release, which may use one
 
 	size, err := p.view.Size(ctx)
 	if err != nil {
@@ -311,7 +319,7 @@ func (p *Proxy) writerEpoch(ctx context.Context, atWrite bool) (uint64, error) {
 	// Never relayed: a claim is not idempotent (each one is a new epoch),
 	// and a relayed copy could reach the leader after the retry that
 	// answered, fencing this proxy's own epoch.
-	r, err := p.send(ctx, c.EncodeCompat(nil), false)
+	r, err := p.send(ctx, &c, false)
 	if err != nil {
 		return 0, err
 	}
@@ -425,7 +433,7 @@ func (p *Proxy) release(ctx context.Context) {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	c := replica.Command{Kind: replica.KindRelease, Epoch: e}
-	if _, err := p.send(rctx, c.EncodeCompat(nil), false); err != nil {
+	if _, err := p.send(rctx, &c, false); err != nil {
 		p.log.Warn("could not release the volume; the next proxy needs the same --writer name or --takeover", "error", err)
 		return
 	}
@@ -506,7 +514,7 @@ func (p *Proxy) commit(ctx context.Context, c *replica.Command) error {
 	p.stats.Writes.Add(1)
 	// Relayed if need be: a copy that lands late is a duplicate of its
 	// request id, never applied twice.
-	r, err := p.send(ctx, c.EncodeCompat(nil), true)
+	r, err := p.send(ctx, c, true)
 	if err != nil {
 		length := c.Length
 		if c.Kind == replica.KindWrite {
@@ -544,14 +552,15 @@ func (p *Proxy) settle(g, off, length uint64, err error) error {
 	return err
 }
 
-// send delivers an encoded command to the leader, whichever it is, until
+// send delivers a command to the leader, whichever it is, until
 // it is answered (committed, possibly refused) or ctx ends. Each attempt
 // ends early when the leader is found lost. With relay, a write may go
 // through a follower while no leader answers the proxy
 // (clusterView.Target): only for commands that are safe to apply late
 // and twice (a request id's), since an abandoned relayed copy may still
 // reach the leader.
-func (p *Proxy) send(ctx context.Context, data []byte, relay bool) (wire.ApplyResponse, error) {
+func (p *Proxy) send(ctx context.Context, c *replica.Command, relay bool) (wire.ApplyResponse, error) {
+	o := outgoing{c: c}
 	var last error
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
@@ -580,12 +589,16 @@ func (p *Proxy) send(ctx context.Context, data []byte, relay bool) (wire.ApplyRe
 			who = "relay"
 			p.stats.Relayed.Add(1)
 			stop := context.AfterFunc(p.view.foundContext(), cancel)
-			r, err = p.api.Relay(actx, l.http, data)
+			r, err = p.api.Relay(actx, l.http, o.compat())
 			stop()
 		} else {
 			stop := context.AfterFunc(l.lostContext(), cancel)
-			r, err = p.api.Apply(actx, l.http, data)
+			var streamed bool
+			r, streamed, err = p.streams.apply(actx, l.http, &o)
 			stop()
+			if streamed {
+				p.stats.Streamed.Add(1)
+			}
 		}
 		cancel()
 		if err != nil {

@@ -59,6 +59,9 @@ func (a *API) Serve(ctx context.Context) error {
 	} else {
 		mux.HandleFunc("POST /v1/apply", a.handleApply)
 	}
+	streams, stopStreams := a.streamServer(ctx) // POST /v1/apply/stream (applystream.go)
+	defer stopStreams()
+	mux.Handle("POST "+wire.StreamPath, streams)
 	mux.HandleFunc("POST /v1/verify/digest", a.handleDigest)
 	mux.HandleFunc("GET /v1/verify/progress", a.handleDigestProgress)
 	mux.Handle("/v1/sync/", http.StripPrefix("/v1/sync", a.syncHandler()))

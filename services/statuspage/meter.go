@@ -132,6 +132,11 @@ func (m *Meter) WriteHandler(h http.Handler) http.Handler {
 	})
 }
 
+// Write counts one write of n bytes that took d: what WriteHandler counts
+// for a request, for the writes that come another way (a frame of the
+// apply stream).
+func (m *Meter) Write(n int, d time.Duration) { m.writes.observe(n, d) }
+
 // countingReader is a request body that counts what was read from it.
 type countingReader struct {
 	r io.ReadCloser

@@ -36,6 +36,7 @@ import (
 //	POST /v1/cluster/remove               {"id": ...}
 //	POST /v1/cluster/transfer-leadership  {"id": ...} (empty id: any voter)
 //	POST /v1/apply                        internal: an encoded command -> ApplyResponse (leader only; headers Keel-Timeout-Ms, Keel-Level)
+//	POST /v1/apply/stream                 internal: upgrade to the apply stream (stream.go), the proxy's writes as frames
 //	POST /v1/verify/digest?min_index=N    replica.Digest at a stable applied index
 //	GET  /v1/sync/hashes, /v1/sync/range  image sync source (replica/imagesync)
 //	GET  /metrics                         Prometheus metrics
