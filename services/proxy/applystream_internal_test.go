@@ -49,7 +49,7 @@ func TestApplyStreamsRetryLater(t *testing.T) {
 	now := time.Unix(1000, 0)
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); defer mu.Unlock(); now = now.Add(d) }
-	a := newApplyStreams(wire.NewClient(0), hclog.NewNullLogger(), clock)
+	a := newApplyStreams(wire.NewClient(0, nil), hclog.NewNullLogger(), clock)
 	defer a.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -41,7 +41,7 @@ func TestApplyStream(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	var err error
-	if s, err = wire.NewClient(0).DialStream(ctx, o.HTTP); err != nil {
+	if s, err = wire.NewClient(0, nil).DialStream(ctx, o.HTTP); err != nil {
 		t.Fatal(err)
 	}
 	if s.Level() != wire.Level {
@@ -100,7 +100,7 @@ func TestApplyStream(t *testing.T) {
 	if r, err = s.Apply(ctx, w.EncodeCompat(nil)); err != nil || r.Refused != wire.NotRefused {
 		t.Fatalf("the first stream after another's garbage: %+v, %v", r, err)
 	}
-	if _, err := wire.NewClient(2*time.Second).Status(ctx, o.HTTP); err != nil {
+	if _, err := wire.NewClient(2*time.Second, nil).Status(ctx, o.HTTP); err != nil {
 		t.Fatalf("the API after the garbage: %v", err)
 	}
 }

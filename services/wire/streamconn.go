@@ -67,7 +67,7 @@ type streamResult struct {
 // address, its TLS configuration. A server that does not offer the
 // stream gives ErrStreamUnsupported.
 func (c *Client) DialStream(ctx context.Context, addr string) (*Stream, error) {
-	u, err := url.Parse(BaseURL(addr))
+	u, err := url.Parse(c.BaseURL(addr))
 	if err != nil {
 		return nil, fmt.Errorf("apply stream to %s: %w", addr, err)
 	}

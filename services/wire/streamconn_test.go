@@ -52,7 +52,7 @@ func TestStreamOutOfOrder(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := NewClient(0).DialStream(ctx, addr)
+	s, err := NewClient(0, nil).DialStream(ctx, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +100,7 @@ func TestStreamDeadlineTravels(t *testing.T) {
 		}
 		return echoIndex(ctx, cmd)
 	})
-	s, err := NewClient(0).DialStream(context.Background(), addr)
+	s, err := NewClient(0, nil).DialStream(context.Background(), addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +122,7 @@ func TestStreamUnsupported(t *testing.T) {
 	mux.HandleFunc("POST /v1/apply", func(w http.ResponseWriter, r *http.Request) {})
 	hs := httptest.NewServer(mux)
 	defer hs.Close()
-	_, err := NewClient(0).DialStream(context.Background(), hs.URL)
+	_, err := NewClient(0, nil).DialStream(context.Background(), hs.URL)
 	if !errors.Is(err, ErrStreamUnsupported) || !strings.Contains(err.Error(), "404") {
 		t.Fatalf("DialStream to a server without the stream: %v, want ErrStreamUnsupported (404)", err)
 	}
@@ -149,7 +149,7 @@ func rawStream(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
 // saying why and closes that connection only; a stream beside it goes on.
 func TestStreamGarbage(t *testing.T) {
 	_, addr := streamServer(t, echoIndex)
-	good, err := NewClient(0).DialStream(context.Background(), addr)
+	good, err := NewClient(0, nil).DialStream(context.Background(), addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +199,7 @@ func TestStreamCloseDrains(t *testing.T) {
 		<-release
 		return echoIndex(ctx, cmd)
 	})
-	s, err := NewClient(0).DialStream(context.Background(), addr)
+	s, err := NewClient(0, nil).DialStream(context.Background(), addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,7 +224,7 @@ func TestStreamCloseDrains(t *testing.T) {
 	if _, err := s.Apply(context.Background(), cmdFor(4)); !errors.Is(err, ErrStreamClosed) {
 		t.Fatalf("Apply after the server closed: %v, want ErrStreamClosed", err)
 	}
-	if _, err := NewClient(0).DialStream(context.Background(), addr); err == nil {
+	if _, err := NewClient(0, nil).DialStream(context.Background(), addr); err == nil {
 		t.Fatal("a closed StreamServer took a new upgrade")
 	}
 }
@@ -249,7 +249,7 @@ func TestStreamTLS(t *testing.T) {
 	if r, err := s.Apply(context.Background(), cmdFor(5)); err != nil || r.Index != 5 {
 		t.Fatalf("over TLS: %+v, %v", r, err)
 	}
-	if _, err := NewClient(0).DialStream(context.Background(), hs.URL); err == nil {
+	if _, err := NewClient(0, nil).DialStream(context.Background(), hs.URL); err == nil {
 		t.Fatal("a client that does not trust the server's certificate got a stream")
 	}
 }
