@@ -67,8 +67,10 @@ func (c *devChild) Serve(ctx context.Context) error {
 	cmd.Stdout = os.Stdout
 	// Its own process group: a Ctrl-C in the terminal reaches keel dev
 	// alone, which stops its children in order (they would otherwise all
-	// stop at once, and be restarted as if they had died).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// stop at once, and be restarted as if they had died). Pdeathsig: if
+	// keel dev itself dies (kill -9, a crash), the kernel sends the child
+	// SIGTERM, so no server or proxy outlives it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	pr, pw := io.Pipe()
 	cmd.Stderr = pw
 	printed := make(chan struct{})

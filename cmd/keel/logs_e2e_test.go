@@ -200,4 +200,49 @@ func TestDevLogAndMetrics(t *testing.T) {
 	if !strings.Contains(d.Output(), "leader changed") {
 		t.Errorf("keel dev's log has no \"leader changed\" line")
 	}
+
+	// keel dev killed outright takes its children with it (each runs in
+	// a process group of its own, so nothing else would stop them).
+	pm := regexp.MustCompile(`pids: n1 (\d+)  n2 (\d+)  n3 (\d+)`).FindStringSubmatch(d.Output())
+	if pm == nil {
+		t.Fatalf("keel dev did not print its servers' pids:\n%s", d.Output())
+	}
+	children := []int{n3New(t, d.Output())}
+	for _, s := range pm[1:3] {
+		pid, _ := strconv.Atoi(s)
+		children = append(children, pid)
+	}
+	if err := d.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	keeltest.MustPoll(t, clusterTimeout, "keel dev's servers to exit after kill -9 of keel dev", func() (bool, string) {
+		for _, pid := range children {
+			if running(pid) {
+				return false, fmt.Sprintf("pid %d still runs", pid)
+			}
+		}
+		return true, ""
+	})
+}
+
+// running says whether pid is a live process (not gone, not a zombie
+// waiting for whoever inherited it to reap it).
+func running(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	_, rest, ok := strings.Cut(string(b), ") ")
+	return ok && !strings.HasPrefix(rest, "Z")
+}
+
+// n3New is n3's pid after keel dev restarted it.
+func n3New(t *testing.T, out string) int {
+	t.Helper()
+	m := regexp.MustCompile(`n3 restarted \(pid (\d+)\)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("keel dev did not print n3's new pid:\n%s", out)
+	}
+	pid, _ := strconv.Atoi(m[1])
+	return pid
 }
