@@ -780,16 +780,14 @@ func startDev(t *testing.T, args ...string) *keeltest.Proc {
 	return keeltest.MustStart(t, keeltest.ProcConfig{Name: "keel dev", Args: append([]string{"dev"}, args...)})
 }
 
-// TestClusterDev runs keel dev, uses the cluster and the proxy it starts,
-// and stops it with SIGINT: the three servers and the proxy must exit with
-// it.
-func TestClusterDev(t *testing.T) {
-	nbdinfo := tool(t, "nbdinfo")
-	dir := filepath.Join(t.TempDir(), "dev")
-	var base int
-	var d *keeltest.Proc
+// mustRunDev starts keel dev on a 64 MiB volume in dir and waits until its
+// cluster and proxy run. A port taken meanwhile by someone else makes it
+// retry on other ports (three attempts). It returns keel dev, its base
+// port and when the attempt that came up started.
+func mustRunDev(t *testing.T, dir string) (d *keeltest.Proc, base int, started time.Time) {
+	t.Helper()
 	for attempt := 1; ; attempt++ {
-		base = devPorts(t)
+		base, started = devPorts(t), time.Now()
 		d = startDev(t, "--dir", dir, "--size", "64M", "--base-port", strconv.Itoa(base))
 		var up, died bool
 		deadline := time.Now().Add(clusterTimeout)
@@ -802,7 +800,7 @@ func TestClusterDev(t *testing.T) {
 			}
 		}
 		if up {
-			break
+			return d, base, started
 		}
 		if !died {
 			t.Fatalf("keel dev did not print \"three-node cluster is running, with a proxy\" within %v", clusterTimeout)
@@ -815,6 +813,15 @@ func TestClusterDev(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// TestClusterDev runs keel dev, uses the cluster and the proxy it starts,
+// and stops it with SIGINT: the three servers and the proxy must exit with
+// it.
+func TestClusterDev(t *testing.T) {
+	nbdinfo := tool(t, "nbdinfo")
+	dir := filepath.Join(t.TempDir(), "dev")
+	d, base, _ := mustRunDev(t, dir)
 	children := childPIDs(t, d.Pid())
 	t.Cleanup(func() {
 		for _, pid := range children {

@@ -72,36 +72,7 @@ func checkSeries(got map[string]float64, want map[string]func(float64) bool) []s
 func TestDevLogAndMetrics(t *testing.T) {
 	tool(t, "qemu-io")
 	dir := filepath.Join(t.TempDir(), "dev")
-	var base int
-	var d *keeltest.Proc
-	var started time.Time
-	for attempt := 1; ; attempt++ {
-		base = devPorts(t)
-		started = time.Now()
-		d = startDev(t, "--dir", dir, "--size", "64M", "--base-port", strconv.Itoa(base))
-		up, died := false, false
-		deadline := time.Now().Add(clusterTimeout)
-		for !up && !died && time.Now().Before(deadline) {
-			select {
-			case <-d.Done():
-				died = true
-			case <-time.After(pollEvery):
-				up = strings.Contains(d.Output(), "three-node cluster is running, with a proxy")
-			}
-		}
-		if up {
-			break
-		}
-		if !died {
-			t.Fatalf("keel dev did not come up within %v", clusterTimeout)
-		}
-		if !strings.Contains(d.Output(), "address already in use") || attempt == 3 {
-			t.Fatalf("keel dev exited while starting: %v", d.Err())
-		}
-		if err := os.RemoveAll(dir); err != nil {
-			t.Fatal(err)
-		}
-	}
+	d, base, started := mustRunDev(t, dir)
 	uri := "nbd://" + keeltest.Loopback(base)
 
 	// 200 writes and 100 reads through the proxy, counting the log lines
