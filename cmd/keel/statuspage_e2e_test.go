@@ -30,13 +30,10 @@ const (
 
 // startBrowser starts a headless chromium for the test, stopped (and
 // waited for) by the test's cleanup; each page opened on the returned
-// context is a tab of it. KEEL_SKIP_BROWSER=1, set by hand, skips the
-// test; a missing chromium fails it (scripts/test installs it).
+// context is a tab of it. A missing chromium fails the test
+// (scripts/test installs it).
 func startBrowser(t *testing.T) context.Context {
 	t.Helper()
-	if os.Getenv("KEEL_SKIP_BROWSER") == "1" {
-		t.Skip("KEEL_SKIP_BROWSER=1: the browser test is skipped by hand")
-	}
 	path, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Fatalf("chromium is not installed (Debian package chromium; scripts/test installs it): %v", err)
