@@ -111,10 +111,11 @@ var (
 
 // kill ends the connection for good: the socket is closed and backend calls
 // still running are cancelled with cause, since their answers can no longer
-// reach the client.
+// reach the client. The socket closes first: a backend call that returns as
+// soon as it is cancelled must find nowhere to write its reply.
 func (c *conn) kill(cause error) {
-	c.cancel(cause)
 	c.nc.Close()
+	c.cancel(cause)
 }
 
 // recoverPanic, deferred at the top of every goroutine serving the
