@@ -211,6 +211,11 @@ type raftSink struct {
 	series map[string]*sinkSeries // by name and label values
 	shapes map[string]sinkShape   // each name's kind and label names, fixed at first sight
 	drops  uint64                 // updates whose kind or labels disagreed with their name's shape
+	// known finds the series of an update seen before by its kind, key
+	// and labels as raft gives them (rawID), without building its name:
+	// raft reports a dozen metrics per write, so this is a hot path.
+	known map[string]*sinkSeries
+	raw   []byte // rawID's buffer
 }
 
 type sinkKind int
@@ -237,7 +242,7 @@ type sinkSeries struct {
 }
 
 func newRaftSink() *raftSink {
-	return &raftSink{series: map[string]*sinkSeries{}, shapes: map[string]sinkShape{}}
+	return &raftSink{series: map[string]*sinkSeries{}, shapes: map[string]sinkShape{}, known: map[string]*sinkSeries{}}
 }
 
 // metricName maps a go-metrics key to a Prometheus metric name.
@@ -251,31 +256,28 @@ func metricName(key []string) string {
 	return string(name)
 }
 
-func (s *raftSink) update(kind sinkKind, key []string, val float32, labels []gometrics.Label) {
-	name := metricName(key)
-	names := make([]string, len(labels))
-	values := make([]string, len(labels))
-	for i, l := range labels {
-		names[i], values[i] = metricName([]string{l.Name}), l.Value
+// rawID encodes an update's kind, key and labels, unmapped, into s.raw.
+// The caller holds s.mu.
+func (s *raftSink) rawID(kind sinkKind, key []string, labels []gometrics.Label) []byte {
+	b := append(s.raw[:0], byte(kind))
+	for _, k := range key {
+		b = append(append(b, k...), 0)
 	}
-	shape := sinkShape{kind: kind, labels: strings.Join(names, ",")}
-	id := name + "\xff" + strings.Join(values, "\xff")
+	for _, l := range labels {
+		b = append(append(append(append(b, 1), l.Name...), 2), l.Value...)
+	}
+	s.raw = b
+	return b
+}
 
+func (s *raftSink) update(kind sinkKind, key []string, val float32, labels []gometrics.Label) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if have, ok := s.shapes[name]; !ok {
-		s.shapes[name] = shape
-	} else if have != shape {
-		s.drops++
-		return
-	}
-	se := s.series[id]
+	se := s.known[string(s.rawID(kind, key, labels))] // no allocation
 	if se == nil {
-		se = &sinkSeries{name: name, kind: kind, labelNames: names, labelValues: values}
-		if kind == sinkSample {
-			se.buckets = make([]uint64, len(raftSinkBuckets))
+		if se = s.addLocked(kind, key, labels); se == nil {
+			return
 		}
-		s.series[id] = se
 	}
 	v := float64(val)
 	switch kind {
@@ -290,6 +292,36 @@ func (s *raftSink) update(kind sinkKind, key []string, val float32, labels []gom
 	case sinkGauge:
 		se.sum = v
 	}
+}
+
+// addLocked finds or makes the series of an update not seen before in
+// this form, checking its shape against its name's; nil when they
+// disagree (the update is dropped and counted). The caller holds s.mu.
+func (s *raftSink) addLocked(kind sinkKind, key []string, labels []gometrics.Label) *sinkSeries {
+	name := metricName(key)
+	names := make([]string, len(labels))
+	values := make([]string, len(labels))
+	for i, l := range labels {
+		names[i], values[i] = metricName([]string{l.Name}), l.Value
+	}
+	shape := sinkShape{kind: kind, labels: strings.Join(names, ",")}
+	id := name + "\xff" + strings.Join(values, "\xff")
+	if have, ok := s.shapes[name]; !ok {
+		s.shapes[name] = shape
+	} else if have != shape {
+		s.drops++
+		return nil
+	}
+	se := s.series[id]
+	if se == nil {
+		se = &sinkSeries{name: name, kind: kind, labelNames: names, labelValues: values}
+		if kind == sinkSample {
+			se.buckets = make([]uint64, len(raftSinkBuckets))
+		}
+		s.series[id] = se
+	}
+	s.known[string(s.rawID(kind, key, labels))] = se
+	return se
 }
 
 // The go-metrics MetricSink methods.

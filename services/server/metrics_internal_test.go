@@ -82,3 +82,35 @@ func keys(m map[string]*dto.MetricFamily) []string {
 	}
 	return out
 }
+
+// TestRaftSinkKnownUpdates: the hot path that recognises an update seen
+// before keeps every rule of the slow one: two keys raft spells
+// differently but that map to one name share a series, an update that
+// disagreed with its name's shape is dropped every time, and a repeated
+// update allocates nothing.
+func TestRaftSinkKnownUpdates(t *testing.T) {
+	s := newRaftSink()
+	s.IncrCounter([]string{"raft", "apply"}, 1)
+	s.IncrCounter([]string{"raft_apply"}, 2) // the same name, raw key of another shape
+	s.IncrCounter([]string{"raft", "apply"}, 4)
+	for range 3 {
+		s.SetGauge([]string{"raft", "apply"}, 1) // a counter's name: dropped each time
+	}
+	peer := []gometrics.Label{{Name: "peer_id", Value: "n2"}}
+	key := []string{"raft", "replication", "appendEntries", "rpc"}
+	s.AddSampleWithLabels(key, 1, peer)
+	if n := testing.AllocsPerRun(100, func() { s.AddSampleWithLabels(key, 1, peer) }); n != 0 {
+		t.Errorf("a known update allocates %v times, want 0", n)
+	}
+
+	fams := gather(t, s)
+	if c := fams["raft_apply"]; c == nil || len(c.Metric) != 1 || c.Metric[0].GetCounter().GetValue() != 7 {
+		t.Errorf("raft_apply: %v, want one counter at 7", c)
+	}
+	if d := fams["keel_raft_metrics_dropped_total"]; d == nil || d.Metric[0].GetCounter().GetValue() != 3 {
+		t.Errorf("dropped: %v, want 3", d)
+	}
+	if h := fams["raft_replication_appendEntries_rpc"]; h == nil || h.Metric[0].GetHistogram().GetSampleCount() != 102 {
+		t.Errorf("appendEntries rpc: %v, want 102 samples", h)
+	}
+}

@@ -49,7 +49,12 @@ type Stream struct {
 	level replica.Level // the server's
 	done  chan struct{} // closed when the reader has returned
 
-	wmu sync.Mutex // serializes frames on conn; held across the write
+	wmu     sync.Mutex // guards the write queue
+	wqueue  []*streamSend
+	wspare  []*streamSend // the last batch's slice, for reuse
+	writing bool          // a caller is writing the queue out
+	vec     net.Buffers   // the writer's, reused
+	batches uint64        // writes of the queue (one writev each on TCP)
 
 	mu      sync.Mutex // guards the following
 	next    uint64
@@ -60,6 +65,14 @@ type Stream struct {
 type streamResult struct {
 	a   StreamAnswer
 	err error
+}
+
+// streamSend is one request frame waiting in the write queue.
+type streamSend struct {
+	hdr      [FrameHeaderSize]byte
+	cmd      [][]byte
+	deadline time.Time // zero: none
+	sent     chan error
 }
 
 // DialStream opens an apply stream to the server at addr over c's
@@ -268,7 +281,10 @@ func (s *Stream) Apply(ctx context.Context, cmd ...[]byte) (ApplyResponse, error
 	s.pending[h.Tag] = ch
 	s.mu.Unlock()
 
-	if err := s.write(h, cmd, d, hasDeadline); err != nil {
+	if !hasDeadline {
+		d = time.Time{}
+	}
+	if err := s.write(h, cmd, d); err != nil {
 		s.fail(fmt.Errorf("%w: writing: %w", ErrStreamClosed, err)) // a frame cut short breaks the framing
 	}
 	select {
@@ -285,20 +301,65 @@ func (s *Stream) Apply(ctx context.Context, cmd ...[]byte) (ApplyResponse, error
 	}
 }
 
-// write sends one request frame, within the caller's deadline.
-func (s *Stream) write(h FrameHeader, cmd [][]byte, d time.Time, hasDeadline bool) error {
-	var hdr [FrameHeaderSize]byte
-	AppendFrameHeader(hdr[:0], h)
-	bufs := make(net.Buffers, 0, 1+len(cmd))
-	bufs = append(append(bufs, hdr[:]), cmd...) // one writev on a plain TCP connection
+// write sends one request frame and returns once it is written (cmd is
+// the caller's again) or the write failed. Frames queue up while one
+// caller writes: that caller writes the whole queue out, each round in
+// one writev, so a proxy with 32 writes in flight makes a few system
+// calls, not 32 (Client.writeQueued in package nbd does the same).
+func (s *Stream) write(h FrameHeader, cmd [][]byte, deadline time.Time) error {
+	f := &streamSend{cmd: cmd, deadline: deadline, sent: make(chan error, 1)}
+	AppendFrameHeader(f.hdr[:0], h)
 	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	if !hasDeadline {
-		d = time.Time{}
+	s.wqueue = append(s.wqueue, f)
+	if s.writing {
+		s.wmu.Unlock()
+		return <-f.sent // bounded by the batch's write deadline
 	}
-	_ = s.conn.SetWriteDeadline(d)
-	_, err := bufs.WriteTo(s.conn)
-	return err
+	s.writing = true
+	s.wmu.Unlock()
+	s.writeQueued()
+	return <-f.sent
+}
+
+// writeQueued writes the queue out until it is empty; the caller set
+// s.writing. A batch's write deadline is the latest of its frames' (none
+// if one has none): a frame is never cut short for another's deadline,
+// and a connection that takes no bytes at all still fails every frame by
+// then.
+func (s *Stream) writeQueued() {
+	for {
+		s.wmu.Lock()
+		batch := s.wqueue
+		if len(batch) == 0 {
+			s.writing = false
+			s.wmu.Unlock()
+			return
+		}
+		s.wqueue, s.wspare = s.wspare[:0], nil
+		s.batches++
+		s.wmu.Unlock()
+
+		v := s.vec[:0]
+		var d time.Time
+		for i, f := range batch {
+			v = append(append(v, f.hdr[:]), f.cmd...) // one writev on a plain TCP connection
+			if i == 0 || (!d.IsZero() && (f.deadline.IsZero() || f.deadline.After(d))) {
+				d = f.deadline
+			}
+		}
+		_ = s.conn.SetWriteDeadline(d)
+		full := v
+		_, err := v.WriteTo(s.conn) // consumes v
+		clear(full)                 // drop the references to the callers' data
+		s.vec = full[:0]
+		for _, f := range batch {
+			f.sent <- err
+		}
+		clear(batch)
+		s.wmu.Lock()
+		s.wspare = batch[:0]
+		s.wmu.Unlock()
+	}
 }
 
 // result turns an answer into what Client.Apply would have returned.
@@ -425,25 +486,48 @@ func (s *StreamServer) Close() {
 }
 
 // serveConn is one connection's reader loop; each request is applied on
-// a goroutine of its own, which writes its answer. It returns once the
-// reader has stopped and every request read has been answered.
+// a worker goroutine, which writes its answer. It returns once the reader
+// has stopped and every request read has been answered.
+//
+// Workers outlive their request and take the next (up to
+// MaxStreamInflight of them): a fresh goroutine per request would grow
+// its stack again through the Raft call path every time. Answers written
+// while another is being written queue up and go out together in one
+// Write.
 func (s *StreamServer) serveConn(ctx context.Context, conn net.Conn, br *bufio.Reader) {
 	ctx, cancel := context.WithCancel(ctx)
-	var wmu sync.Mutex // serializes answers on conn
-	write := func(b []byte) error {
-		wmu.Lock()
-		defer wmu.Unlock()
-		_ = conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
-		_, err := conn.Write(b)
-		return err
+	aw := &answerWriter{conn: conn}
+	type job struct {
+		h   FrameHeader
+		cmd []byte
 	}
+	jobs := make(chan job)
 	var applies sync.WaitGroup
 	defer func() {
+		close(jobs)
 		applies.Wait()
 		cancel()
 		conn.Close()
 	}()
 	sem := make(chan struct{}, MaxStreamInflight)
+	do := func(j job) {
+		defer func() { <-sem }()
+		actx := ctx
+		if j.h.Deadline > 0 {
+			var cancel context.CancelFunc
+			actx, cancel = context.WithTimeout(ctx, time.Duration(j.h.Deadline)*time.Millisecond)
+			defer cancel()
+		}
+		aw.answer(j.h.Tag, s.Apply(actx, j.cmd))
+	}
+	worker := func(j job) {
+		defer applies.Done()
+		do(j)
+		for j := range jobs {
+			do(j)
+		}
+	}
+	workers := 0
 	var hdr [FrameHeaderSize]byte
 	for {
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
@@ -455,7 +539,7 @@ func (s *StreamServer) serveConn(ctx context.Context, conn net.Conn, br *bufio.R
 		}
 		if err != nil {
 			s.log().Warn("apply stream: closing a connection that sent a bad frame", "remote", conn.RemoteAddr().String(), "error", err)
-			_ = write(AppendAnswer(nil, 0, StreamAnswer{Status: StreamFailed, Response: ApplyResponse{Error: err.Error()}}))
+			aw.answer(0, StreamAnswer{Status: StreamFailed, Response: ApplyResponse{Error: err.Error()}})
 			return
 		}
 		select {
@@ -468,20 +552,60 @@ func (s *StreamServer) serveConn(ctx context.Context, conn net.Conn, br *bufio.R
 			<-sem
 			return // cut mid-frame: nothing of it is applied
 		}
-		applies.Add(1)
-		go func() {
-			defer applies.Done()
-			defer func() { <-sem }()
-			actx := ctx
-			if h.Deadline > 0 {
-				var cancel context.CancelFunc
-				actx, cancel = context.WithTimeout(ctx, time.Duration(h.Deadline)*time.Millisecond)
-				defer cancel()
+		j := job{h, cmd}
+		select {
+		case jobs <- j: // an idle worker took it
+		default:
+			if workers < MaxStreamInflight {
+				workers++
+				applies.Add(1)
+				go worker(j)
+			} else {
+				jobs <- j // sem says one of them is about to be free
 			}
-			a := s.Apply(actx, cmd)
-			if err := write(AppendAnswer(make([]byte, 0, FrameHeaderSize+answerFixed+64), h.Tag, a)); err != nil {
-				conn.Close() // the client is gone; the reader ends too
-			}
-		}()
+		}
 	}
+}
+
+// answerWriter writes a stream connection's answers: whoever finds it
+// idle writes what is queued until nothing is, the others only queue.
+type answerWriter struct {
+	conn net.Conn
+
+	mu      sync.Mutex
+	queued  []byte
+	spare   []byte
+	writing bool
+	failed  bool
+}
+
+// answer queues a's frame for tag and, unless another caller is writing,
+// writes the queue out. A failed write closes the connection: the client
+// is gone, and the reader ends too.
+func (w *answerWriter) answer(tag uint64, a StreamAnswer) {
+	w.mu.Lock()
+	w.queued = AppendAnswer(w.queued, tag, a)
+	if w.writing || w.failed {
+		w.mu.Unlock()
+		return
+	}
+	w.writing = true
+	for len(w.queued) > 0 {
+		b := w.queued
+		w.queued, w.spare = w.spare[:0], nil
+		w.mu.Unlock()
+		_ = w.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		_, err := w.conn.Write(b)
+		w.mu.Lock()
+		if cap(b) <= 1<<20 {
+			w.spare = b[:0]
+		}
+		if err != nil {
+			w.failed = true
+			w.queued = nil
+			w.conn.Close()
+		}
+	}
+	w.writing = false
+	w.mu.Unlock()
 }

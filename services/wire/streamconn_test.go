@@ -253,3 +253,83 @@ func TestStreamTLS(t *testing.T) {
 		t.Fatal("a client that does not trust the server's certificate got a stream")
 	}
 }
+
+// gateConn holds its first Write until release is closed.
+type gateConn struct {
+	net.Conn
+	once    sync.Once
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (c *gateConn) Write(b []byte) (int, error) {
+	c.once.Do(func() { close(c.entered); <-c.release })
+	return c.Conn.Write(b)
+}
+
+// TestStreamCoalescesFrames: requests made while another is being written
+// queue up and go out together in the next write, and each still gets
+// its own answer.
+func TestStreamCoalescesFrames(t *testing.T) {
+	_, addr := streamServer(t, echoIndex)
+	gc := &gateConn{entered: make(chan struct{}), release: make(chan struct{})}
+	c := NewClient(0, nil)
+	c.HTTP.Transport.(*http.Transport).DialContext = func(ctx context.Context, network, a string) (net.Conn, error) {
+		nc, err := (&net.Dialer{}).DialContext(ctx, network, a)
+		if err != nil {
+			return nil, err
+		}
+		gc.Conn = nc
+		return gc, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The handshake's write goes through gateConn too: let it pass, then
+	// hold the first frame's.
+	gc.once.Do(func() {})
+	s, err := c.DialStream(ctx, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	gc.once = sync.Once{}
+
+	const queued = 10
+	var wg sync.WaitGroup
+	apply := func(i uint64) {
+		defer wg.Done()
+		if r, err := s.Apply(ctx, cmdFor(i)); err != nil || r.Index != i {
+			t.Errorf("request %d: %+v, %v", i, r, err)
+		}
+	}
+	wg.Add(1)
+	go apply(1)
+	select {
+	case <-gc.entered:
+	case <-ctx.Done():
+		t.Fatal("the first frame's write never started")
+	}
+	for i := uint64(2); i < 2+queued; i++ {
+		wg.Add(1)
+		go apply(i)
+	}
+	for {
+		s.wmu.Lock()
+		n := len(s.wqueue)
+		s.wmu.Unlock()
+		if n == queued {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("%d frames queued behind the first, want %d", n, queued)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(gc.release)
+	wg.Wait()
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.batches != 2 {
+		t.Errorf("%d writes for 1 + %d frames, want 2", s.batches, queued)
+	}
+}
