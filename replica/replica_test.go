@@ -469,3 +469,39 @@ func waitClosed(t *testing.T, ch <-chan struct{}, what string) {
 		t.Fatalf("timed out waiting for %s", what)
 	}
 }
+
+// TestApplyBatch: raft hands the FSM the entries it committed together;
+// commands are applied in order with their own results, and the
+// configuration entries among them (which Apply never sees) change
+// nothing and answer nil.
+func TestApplyBatch(t *testing.T) {
+	img, err := rawimage.Open(t.TempDir()+"/img", rawimage.Options{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	f := replica.NewFSM(context.Background(), replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { t.Error(e) }}, replica.State{})
+	defer f.Stop()
+	out := f.ApplyBatch([]*raft.Log{
+		{Index: 1, Type: raft.LogCommand, Data: write(0, 0, 0, 0, []byte("a")).Encode(nil)},
+		{Index: 2, Type: raft.LogConfiguration, Data: []byte("not a command")},
+		{Index: 3, Type: raft.LogCommand, Data: write(0, 0, 0, 4096, []byte("b")).Encode(nil)},
+	})
+	if len(out) != 3 || out[1] != nil {
+		t.Fatalf("results %v, want three with nil for the configuration", out)
+	}
+	for i, want := range map[int]uint64{0: 1, 2: 3} {
+		if r, ok := out[i].(replica.Result); !ok || r.Index != want || r.Err != nil {
+			t.Errorf("result %d: %#v, want index %d and no error", i, out[i], want)
+		}
+	}
+	if got := f.AppliedIndex(); got != 3 {
+		t.Errorf("applied index %d, want 3", got)
+	}
+	b := make([]byte, 1)
+	for off, want := range map[uint64]string{0: "a", 4096: "b"} {
+		if err := img.ReadAt(b, off); err != nil || string(b) != want {
+			t.Errorf("image at %d: %q, %v; want %q", off, b, err, want)
+		}
+	}
+}

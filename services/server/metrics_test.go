@@ -29,7 +29,7 @@ func TestMetricsRaftStages(t *testing.T) {
 	// stages. raft emits fsm.apply after it answers the future, so the
 	// series may trail the write's reply by a moment: scrape until they
 	// are there.
-	want := []string{"raft_leader_dispatchLog_count", "raft_commitTime_count", "raft_fsm_apply_count", "raft_apply "}
+	want := []string{"raft_leader_dispatchLog_count", "raft_commitTime_count", "raft_fsm_applyBatch_count", "raft_apply "}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		resp, err := http.Get("http://" + o.HTTP + "/metrics")

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -590,6 +591,11 @@ func (w *answerWriter) answer(tag uint64, a StreamAnswer) {
 		return
 	}
 	w.writing = true
+	// Raft answers the writes it committed together at once; let the
+	// other workers it woke queue theirs before this one writes.
+	w.mu.Unlock()
+	runtime.Gosched()
+	w.mu.Lock()
 	for len(w.queued) > 0 {
 		b := w.queued
 		w.queued, w.spare = w.spare[:0], nil
