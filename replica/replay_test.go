@@ -14,7 +14,7 @@ import (
 // taken whenever it does not must all find the newest value.
 func TestNoReadsWhileReplaying(t *testing.T) {
 	c := replicatest.New(t, 3, replicatest.Options{})
-	const writes = 300
+	const writes = 1000
 	last := make([]byte, 4096)
 	for i := 1; i <= writes; i++ {
 		last = bytes.Repeat([]byte{byte(i)}, 4096)
