@@ -318,6 +318,7 @@ func (s *Stream) write(h FrameHeader, cmd [][]byte, deadline time.Time) error {
 	}
 	s.writing = true
 	s.wmu.Unlock()
+	runtime.Gosched() // let the callers already on their way queue theirs behind this
 	s.writeQueued()
 	return <-f.sent
 }
