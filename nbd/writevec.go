@@ -15,6 +15,13 @@ const gatherMax = 256 << 10
 // 16 KiB one. scratch is reused between calls. It reports how much was
 // written.
 func writeVec(nc net.Conn, v net.Buffers, scratch *[]byte) (int64, error) {
+	return WriteBuffers(nc, v, scratch)
+}
+
+// WriteBuffers is writeVec for the other users of Keel's connections (the
+// apply stream): v in one writev on a socket, gathered into few records on
+// a TLS connection.
+func WriteBuffers(nc net.Conn, v net.Buffers, scratch *[]byte) (int64, error) {
 	if _, ok := nc.(*tls.Conn); !ok {
 		return v.WriteTo(nc)
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/replica"
 )
 
@@ -55,6 +56,7 @@ type Stream struct {
 	wspare  []*streamSend // the last batch's slice, for reuse
 	writing bool          // a caller is writing the queue out
 	vec     net.Buffers   // the writer's, reused
+	scratch []byte        // the writer's gather buffer on a TLS connection
 	batches uint64        // writes of the queue (one writev each on TCP)
 
 	mu      sync.Mutex // guards the following
@@ -350,10 +352,9 @@ func (s *Stream) writeQueued() {
 			}
 		}
 		_ = s.conn.SetWriteDeadline(d)
-		full := v
-		_, err := v.WriteTo(s.conn) // consumes v
-		clear(full)                 // drop the references to the callers' data
-		s.vec = full[:0]
+		_, err := nbd.WriteBuffers(s.conn, v, &s.scratch) // few TLS records, not two per frame
+		clear(v)                                          // drop the references to the callers' data
+		s.vec = v[:0]
 		for _, f := range batch {
 			f.sent <- err
 		}
