@@ -43,6 +43,7 @@ func TestClusterTLS(t *testing.T) {
 	}
 	lead := c.MustLeader()
 	p := c.MustProxy(keeltest.ProxyConfig{Name: "tls"})
+	p.MustWaitLog("holding the volume") // the claim goes through Raft after the proxy serves
 	if st := p.MustStatus(); !st.Holding || st.Leader == "" {
 		t.Errorf("proxy status over TLS: %+v, want holding, with a leader", st)
 	}
