@@ -408,13 +408,7 @@ func TestReadBarrierOnNewLeader(t *testing.T) {
 // (Paused), no command is applied, but the state can still be read, so
 // status and metrics do not stall for the length of a digest.
 func TestPausedHoldsAppliesNotReaders(t *testing.T) {
-	img, err := rawimage.Open(t.TempDir()+"/img", rawimage.Options{Size: 1 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	f := replica.NewFSM(context.Background(), replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { t.Error(e) }}, replica.State{})
-	defer f.Stop()
+	f, _ := newFSM(t)
 	f.Apply(&raft.Log{Index: 1, Data: write(0, 0, 0, 0, []byte("a")).Encode(nil)})
 
 	inside, release, paused := make(chan struct{}), make(chan struct{}), make(chan error, 1)
@@ -475,13 +469,7 @@ func waitClosed(t *testing.T, ch <-chan struct{}, what string) {
 // configuration entries among them (which Apply never sees) change
 // nothing and answer nil.
 func TestApplyBatch(t *testing.T) {
-	img, err := rawimage.Open(t.TempDir()+"/img", rawimage.Options{Size: 1 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	f := replica.NewFSM(context.Background(), replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { t.Error(e) }}, replica.State{})
-	defer f.Stop()
+	f, img := newFSM(t)
 	out := f.ApplyBatch([]*raft.Log{
 		{Index: 1, Type: raft.LogCommand, Data: write(0, 0, 0, 0, []byte("a")).Encode(nil)},
 		{Index: 2, Type: raft.LogConfiguration, Data: []byte("not a command")},
@@ -504,4 +492,18 @@ func TestApplyBatch(t *testing.T) {
 			t.Errorf("image at %d: %q, %v; want %q", off, b, err, want)
 		}
 	}
+}
+
+// newFSM is an FSM over a fresh 1 MiB image; a fatal error fails the test.
+// The test's end stops the FSM and closes the image.
+func newFSM(t *testing.T) (*replica.FSM, *rawimage.File) {
+	t.Helper()
+	img, err := rawimage.Open(t.TempDir()+"/img", rawimage.Options{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { img.Close() })
+	f := replica.NewFSM(context.Background(), replica.FSMConfig{Image: img, Log: hclog.NewNullLogger(), OnFatal: func(e error) { t.Error(e) }}, replica.State{})
+	t.Cleanup(f.Stop)
+	return f, img
 }

@@ -388,7 +388,8 @@ const MaxStreamInflight = 64
 
 // StreamServer is the server end: its ServeHTTP takes the upgrade on an
 // HTTP API route (StreamPath) and serves the connection, calling Apply
-// for each request on a goroutine of its own and answering as each ends.
+// for each request on one of the connection's workers (up to
+// MaxStreamInflight at once) and answering as each ends.
 // It owns every connection it upgraded (net/http forgets hijacked
 // connections): Close stops them and waits.
 type StreamServer struct {
