@@ -15,6 +15,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"strings"
 
@@ -45,11 +46,20 @@ type globalFlags struct {
 	syslogFacility string
 	syslogAddr     string
 	cpuProfile     string
+	memProfile     string
 	profFile       *os.File
 	sys            gsyslog.Syslogger // opened by the first logger with --syslog
 }
 
 func (g *globalFlags) startProfile() error {
+	if g.memProfile != "" {
+		// Fail now rather than after hours of serving.
+		f, err := os.Create(g.memProfile)
+		if err != nil {
+			return fmt.Errorf("--mem-profile: %w", err)
+		}
+		f.Close()
+	}
 	if g.cpuProfile == "" {
 		return nil
 	}
@@ -70,6 +80,27 @@ func (g *globalFlags) stopProfile() {
 		pprof.StopCPUProfile()
 		g.profFile.Close()
 	}
+	if g.memProfile != "" {
+		if err := writeAllocProfile(g.memProfile); err != nil {
+			fmt.Fprintln(os.Stderr, "keel: --mem-profile:", err)
+		}
+	}
+}
+
+// writeAllocProfile writes the "allocs" profile: every sampled allocation
+// since the start (go tool pprof -sample_index=alloc_space) and what is
+// still live after a collection (-sample_index=inuse_space).
+func writeAllocProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	runtime.GC()
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func newRoot() *cobra.Command {
@@ -91,6 +122,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.syslogFacility, "syslog-facility", "LOCAL0", "syslog facility with --syslog: "+strings.Join(syslogFacilities, ", "))
 	root.PersistentFlags().StringVar(&g.syslogAddr, "syslog-addr", "", "with --syslog: a remote syslog, udp:HOST:PORT, tcp:HOST:PORT or unix:PATH, instead of the local daemon")
 	root.PersistentFlags().StringVar(&g.cpuProfile, "cpu-profile", "", "write a Go CPU profile to this file until the command ends")
+	root.PersistentFlags().StringVar(&g.memProfile, "mem-profile", "", "when the command ends, write a Go allocation profile (all allocations since the start, and what is still live) to this file")
 	root.SetFlagErrorFunc(flagError)
 	root.PersistentPreRunE = func(*cobra.Command, []string) error { return g.startProfile() }
 	root.PersistentPostRun = func(*cobra.Command, []string) { g.stopProfile(); g.closeSyslog() }
