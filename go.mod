@@ -61,3 +61,5 @@ require (
 )
 
 replace github.com/hashicorp/raft-wal v0.4.2 => ./third_party/raft-wal
+
+replace github.com/hashicorp/raft v1.7.3 => ./third_party/raft

@@ -91,7 +91,9 @@ type FS struct {
 }
 
 // OnCrash sets what CrashAtSync runs: simulate the loss (Crash) and kill
-// the process. It must not return.
+// the process. A test that keeps its process may return from it instead:
+// the fsync then fails and writes nothing, as if the process had died in
+// it (the test stops that node next).
 func (fs *FS) OnCrash(f func()) {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
@@ -181,6 +183,21 @@ func (fs *FS) Crash() (lost int, err error) {
 	}
 	fs.pending = map[string][]chunk{}
 	return lost, nil
+}
+
+// DropPending simulates the power loss in which none of the unsynced
+// writes reached the disk, and returns the bytes lost.
+func (fs *FS) DropPending() int {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	lost := 0
+	for _, cs := range fs.pending {
+		for _, c := range cs {
+			lost += len(c.data)
+		}
+	}
+	fs.pending = map[string][]chunk{}
+	return lost
 }
 
 func (fs *FS) ListDir(dir string) ([]string, error) { return fs.inner.ListDir(dir) }
@@ -290,6 +307,7 @@ func (f *file) Sync() error {
 		f.fs.mu.Unlock()
 		if crash != nil {
 			crash()
+			return fmt.Errorf("%w: fsync %s: the power failed", ErrInjected, f.path)
 		}
 	}
 	f.fs.mu.Lock()
