@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-msgpack/v2/codec"
+	"github.com/hashicorp/raft"
+
 	"github.com/keelstore/keel/nbd"
 	"github.com/keelstore/keel/nbd/nbdtest"
 	"github.com/keelstore/keel/replica"
@@ -123,8 +126,8 @@ func TestAPIBadInput(t *testing.T) {
 	}
 }
 
-// TestRaftPortGarbage: a hostile peer writing junk to the Raft port costs
-// that connection only.
+// TestRaftPortGarbage: a hostile peer writing junk to the Raft port, or a
+// request that claims more data than it sends, costs that connection only.
 func TestRaftPortGarbage(t *testing.T) {
 	o := startOneNode(t)
 	for i := 0; i < 5; i++ {
@@ -138,6 +141,35 @@ func TestRaftPortGarbage(t *testing.T) {
 		c.Write(junk)
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		io.Copy(io.Discard, c) // the node hangs up
+		c.Close()
+	}
+	// A well-formed AppendEntries whose entry claims 4 GiB of data and then
+	// ends: the decoder allocates a bounded buffer up front (the raft
+	// patch's keelMaxInitLen), reads to the end and drops the connection.
+	var msg bytes.Buffer
+	marker := bytes.Repeat([]byte{0xa5}, 16)
+	if err := codec.NewEncoder(&msg, &codec.MsgpackHandle{}).Encode(&raft.AppendEntriesRequest{
+		Term: 1, Entries: []*raft.Log{{Index: 1, Term: 1, Type: raft.LogCommand, Data: marker}},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	head := append([]byte{0xb0}, marker...) // raw (fixstr) of 16 bytes, as raft's encoder writes []byte
+	i := bytes.Index(msg.Bytes(), head)
+	if i < 0 {
+		t.Fatalf("no marker in the encoded request % x", msg.Bytes())
+	}
+	lie := append([]byte{0 /* AppendEntries */}, msg.Bytes()[:i]...)
+	lie = append(lie, 0xdb, 0xff, 0xff, 0xff, 0xf0) // raw32 of 4 GiB - 16
+	lie = append(lie, marker...)
+	for j := 0; j < 3; j++ {
+		c, err := net.Dial("tcp", o.Raft)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write(lie)
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		io.Copy(io.Discard, c)
 		c.Close()
 	}
 	cl := nbdClient(t, o)

@@ -607,7 +607,11 @@ func (n *NetworkTransport) handleConn(connCtx context.Context, conn net.Conn) {
 	defer conn.Close()
 	r := bufio.NewReaderSize(conn, connReceiveBufferSize)
 	w := bufio.NewWriter(conn)
-	dec := codec.NewDecoder(r, &codec.MsgpackHandle{})
+	// Keel patch: decode an entry's Data into one allocation of its size
+	// (keelMaxInitLen) rather than growing it 256 KiB at a time.
+	dec := codec.NewDecoder(r, &codec.MsgpackHandle{BasicHandle: codec.BasicHandle{
+		DecodeOptions: codec.DecodeOptions{MaxInitLen: keelMaxInitLen},
+	}})
 	enc := codec.NewEncoder(w, &codec.MsgpackHandle{
 		BasicHandle: codec.BasicHandle{
 			TimeNotBuiltin: !n.msgpackUseNewTimeFormat,
