@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -53,6 +54,48 @@ type File struct {
 	// ranges makes a read atomic with a change it overlaps (rangelock.go).
 	ranges rangeLock
 	hook   Hook
+	dense  denseTail
+}
+
+// denseTail remembers that the image has no hole from some offset to its
+// end, so that Extents there costs no system call. SEEK_HOLE has no end
+// bound: on a fully written image it walks to the end of the file, which
+// on tmpfs is every page after the offset, and a sparse read asks it on
+// every read (a 1 MiB sequential read of a 384 MiB image spent 68% of the
+// server's CPU in lseek). A write never makes a hole, so the claim holds
+// until a fallocate (a trim, or a zero that punches or zeroes a range).
+type denseTail struct {
+	mu   sync.Mutex
+	ok   bool   // from is known
+	from uint64 // no hole in [from, size)
+	gen  uint64 // bumped around every fallocate
+}
+
+// covers reports whether [off, end of file) is known to hold no hole, and
+// the generation to pass to learn otherwise.
+func (d *denseTail) covers(off uint64) (bool, uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ok && off >= d.from, d.gen
+}
+
+// learn records that [from, end of file) held no hole, if no fallocate
+// began or ended since gen was read.
+func (d *denseTail) learn(from, gen uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen == gen && (!d.ok || from < d.from) {
+		d.ok, d.from = true, from
+	}
+}
+
+// forget drops the claim: a fallocate is about to change or has changed
+// the allocation.
+func (d *denseTail) forget() {
+	d.mu.Lock()
+	d.gen++
+	d.ok = false
+	d.mu.Unlock()
 }
 
 // Open opens the image at path, creating it (sparse, at opts.Size) when it
@@ -232,6 +275,8 @@ func (img *File) Sync() error {
 }
 
 func (img *File) fallocate(mode uint32, off, length uint64) error {
+	img.dense.forget()
+	defer img.dense.forget()
 	for {
 		err := img.control(func(fd int) error { return unix.Fallocate(fd, mode, int64(off), int64(length)) })
 		if err == unix.EINTR {
@@ -366,18 +411,28 @@ func (img *File) Extents(off, length uint64) ([]Extent, error) {
 	if length < img.size-off {
 		end = off + length
 	}
+	known, gen := img.dense.covers(off)
+	if known {
+		return []Extent{{Length: end - off}}, nil
+	}
 	var out []Extent
 	err := img.control(func(fd int) error {
 		var err error
-		out, err = extents(fd, off, end)
+		var denseFrom uint64
+		out, denseFrom, err = extents(fd, off, end, img.size)
+		if err == nil && denseFrom < img.size {
+			img.dense.learn(denseFrom, gen)
+		}
 		return err
 	})
 	return out, err
 }
 
-// extents is Extents on the open descriptor fd, up to end.
-func extents(fd int, off, end uint64) ([]Extent, error) {
-	var out []Extent
+// extents is Extents on the open descriptor fd, up to end, in a file of
+// size bytes. denseFrom is an offset from which SEEK_HOLE found no hole
+// before the end of the file, or size if it found none.
+func extents(fd int, off, end, size uint64) (out []Extent, denseFrom uint64, err error) {
+	denseFrom = size
 	pos := off
 	for pos < end && len(out) < maxExtents {
 		data, err := unix.Seek(fd, int64(pos), unix.SEEK_DATA)
@@ -388,9 +443,9 @@ func extents(fd int, off, end uint64) ([]Extent, error) {
 		}
 		if err != nil {
 			if errors.Is(err, unix.EINVAL) || unsupported(err) {
-				return []Extent{{Length: end - pos}}, nil
+				return []Extent{{Length: end - pos}}, size, nil
 			}
-			return nil, fmt.Errorf("rawimage: SEEK_DATA at %d: %w", pos, err)
+			return nil, size, fmt.Errorf("rawimage: SEEK_DATA at %d: %w", pos, err)
 		}
 		if uint64(data) > pos {
 			stop := min(uint64(data), end)
@@ -400,7 +455,10 @@ func extents(fd int, off, end uint64) ([]Extent, error) {
 		}
 		hole, err := unix.Seek(fd, int64(pos), unix.SEEK_HOLE)
 		if err != nil {
-			return nil, fmt.Errorf("rawimage: SEEK_HOLE at %d: %w", pos, err)
+			return nil, size, fmt.Errorf("rawimage: SEEK_HOLE at %d: %w", pos, err)
+		}
+		if uint64(hole) >= size {
+			denseFrom = pos // only the implicit hole at the end
 		}
 		stop := min(uint64(hole), end)
 		if stop <= pos { // cannot happen on a sane filesystem; never loop
@@ -409,7 +467,7 @@ func extents(fd int, off, end uint64) ([]Extent, error) {
 		out = append(out, Extent{Length: stop - pos})
 		pos = stop
 	}
-	return out, nil
+	return out, denseFrom, nil
 }
 
 // Cache asks the kernel to read the range ahead.
