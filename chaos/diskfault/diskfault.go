@@ -134,6 +134,10 @@ func (fs *FS) Rules() Rules {
 func (fs *FS) Pending() int {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
+	return fs.pendingLocked()
+}
+
+func (fs *FS) pendingLocked() int {
 	n := 0
 	for _, cs := range fs.pending {
 		for _, c := range cs {
@@ -190,12 +194,7 @@ func (fs *FS) Crash() (lost int, err error) {
 func (fs *FS) DropPending() int {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
-	lost := 0
-	for _, cs := range fs.pending {
-		for _, c := range cs {
-			lost += len(c.data)
-		}
-	}
+	lost := fs.pendingLocked()
 	fs.pending = map[string][]chunk{}
 	return lost
 }

@@ -7,29 +7,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/raft-wal/types"
-
 	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/replica"
-	"github.com/keelstore/keel/replica/replicatest"
 )
 
 // TestFollowerCatchesUpAfterLogWritesFail: a follower whose log writes fail
 // for a while (EIO) under a steady stream of writes catches up once the
 // disk is healthy again.
 func TestFollowerCatchesUpAfterLogWritesFail(t *testing.T) {
-	var mu sync.Mutex
-	fss := map[string]*diskfault.FS{}
-	c := replicatest.New(t, 3, replicatest.Options{Config: func(cfg *replica.NodeConfig) {
-		id := cfg.ID
-		cfg.WrapWALFS = func(v types.VFS) types.VFS {
-			fs := diskfault.New(v, 1)
-			mu.Lock()
-			fss[id] = fs
-			mu.Unlock()
-			return fs
-		}
-	}})
+	c, faultFS := faultCluster(t, 1)
 	lead := c.WaitLeader()
 	var victim string
 	for _, id := range []string{"n1", "n2", "n3"} {
@@ -73,9 +59,7 @@ func TestFollowerCatchesUpAfterLogWritesFail(t *testing.T) {
 	}
 	for round := 0; round < 5; round++ {
 		ackedMore(50)
-		mu.Lock()
-		fs := fss[victim]
-		mu.Unlock()
+		fs := faultFS(victim)
 		if err := fs.Set(diskfault.Rules{FailWrite: "EIO"}); err != nil {
 			t.Fatal(err)
 		}

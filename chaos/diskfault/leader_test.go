@@ -7,11 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/raft-wal/types"
-
 	"github.com/keelstore/keel/chaos/diskfault"
 	"github.com/keelstore/keel/replica"
-	"github.com/keelstore/keel/replica/replicatest"
 )
 
 // TestLeaderDiesBetweenSendAndFsync: the leader sends an entry to its
@@ -22,18 +19,7 @@ import (
 // failover is refused as a duplicate (applied exactly once), and the old
 // leader, restarted without the entry, catches up to identical images.
 func TestLeaderDiesBetweenSendAndFsync(t *testing.T) {
-	var mu sync.Mutex
-	fss := map[string]*diskfault.FS{}
-	c := replicatest.New(t, 3, replicatest.Options{Config: func(cfg *replica.NodeConfig) {
-		id := cfg.ID
-		cfg.WrapWALFS = func(v types.VFS) types.VFS {
-			fs := diskfault.New(v, 7)
-			mu.Lock()
-			fss[id] = fs
-			mu.Unlock()
-			return fs
-		}
-	}})
+	c, faultFS := faultCluster(t, 7)
 	claim, err := c.Apply(&replica.Command{Kind: replica.KindClaim, Writer: "w"})
 	if err != nil || claim.Err != nil {
 		t.Fatalf("claim: %v %v", err, claim.Err)
@@ -48,9 +34,7 @@ func TestLeaderDiesBetweenSendAndFsync(t *testing.T) {
 	}
 
 	lead := c.WaitLeader()
-	mu.Lock()
-	fs := fss[lead.ID()]
-	mu.Unlock()
+	fs := faultFS(lead.ID())
 	reached, release := make(chan struct{}), make(chan struct{})
 	var once, releaseOnce sync.Once
 	// A failure before the crash must not leave the leader's log writer
